@@ -1,0 +1,205 @@
+"""Which backends exist on this machine, and which one runs a given call.
+
+Precedence of the choice: the ``backend=`` argument, then :func:`use_backend`, then the
+``MOE_KERNELS_BACKEND`` environment variable, then auto. Auto picks, for CUDA tensors, cuda →
+triton → reference; for CPU tensors, cpu → (triton when ``TRITON_INTERPRET=1``) → reference; and
+falls back to the next backend when one lacks the op or the dtype. An explicit choice never falls
+back: it raises :class:`BackendUnavailableError` saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailableError",
+    "available_backends",
+    "use_backend",
+    "select_backend",
+]
+
+BACKEND_NAMES: tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FLOATS64 = _FLOATS + (torch.float64,)
+
+# Backend forced by use_backend(); a plain list so torch.compile traces it without a graph break.
+_forced: list[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call (the message says why)."""
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    suffix: str  # op-name suffix of this backend's family ("" = the compiled ops)
+    dispatch_key: str | None  # compiled ops: the dispatch key whose kernels this backend uses
+    dtypes: tuple[torch.dtype, ...]
+
+    def op(self, name: str):
+        return getattr(torch.ops.moe_kernels, name + self.suffix)
+
+    def has_op(self, name: str) -> bool:
+        if self.name == "triton":
+            return name in _triton_impls()
+        qual = f"moe_kernels::{name}{self.suffix}"
+        if not torch._C._dispatch_has_kernel(qual):
+            return False
+        if self.dispatch_key is None:
+            return True
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qual, self.dispatch_key)
+
+    def devices(self) -> tuple[str, ...]:
+        if self.name == "reference":
+            return ("cpu", "cuda", "meta")
+        if self.name == "cpu":
+            return ("cpu",)
+        if self.name == "cuda":
+            return ("cuda",)
+        return ("cuda", "cpu") if _triton_interpret() else ("cuda",)
+
+
+_BACKENDS = {
+    "reference": _Backend("reference", "_reference", None, _FLOATS64),
+    "cpu": _Backend("cpu", "", "CPU", _FLOATS),
+    "triton": _Backend("triton", "_triton", None, _FLOATS),
+    "cuda": _Backend("cuda", "", "CUDA", _FLOATS),
+}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_impls() -> dict:
+    from . import _registry
+
+    return _registry.triton_impls()
+
+
+@functools.cache
+def _availability(name: str) -> tuple[bool, str]:
+    from . import _registry
+
+    if name == "reference":
+        return True, "pure PyTorch; always available"
+    if name == "cpu":
+        err = _registry.extension_error("_C")
+        if err:
+            return False, f"the compiled extension moe_kernels._C could not be loaded: {err}"
+        missing = [n for n in _registry.FORWARD_OPS if not _BACKENDS["cpu"].has_op(n)]
+        if len(missing) == len(_registry.FORWARD_OPS):
+            return False, "moe_kernels._C has no CPU kernels in this build"
+        from . import _C
+
+        isa = _C.cpu_isa()
+        if missing:
+            return True, f"C++ kernels ({isa}); ops without a CPU kernel fall back: {missing}"
+        return True, f"C++ kernels ({isa})"
+    if name == "cuda":
+        err = _registry.extension_error("_C_cuda")
+        if err:
+            return False, f"the CUDA extension moe_kernels._C_cuda is not available: {err}"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible"
+        return True, "CUDA kernels"
+    if name == "triton":
+        ok, why = _registry.triton_status()
+        return ok, why
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Every backend name mapped to ``(available, reason)``.
+
+    Example::
+
+        >>> moe_kernels.available_backends()["reference"]
+        (True, 'pure PyTorch; always available')
+    """
+    return {name: _availability(name) for name in BACKEND_NAMES}
+
+
+def _check_name(name: str | None, what: str) -> str | None:
+    if name is None or name == "auto":
+        return None
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(
+            f"{what}: unknown backend {name!r}; expected one of {BACKEND_NAMES} or 'auto'"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the ops in this block on backend ``name`` (``None`` or ``"auto"``: automatic choice).
+
+    The ``backend=`` argument of an op still wins over this context manager.
+    """
+    _forced.append(_check_name(name, "use_backend") or "auto")
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _why_not(b: _Backend, op: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    ok, reason = _availability(b.name)
+    if not ok:
+        return reason
+    if device.type not in b.devices():
+        return f"it does not run on {device.type} tensors"
+    if dtype is not None and dtype not in b.dtypes:
+        return f"it does not support {dtype}"
+    if not b.has_op(op):
+        return f"it has no kernel for {op}"
+    return None
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return ("cuda", "triton", "reference")
+    if device.type == "cpu":
+        return ("cpu", "triton", "reference") if _triton_interpret() else ("cpu", "reference")
+    return ("reference",)
+
+
+def requested_backend(backend: str | None = None) -> str | None:
+    """The explicitly requested backend name (argument > use_backend > environment), or None."""
+    if backend is not None:  # "auto" here means auto, whatever use_backend or the environment say
+        return _check_name(backend, "backend")
+    if _forced:
+        return None if _forced[-1] == "auto" else _forced[-1]
+    name = _check_name(os.environ.get("MOE_KERNELS_BACKEND") or None, "MOE_KERNELS_BACKEND")
+    return name
+
+
+def select_backend(
+    op: str, device: torch.device, dtype: torch.dtype | None, backend: str | None = None
+) -> _Backend:
+    """The backend that runs ``op`` on tensors of ``device``/``dtype``."""
+    name = requested_backend(backend)
+    if name is not None:
+        b = _BACKENDS[name]
+        why = _why_not(b, op, device, dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {why}")
+        return b
+    reasons = []
+    for cand in _auto_order(device):
+        b = _BACKENDS[cand]
+        why = _why_not(b, op, device, dtype)
+        if why is None:
+            return b
+        reasons.append(f"{cand}: {why}")
+    raise BackendUnavailableError(f"no backend can run {op} here ({'; '.join(reasons)})")

@@ -1,0 +1,493 @@
+"""Pure-PyTorch reference of every moe_kernels op: the specification all backends are tested against.
+
+Written for clarity, not speed. Each function has exactly the arguments of its op schema
+(:mod:`moe_kernels._schemas`) and is registered as ``moe_kernels::<name>_reference``.
+
+Numerics: inputs in float32, bfloat16 or float16 are computed in float32; float64 inputs are computed
+in float64 (so the reference is exact enough to check itself and the other backends). Outputs are in
+the dtype the public API documents (usually the input's).
+
+Symbols: T tokens, E experts, k = top_k, H hidden, I expert intermediate size, TK = T * k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "topk_gating",
+    "topk_gating_backward",
+    "route",
+    "permute",
+    "unpermute",
+    "unpermute_backward",
+    "grouped_gemm",
+    "grouped_gemm_backward",
+    "moe_ffn",
+    "moe_ffn_backward",
+    "activation",
+]
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any input is float64, else float32 (what every op accumulates in)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# top-k gating
+# --------------------------------------------------------------------------------------------------
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+
+
+def _gather_weights(
+    scores: torch.Tensor, ids: torch.Tensor, renormalize: bool, scale: float
+) -> torch.Tensor:
+    w = scores.gather(1, ids.long())
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w * scale
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    correction_bias: torch.Tensor | None,
+    num_expert_groups: int,
+    topk_groups: int,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select ``top_k`` experts per token.
+
+    Args:
+        router_logits: [T, E] float (fp32/bf16/fp16/fp64).
+        top_k: k, 1 <= k <= E.
+        scoring: ``"softmax"`` (over all E) or ``"sigmoid"``.
+        renormalize: divide the chosen scores by their sum.
+        correction_bias: [E] or None, added to the scores for *selection only*.
+        num_expert_groups: G > 0 to restrict selection to the ``topk_groups`` best of G contiguous
+            groups (group value = sum of its two largest selection scores); 0 for no groups.
+        topk_groups: number of groups kept (ignored when G == 0).
+        routed_scaling_factor: multiplies the final weights.
+
+    Returns:
+        ``(topk_weights [T, k] float32 (float64 for float64 logits), topk_ids [T, k] int32)``,
+        ordered by descending selection score; ties go to the lower expert (or group) index.
+    """
+    T, E = router_logits.shape
+    scores = _scores(router_logits.to(compute_dtype(router_logits.dtype)), scoring)
+    sel = scores
+    if correction_bias is not None:
+        sel = sel + correction_bias.to(scores.dtype)
+    if num_expert_groups > 0:
+        G = num_expert_groups
+        per = E // G
+        grouped = sel.view(T, G, per)
+        if per >= 2:
+            group_value = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_value = grouped[..., 0]
+        # stable descending sort: equal values keep ascending index order (ties -> lower index)
+        keep = torch.sort(group_value, dim=-1, descending=True, stable=True).indices[
+            :, :topk_groups
+        ]
+        group_mask = torch.zeros(T, G, dtype=torch.bool, device=sel.device)
+        group_mask.scatter_(1, keep, True)
+        sel = sel.masked_fill(~group_mask.repeat_interleave(per, dim=1), float("-inf"))
+    ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = _gather_weights(scores, ids, renormalize, routed_scaling_factor)
+    return weights.contiguous(), ids.to(torch.int32).contiguous()
+
+
+def topk_gating_backward(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    scoring: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> torch.Tensor:
+    """d(loss)/d(router_logits) [T, E] (logits' dtype) given d(loss)/d(topk_weights) [T, k]."""
+    with torch.enable_grad():
+        logits = router_logits.detach().to(compute_dtype(router_logits.dtype)).requires_grad_()
+        w = _gather_weights(_scores(logits, scoring), topk_ids, renormalize, routed_scaling_factor)
+        (grad,) = torch.autograd.grad(w, logits, grad_weights.to(w.dtype))
+    return grad.to(router_logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# routing
+# --------------------------------------------------------------------------------------------------
+
+
+def route(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-sorted layout of the TK (token, slot) pairs (a stable counting sort).
+
+    Returns ``(tokens_per_expert [E], offs [E], row_of_slot [T, k], slot_of_row [num_rows],
+    block_expert [num_rows // block_size] or [0])``, all int32. See :class:`moe_kernels.RoutingPlan`.
+    """
+    T, k = topk_ids.shape
+    E, TK = num_experts, T * k
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    key = torch.where(valid, flat, torch.full_like(flat, E))  # dropped pairs sort last
+    counts = torch.bincount(key, minlength=E + 1)[: E + 1]
+    tokens_per_expert = counts[:E]
+    order = torch.sort(key, stable=True).indices  # flat pair ids in expert order
+    sorted_key = key[order]
+    pos = torch.arange(TK, device=dev)
+    start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # unpadded segment starts
+    if block_size > 0:
+        padded = (tokens_per_expert + block_size - 1) // block_size * block_size
+        num_rows = (TK + E * (block_size - 1) + block_size - 1) // block_size * block_size
+    else:
+        padded = tokens_per_expert
+        num_rows = TK
+    offs = torch.cumsum(padded, 0)
+    pstart = offs - padded
+    sorted_valid = sorted_key < E
+    ekey = sorted_key.clamp(max=max(E - 1, 0))
+    row = pstart[ekey] - start[ekey] + pos if E > 0 else pos
+    row = torch.where(sorted_valid, row, torch.full_like(row, num_rows))  # dummy row for dropped
+    slot_of_row = torch.full((num_rows + 1,), -1, dtype=torch.long, device=dev)
+    slot_of_row[row] = order
+    slot_of_row = slot_of_row[:num_rows]
+    row_of_slot = torch.full((TK,), -1, dtype=torch.long, device=dev)
+    row_of_slot[order] = torch.where(sorted_valid, row, torch.full_like(row, -1))
+    if block_size > 0:
+        block_start = torch.arange(num_rows // block_size, device=dev) * block_size
+        be = torch.searchsorted(offs, block_start, right=True)
+        block_expert = torch.where(be < E, be, torch.full_like(be, -1))
+    else:
+        block_expert = torch.empty(0, dtype=torch.long, device=dev)
+    i32 = torch.int32
+    return (
+        tokens_per_expert.to(i32),
+        offs.to(i32),
+        row_of_slot.view(T, k).to(i32),
+        slot_of_row.to(i32),
+        block_expert.to(i32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# permute / unpermute
+# --------------------------------------------------------------------------------------------------
+
+
+def permute(x: torch.Tensor, row_of_slot: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[slot_of_row[r] // k]``, zeros where ``slot_of_row[r] == -1``. [num_rows, H]."""
+    k = row_of_slot.shape[1]
+    slot = slot_of_row.long()
+    used = slot >= 0
+    token = torch.where(used, slot // max(k, 1), torch.zeros_like(slot))
+    rows = x[token] if x.shape[0] > 0 else x.new_zeros(slot.shape[0], x.shape[1])
+    return torch.where(used[:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def unpermute(
+    y: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    slot_of_row: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """``out[t] = sum_s w[t, s] * y[row_of_slot[t, s]]`` over kept pairs, in slot order, in fp32.
+
+    Returns [T, H] in y's dtype.
+    """
+    T, k = row_of_slot.shape
+    cdt = compute_dtype(y.dtype, *(() if topk_weights is None else (topk_weights.dtype,)))
+    acc = torch.zeros(T, y.shape[1], dtype=cdt, device=y.device)
+    rows = row_of_slot.long()
+    for s in range(k):  # fixed slot order: bitwise reproducible
+        kept = rows[:, s] >= 0
+        contrib = y[rows[:, s].clamp(min=0)].to(cdt) if y.shape[0] > 0 else acc
+        if topk_weights is not None:
+            contrib = contrib * topk_weights[:, s, None].to(cdt)
+        acc = acc + torch.where(kept[:, None], contrib, torch.zeros((), dtype=cdt, device=y.device))
+    return acc.to(y.dtype)
+
+
+def unpermute_backward(
+    grad_out: torch.Tensor,
+    y: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    slot_of_row: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    need_grad_y: bool,
+    need_grad_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`unpermute`: ``(grad_y [num_rows, H], grad_weights [T, k])``.
+
+    ``grad_y[r] = w[slot] * grad_out[slot // k]`` (zero for unused rows);
+    ``grad_weights[t, s] = <grad_out[t], y[row_of_slot[t, s]]>`` (zero for dropped pairs).
+    """
+    k = row_of_slot.shape[1]
+    cdt = compute_dtype(grad_out.dtype, y.dtype)
+    grad_y = _empty(y)
+    grad_w = _empty(grad_out) if topk_weights is None else _empty(topk_weights)
+    if need_grad_y:
+        g = permute(grad_out.to(cdt), row_of_slot, slot_of_row)
+        if topk_weights is not None:
+            slot = slot_of_row.long()
+            w = topk_weights.reshape(-1).to(cdt)
+            w_row = torch.where(slot >= 0, w[slot.clamp(min=0)] if w.numel() else slot.to(cdt), 0)
+            g = g * w_row[:, None]
+        grad_y = g.to(y.dtype)
+    if need_grad_weights and topk_weights is not None:
+        rows = row_of_slot.long()
+        picked = (
+            y[rows.clamp(min=0)].to(cdt)
+            if y.shape[0] > 0
+            else grad_out.new_zeros(*rows.shape, y.shape[1], dtype=cdt)
+        )
+        dots = (picked * grad_out.to(cdt)[:, None, :]).sum(-1)
+        grad_w = torch.where(rows >= 0, dots, 0).to(topk_weights.dtype)
+    del k
+    return grad_y, grad_w
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped GEMM
+# --------------------------------------------------------------------------------------------------
+
+
+def _segments(offs: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each non-empty segment. Reads ``offs`` on the host: the reference
+    is a specification, not a fast path."""
+    ends = offs.tolist()  # sync-ok: reference only
+    out, start = [], 0
+    for e, end in enumerate(ends):
+        if end > start:
+            out.append((e, start, end))
+        start = max(start, end)
+    return out
+
+
+def _expert_matrix(b: torch.Tensor, e: int, trans_b: bool, cdt: torch.dtype) -> torch.Tensor:
+    """b[e] as a [K, N] matrix in the compute dtype."""
+    m = b[e].to(cdt)
+    return m.t() if trans_b else m
+
+
+def grouped_gemm(
+    a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, trans_b: bool
+) -> torch.Tensor:
+    """Segment-wise ``a[rows of e] @ b[e]`` (``b[e].T`` when ``trans_b``).
+
+    Args:
+        a: [M, K]; b: [E, K, N] (or [E, N, K] with ``trans_b``); offs: [E] int32 cumulative row ends.
+
+    Returns:
+        [M, N] in a's dtype; rows past ``offs[-1]`` are zero.
+    """
+    cdt = compute_dtype(a.dtype, b.dtype)
+    N = b.shape[1] if trans_b else b.shape[2]
+    out = torch.zeros(a.shape[0], N, dtype=cdt, device=a.device)
+    for e, s, t in _segments(offs):
+        out[s:t] = a[s:t].to(cdt) @ _expert_matrix(b, e, trans_b, cdt)
+    return out.to(a.dtype)
+
+
+def grouped_gemm_backward(
+    grad_out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offs: torch.Tensor,
+    trans_b: bool,
+    need_grad_a: bool,
+    need_grad_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad_a = grad_out[seg e] @ b[e]^T`` (zero past offs[-1]); ragged-K ``grad_b[e] =
+    a[seg e]^T @ grad_out[seg e]`` (transposed for ``trans_b``; exactly zero for empty experts)."""
+    cdt = compute_dtype(a.dtype, b.dtype, grad_out.dtype)
+    grad_a = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_grad_a else None
+    grad_b = torch.zeros(b.shape, dtype=cdt, device=b.device) if need_grad_b else None
+    for e, s, t in _segments(offs):
+        g = grad_out[s:t].to(cdt)
+        if grad_a is not None:
+            grad_a[s:t] = g @ _expert_matrix(b, e, trans_b, cdt).t()
+        if grad_b is not None:
+            gb = a[s:t].to(cdt).t() @ g  # [K, N]
+            grad_b[e] = gb.t() if trans_b else gb
+    return (
+        _empty(a) if grad_a is None else grad_a.to(a.dtype),
+        _empty(b) if grad_b is None else grad_b.to(b.dtype),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the expert FFN
+# --------------------------------------------------------------------------------------------------
+
+
+def activation(
+    h: torch.Tensor, activation: str, alpha: float, limit: float, interleaved: bool
+) -> torch.Tensor:
+    """Gated activation of GEMM 1's output ``h`` [..., 2I] -> [..., I].
+
+    gate/up are the two halves of the last axis, or its even/odd entries when ``interleaved``.
+    ``swiglu``: silu(gate) * up; ``geglu``: gelu_erf(gate) * up; ``swiglu_oai``:
+    g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
+    """
+    if interleaved:
+        gate, up = h[..., 0::2], h[..., 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    if activation == "geglu":
+        return F.gelu(gate, approximate="none") * up
+    if activation == "swiglu_oai":
+        g = gate.clamp(max=limit)
+        u = up.clamp(min=-limit, max=limit)
+        return (u + 1) * g * torch.sigmoid(alpha * g)
+    raise ValueError(f"activation must be 'swiglu', 'geglu' or 'swiglu_oai', got {activation!r}")
+
+
+def _moe_ffn_fp(
+    x,
+    w_gate_up,
+    w_down,
+    topk_weights,
+    topk_ids,
+    gate_up_bias,
+    down_bias,
+    activation_name,
+    alpha,
+    limit,
+    interleaved,
+    cdt,
+):
+    """moe_ffn in the compute dtype; differentiable with torch autograd (used for the backward)."""
+    T, k = topk_ids.shape
+    E = w_gate_up.shape[0]
+    H = w_down.shape[1]
+    flat_ids = topk_ids.reshape(-1).long()
+    y = torch.zeros(T * k, H, dtype=cdt, device=x.device)  # one output row per (token, slot)
+    for e in range(E):
+        pairs = (flat_ids == e).nonzero().squeeze(1)
+        if pairs.numel() == 0:
+            continue
+        h = x[pairs // k].to(cdt) @ w_gate_up[e].to(cdt).t()
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].to(cdt)
+        a = activation(h, activation_name, alpha, limit, interleaved)
+        o = a @ w_down[e].to(cdt).t()
+        if down_bias is not None:
+            o = o + down_bias[e].to(cdt)
+        y = y.index_put((pairs,), o)
+    y = y.view(T, k, H)
+    w = topk_weights.to(cdt)
+    out = torch.zeros(T, H, dtype=cdt, device=x.device)
+    for s in range(k):  # the sum over slots runs in slot order
+        out = out + w[:, s, None] * y[:, s]
+    return out
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+) -> torch.Tensor:
+    """The routed expert MLP.
+
+    ``out[t] = sum_s w[t, s] * (W_down[e] @ act(W_gate_up[e] @ x[t] + b_gu[e]) + b_down[e])`` with
+    ``e = topk_ids[t, s]``; pairs with ids outside [0, E) are skipped; the sum over s runs in slot
+    order in fp32 (fp64 for fp64 inputs).
+
+    Args:
+        x: [T, H]; w_gate_up: [E, 2I, H]; w_down: [E, H, I] (any strides); topk_weights: [T, k]
+        float; topk_ids: [T, k] int; gate_up_bias: [E, 2I] or None; down_bias: [E, H] or None.
+
+    Returns:
+        [T, H] in x's dtype.
+    """
+    cdt = compute_dtype(x.dtype, w_gate_up.dtype, w_down.dtype)
+    out = _moe_ffn_fp(
+        x,
+        w_gate_up,
+        w_down,
+        topk_weights,
+        topk_ids,
+        gate_up_bias,
+        down_bias,
+        activation,
+        alpha,
+        limit,
+        interleaved,
+        cdt,
+    )
+    return out.to(x.dtype)
+
+
+def moe_ffn_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`moe_ffn` w.r.t. (x, w_gate_up, w_down, topk_weights, gate_up_bias,
+    down_bias), each in its input's dtype (empty [0] for a bias that is None)."""
+    cdt = compute_dtype(x.dtype, w_gate_up.dtype, w_down.dtype)
+    inputs = [x, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias]
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().to(cdt).requires_grad_() for t in inputs]
+        out = _moe_ffn_fp(
+            leaves[0],
+            leaves[1],
+            leaves[2],
+            leaves[3],
+            topk_ids,
+            leaves[4],
+            leaves[5],
+            activation,
+            alpha,
+            limit,
+            interleaved,
+            cdt,
+        )
+        present = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(out, present, grad_out.to(cdt), allow_unused=True))
+    result = []
+    for orig, leaf in zip(inputs, leaves):
+        if leaf is None:
+            result.append(_empty(x))
+            continue
+        g = next(grads)
+        result.append(torch.zeros_like(orig) if g is None else g.to(orig.dtype))
+    return tuple(result)
