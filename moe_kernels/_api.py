@@ -75,7 +75,10 @@ def _same_dtype(**tensors: torch.Tensor) -> torch.dtype:
 
 
 def _values_checked(t: torch.Tensor) -> bool:
-    """Checks that read tensor values run on CPU always, elsewhere only in debug mode."""
+    """Checks that read tensor values run on CPU always, elsewhere only in debug mode (never
+    while torch.compile traces: values are unknown then)."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or (t.device.type != "meta" and debug_mode())
 
 

@@ -187,19 +187,26 @@ def requested_backend(backend: str | None = None) -> str | None:
 def select_backend(
     op: str, device: torch.device, dtype: torch.dtype | None, backend: str | None = None
 ) -> _Backend:
-    """The backend that runs ``op`` on tensors of ``device``/``dtype``."""
+    """The backend that runs ``op`` on tensors of ``device``/``dtype``.
+
+    Under ``torch.compile`` the choice is made once, while tracing, and baked into the graph.
+    """
+    return _BACKENDS[_select_name(op, device.type, dtype, backend)]
+
+
+@torch.compiler.assume_constant_result
+def _select_name(op: str, device_type: str, dtype: torch.dtype | None, backend: str | None) -> str:
+    device = torch.device(device_type)
     name = requested_backend(backend)
     if name is not None:
-        b = _BACKENDS[name]
-        why = _why_not(b, op, device, dtype)
+        why = _why_not(_BACKENDS[name], op, device, dtype)
         if why is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {why}")
-        return b
+        return name
     reasons = []
     for cand in _auto_order(device):
-        b = _BACKENDS[cand]
-        why = _why_not(b, op, device, dtype)
+        why = _why_not(_BACKENDS[cand], op, device, dtype)
         if why is None:
-            return b
+            return cand
         reasons.append(f"{cand}: {why}")
     raise BackendUnavailableError(f"no backend can run {op} here ({'; '.join(reasons)})")
