@@ -60,9 +60,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: set by the static gate to select the configurations of a family without its GPU
+FORCE_FAMILY: list[str | None] = [None]
+
+
 def gpu_family(device: torch.device | None = None) -> str:
     """``sm80`` (A100-like, 163 KB shared), ``sm86`` (sm_86/sm_89, 99 KB), ``sm90`` (Hopper and
     newer), from the device's compute capability (host-known, cached by torch)."""
+    if FORCE_FAMILY[0] is not None:
+        return FORCE_FAMILY[0]
     if device is None or device.type != "cuda":
         return "sm80"
     major, minor = torch.cuda.get_device_capability(device)

@@ -29,7 +29,7 @@ def _scores(x, valid, SIGMOID: tl.constexpr):
     return tl.where(valid, s, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "top_k", "topk_groups"])
 def topk_gating_kernel(
     logits_ptr,
     bias_ptr,
@@ -127,7 +127,7 @@ def topk_gating_kernel(
     tl.store(ids_ptr + out_off, id_tile, mask=kmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "top_k"])
 def topk_gating_bwd_kernel(
     grad_w_ptr,
     logits_ptr,

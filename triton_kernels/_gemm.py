@@ -99,7 +99,7 @@ def _find_tile(offs_ptr, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr)
     return expert, row0, row_end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "num_m_tiles", "top_k"])
 def grouped_mm_kernel(
     a_ptr,
     b_ptr,
@@ -234,7 +234,7 @@ def grouped_mm_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])
 def ragged_k_kernel(
     p_ptr,
     q_ptr,
@@ -304,7 +304,7 @@ def ragged_k_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def glu_kernel(
     h_ptr,
     da_ptr,

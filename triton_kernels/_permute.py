@@ -12,7 +12,7 @@ import triton.language as tl
 import triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "top_k"])
 def permute_kernel(
     x_ptr,
     slot_ptr,
@@ -52,7 +52,7 @@ def permute_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "top_k"])
 def unpermute_kernel(
     y_ptr,
     row_ptr,
@@ -94,7 +94,7 @@ def unpermute_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "top_k"])
 def slot_dot_kernel(
     g_ptr,
     y_ptr,
@@ -140,7 +140,7 @@ def slot_dot_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])
 def segment_sum_kernel(
     src_ptr,
     offs_ptr,

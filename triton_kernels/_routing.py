@@ -3,17 +3,16 @@
 Five launches whatever the data (no host sync; sizes depend only on T, k, E and block_size). The
 flat pairs are cut into chunks of ``CHUNK`` pairs:
 
-1. ``route_hist_kernel`` (one program per chunk): ``hist[c, e]`` = pairs of chunk c routed to e,
-   and ``base[c, e]`` = -(pairs of chunk c routed to experts < e).
-2. ``route_scan_kernel`` (one program per block of experts): exclusive scan of ``hist`` over the
-   chunks, added into ``base``; ``tokens_per_expert`` = the column totals.
+1. ``route_hist_kernel`` (one program per chunk): ``hist[c, e]`` = pairs of chunk c routed to e.
+2. ``route_scan_kernel`` (one program per block of experts): ``base[c, e]`` = pairs routed to e
+   by the chunks before c (an exclusive scan over the chunks, BLOCK_C chunks per step);
+   ``tokens_per_expert`` = the column totals.
 3. ``route_offs_kernel`` (one program): padded segment sizes, ``offs`` (their cumulative ends) and
    ``pstart`` (segment starts).
-4. ``route_scatter_kernel`` (one program per chunk): sorts the chunk's keys ``expert * CHUNK + i``;
-   the pair at sorted position j goes to row ``pstart[e] + base[c, e] + j``: its expert's segment
-   start, plus the pairs of that expert in earlier chunks, plus its rank among the chunk's pairs of
-   that expert (j minus the chunk's pairs of lower experts). Keys are unique, so the order is the
-   flat order within each expert: the sort is stable.
+4. ``route_scatter_kernel`` (one program per chunk): the pair goes to row
+   ``pstart[e] + base[c, e] + rank``, rank being the number of earlier pairs of the chunk with the
+   same expert (a scan of the chunk's one-hot matrix). Pairs of one expert therefore keep their
+   flat order: the sort is stable and deterministic.
 5. ``route_fill_kernel`` (one program per block of rows): -1 into ``slot_of_row`` for padding and
    unused rows, and ``block_expert``. It writes exactly the rows kernel 4 does not, so the two
    never race.
@@ -25,37 +24,33 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def route_hist_kernel(
-    ids_ptr, hist_ptr, base_ptr, TK, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
-):
+@triton.jit(do_not_specialize=["TK"])
+def route_hist_kernel(ids_ptr, hist_ptr, TK, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     c = tl.program_id(0)
     i = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     e = tl.load(ids_ptr + i, mask=i < TK, other=-1)
     valid = (e >= 0) & (e < E)
-    e32 = tl.where(valid, e, 0).to(tl.int32)
-    h = tl.histogram(e32, BLOCK_E, mask=valid)
-    lt = tl.cumsum(h, axis=0) - h
+    h = tl.histogram(tl.where(valid, e, 0).to(tl.int32), BLOCK_E, mask=valid)
     ex = tl.arange(0, BLOCK_E)
-    row = c.to(tl.int64) * E
-    tl.store(hist_ptr + row + ex, h, mask=ex < E)
-    tl.store(base_ptr + row + ex, -lt, mask=ex < E)
+    tl.store(hist_ptr + c.to(tl.int64) * E + ex, h, mask=ex < E)
 
 
-@triton.jit
-def route_scan_kernel(hist_ptr, base_ptr, counts_ptr, num_chunks, E, BLOCK_E: tl.constexpr):
+@triton.jit(do_not_specialize=["num_chunks"])
+def route_scan_kernel(
+    hist_ptr, base_ptr, counts_ptr, num_chunks, E, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr
+):
     ex = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     em = ex < E
+    cs = tl.arange(0, BLOCK_C)
     run = tl.zeros([BLOCK_E], tl.int32)
-    h_ptrs = hist_ptr + ex
-    b_ptrs = base_ptr + ex
-    for _c in range(0, num_chunks):  # pointers advance in 64 bits: chunks * E may pass 2^31
-        h = tl.load(h_ptrs, mask=em, other=0)
-        b = tl.load(b_ptrs, mask=em, other=0)
-        tl.store(b_ptrs, b + run, mask=em)
-        run += h
-        h_ptrs += E
-        b_ptrs += E
+    for c0 in range(0, num_chunks, BLOCK_C):
+        c = c0 + cs
+        m = (c < num_chunks)[:, None] & em[None, :]
+        off = c.to(tl.int64)[:, None] * E + ex[None, :]
+        h = tl.load(hist_ptr + off, mask=m, other=0)
+        incl = tl.cumsum(h, axis=0)
+        tl.store(base_ptr + off, incl - h + run[None, :], mask=m)
+        run += tl.sum(h, axis=0)
     tl.store(counts_ptr + ex, run, mask=em)
 
 
@@ -74,7 +69,7 @@ def route_offs_kernel(counts_ptr, offs_ptr, pstart_ptr, E, block_size, BLOCK_E: 
         carry += tl.sum(n, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK"])
 def route_scatter_kernel(
     ids_ptr,
     base_ptr,
@@ -84,28 +79,31 @@ def route_scatter_kernel(
     TK,
     E,
     CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     c = tl.program_id(0)
-    c0 = c.to(tl.int64) * CHUNK
-    i = tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + c0 + i, mask=c0 + i < TK, other=-1)
-    valid = (e >= 0) & (e < E)
-    key = tl.where(valid, e, E).to(tl.int32) * CHUNK + i  # dropped pairs sort last
-    key = tl.sort(key)
-    se = key // CHUNK
-    si = key % CHUNK
-    pair = c0 + si
+    pair = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < TK
-    ok = (se < E) & in_range
-    se_c = tl.where(ok, se, 0)
-    base = tl.load(base_ptr + c.to(tl.int64) * E + se_c, mask=ok, other=0)
-    start = tl.load(pstart_ptr + se_c, mask=ok, other=0)
-    row = start + base + i  # i = sorted position j
+    e = tl.load(ids_ptr + pair, mask=in_range, other=-1)
+    ok = (e >= 0) & (e < E)
+    e32 = tl.where(ok, e, -1).to(tl.int32)
+    # rank of each pair among the chunk's earlier pairs of the same expert: an inclusive scan of
+    # the one-hot [CHUNK, BLOCK_E] matrix, one block of experts at a time
+    rank = tl.zeros([CHUNK], tl.int32)
+    for e0 in range(0, E, BLOCK_E):
+        ex = e0 + tl.arange(0, BLOCK_E)
+        oh = (e32[:, None] == ex[None, :]).to(tl.int32)
+        cs = tl.cumsum(oh, axis=0)
+        rank += tl.sum(oh * (cs - 1), axis=1)
+    e_c = tl.where(ok, e32, 0)
+    base = tl.load(base_ptr + c.to(tl.int64) * E + e_c, mask=ok, other=0)
+    start = tl.load(pstart_ptr + e_c, mask=ok, other=0)
+    row = start + base + rank
     tl.store(row_of_slot_ptr + pair, tl.where(ok, row, -1), mask=in_range)
     tl.store(slot_of_row_ptr + row.to(tl.int64), pair.to(tl.int32), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def route_fill_kernel(
     counts_ptr,
     offs_ptr,

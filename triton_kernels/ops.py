@@ -39,7 +39,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 _fp32_precision = [os.environ.get("MOE_KERNELS_TRITON_FP32", "tf32")]
 
 #: pairs per program of the routing kernels (a power of two); small under the interpreter
-ROUTE_CHUNK = {"gpu": 1024, "interpreter": 32}
+ROUTE_CHUNK = {"gpu": 256, "interpreter": 64}
 
 
 def available() -> tuple[bool, str]:
@@ -239,19 +239,19 @@ def route(topk_ids, num_experts, block_size):
     base = torch.empty((max(num_chunks, 1), E), dtype=i32, device=dev)
     pstart = torch.empty((E,), dtype=i32, device=dev)
     block_e = triton.next_power_of_2(E)
-    scan_block = min(block_e, 256)
+    scan_e = min(block_e, 64)
     with _ctx(topk_ids):
         if num_chunks > 0:
-            _routing.route_hist_kernel[(num_chunks,)](ids, hist, base, TK, E, CHUNK=chunk,
+            _routing.route_hist_kernel[(num_chunks,)](ids, hist, TK, E, CHUNK=chunk,
                                                       BLOCK_E=block_e, num_warps=4)
-        _routing.route_scan_kernel[(triton.cdiv(E, scan_block),)](
-            hist, base, counts, num_chunks, E, BLOCK_E=scan_block, num_warps=4)
+        _routing.route_scan_kernel[(triton.cdiv(E, scan_e),)](
+            hist, base, counts, num_chunks, E, BLOCK_C=32, BLOCK_E=scan_e, num_warps=4)
         _routing.route_offs_kernel[(1,)](counts, offs, pstart, E, block_size,
                                         BLOCK_E=min(block_e, 1024), num_warps=4)
         if num_chunks > 0:
-            _routing.route_scatter_kernel[(num_chunks,)](ids, base, pstart, row_of_slot,
-                                                         slot_of_row, TK, E, CHUNK=chunk,
-                                                         num_warps=4)
+            _routing.route_scatter_kernel[(num_chunks,)](
+                ids, base, pstart, row_of_slot, slot_of_row, TK, E, CHUNK=chunk,
+                BLOCK_E=min(block_e, 4096 // chunk), num_warps=4)
         if num_rows > 0:
             block_r = 64 if _config.interpreting() else 128
             _routing.route_fill_kernel[(triton.cdiv(num_rows, block_r),)](

@@ -1,0 +1,379 @@
+"""Static GPU gate for the Triton kernels: compile every shipped variant for sm_80 / sm_90 without a GPU.
+
+Usage::
+
+    python -m moe_kernels.tools.gpu_gate [--quick] [--json PATH] [--arch 80,86,90] [--jobs N]
+
+How the variants are found: the op launchers of :mod:`moe_kernels.triton_kernels.ops` are called on
+``meta`` tensors of representative shapes (model-shaped hidden/intermediate sizes, decode to
+prefill rows per expert, every dtype, the nn.Linear and the transposed weight layouts) with each
+kernel replaced by a recorder. Each recorded launch is bound and specialised exactly as Triton's
+runtime would (integer arguments equal to 1 become constants, 16-divisible integers and pointers
+get ``tt.divisibility`` hints), so the gate compiles the very (kernel, tile configuration, dtype,
+specialisation) variants the package launches. The configurations come from the same lookup the
+launchers use, with the GPU family forced (sm80, sm86 = sm_86/sm_89, sm90).
+
+Each variant is compiled with ``triton.compile`` for its family's target (sm_80, sm_86, sm_90a).
+The cubin is inspected with the ``cuobjdump`` that Triton ships: registers, local memory (spills),
+shared memory, and the tensor-core instructions in the SASS. The gate fails when a variant
+
+* spills (local memory or stack > 0),
+* needs more shared memory than its family has (sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB),
+* is a GEMM without tensor-core instructions: ``HMMA`` on sm_80/86 and for sm_90 tiles under 64
+  rows, ``HGMMA`` (wgmma) on sm_90 for tiles of 64+ rows with 4+ warps. fp32 variants compiled with
+  ``input_precision="ieee"`` (the full-fp32 option) use FMA by design and are exempt.
+
+``--quick`` (CI) keeps every tile configuration but only bf16 and fp32 (tf32), one model shape,
+one weight layout and one activation; the full run adds fp16, full-fp32, the transposed (gpt-oss)
+weight layout and every activation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# the gate compiles for real targets: the interpreter must be off before triton is imported
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+ARCH_FAMILY = {80: "sm80", 86: "sm86", 90: "sm90"}
+SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448}
+GEMM_KERNELS = ("grouped_mm_kernel", "ragged_k_kernel")
+
+# representative problems: rows per expert from decode to prefill, model-shaped H / I
+AVG_ROWS = (1, 8, 24, 48, 256, 4096)
+SHAPES = ((2048, 768), (4096, 14336))  # (H, I): Qwen3-30B-A3B, Mixtral-8x7B
+NUM_EXPERTS, TOP_K = 8, 2
+
+
+def _load_ops():
+    """``moe_kernels.triton_kernels.ops``; from the source tree when the package is not installed."""
+    try:
+        return importlib.import_module("moe_kernels.triton_kernels.ops")
+    except ImportError:
+        root = Path(__file__).resolve().parents[2] / "triton_kernels"
+        spec = importlib.util.spec_from_file_location(
+            "moe_kernels.triton_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["moe_kernels.triton_kernels"] = mod
+        spec.loader.exec_module(mod)
+        return importlib.import_module("moe_kernels.triton_kernels.ops")
+
+
+@dataclass
+class Launch:
+    kernel: str
+    fn: object
+    args: tuple
+    kwargs: dict
+    family: str
+    where: str
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, fn, sink: list, ctx: dict):
+        self.fn, self.sink, self.ctx = fn, sink, ctx
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.fn.__name__, self.fn, args, dict(kwargs),
+                                    self.ctx["family"], self.ctx["where"]))
+        return launch
+
+
+def record_launches(ops, quick: bool) -> list[Launch]:
+    """Run every launcher on meta tensors for each family/dtype/shape and record the launches."""
+    from moe_kernels.triton_kernels import _config, _gating, _gemm, _permute, _routing
+
+    sink: list[Launch] = []
+    ctx = {"family": "", "where": ""}
+    modules = (_gating, _gemm, _permute, _routing)
+    saved = []
+    for mod in modules:
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if type(obj).__name__ == "JITFunction" and name.endswith("_kernel"):
+                saved.append((mod, name, obj))
+                setattr(mod, name, _Recorder(obj, sink, ctx))
+    meta = torch.device("meta")
+    dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16,
+                                                             torch.float32)
+    precisions = ("tf32",) if quick else ("tf32", "ieee")
+    layouts = ("hf",) if quick else ("hf", "transposed")
+    acts = ("swiglu",) if quick else ("swiglu", "geglu", "swiglu_oai")
+    shapes = SHAPES[:1] if quick else SHAPES
+    small_avg = AVG_ROWS[:1] if quick else AVG_ROWS
+    try:
+        for family in ("sm80", "sm86", "sm90"):
+            _config.FORCE_FAMILY[0] = family
+            ctx["family"] = family
+            for dt in dtypes:
+                for prec in precisions if dt == torch.float32 else ("tf32",):
+                    ops.set_fp32_precision(prec)
+                    for H, I in shapes:
+                        E, k = NUM_EXPERTS, TOP_K
+                        for avg in AVG_ROWS:
+                            T = max(1, avg * E // k)
+                            ctx["where"] = f"{family} {str(dt)[6:]} {prec} H={H} I={I} T={T}"
+                            x = torch.empty(T, H, dtype=dt, device=meta)
+                            ids = torch.empty(T, k, dtype=torch.int32, device=meta)
+                            tw = torch.empty(T, k, dtype=torch.float32, device=meta)
+                            for layout in layouts:
+                                if layout == "hf":
+                                    wgu = torch.empty(E, 2 * I, H, dtype=dt, device=meta)
+                                    wd = torch.empty(E, H, I, dtype=dt, device=meta)
+                                else:  # gpt-oss stores [E, H, 2I] / [E, I, H]
+                                    wgu = torch.empty(E, H, 2 * I, dtype=dt, device=meta)
+                                    wgu = wgu.transpose(1, 2)
+                                    wd = torch.empty(E, I, H, dtype=dt, device=meta).transpose(1, 2)
+                                bgu = torch.empty(E, 2 * I, dtype=dt, device=meta)
+                                bd = torch.empty(E, H, dtype=dt, device=meta)
+                                for act in acts:
+                                    for inter in (False, True) if layout == "transposed" else (False,):
+                                        ops.moe_ffn(x, wgu, wd, tw, ids, bgu, bd, act, 1.702, 7.0,
+                                                    inter)
+                                        ops.moe_ffn_backward(x, x, wgu, wd, tw, ids, bgu, bd, act,
+                                                             1.702, 7.0, inter)
+                                # grouped_gemm on the permuted rows: b [E, K, N] and [E, N, K]
+                                M = T * k
+                                a = torch.empty(M, H, dtype=dt, device=meta)
+                                offs = torch.empty(E, dtype=torch.int32, device=meta)
+                                b = wgu.transpose(1, 2) if layout == "hf" else wgu
+                                g = torch.empty(M, 2 * I, dtype=dt, device=meta)
+                                for trans_b in (False, True):
+                                    bb = b.transpose(1, 2) if trans_b else b
+                                    ops.grouped_gemm(a, bb, offs, trans_b)
+                                    ops.grouped_gemm_backward(g, a, bb, offs, trans_b, True, True)
+                            if (dt == torch.float32 and prec == "ieee") or avg not in small_avg:
+                                continue
+                            # the non-GEMM kernels (dtype-dependent, shape-independent tiles)
+                            for E2, k2 in ((8, 2), (60, 4), (384, 8)):
+                                lg = torch.empty(T, E2, dtype=dt, device=meta)
+                                bias = torch.empty(E2, dtype=torch.float32, device=meta)
+                                ops.topk_gating(lg, k2, "softmax", True, None, 0, 0, 1.0)
+                                ops.topk_gating(lg, k2, "sigmoid", True, bias, 4, 2, 2.5)
+                                ids2 = torch.empty(T, k2, dtype=torch.int32, device=meta)
+                                ops.topk_gating_backward(
+                                    torch.empty(T, k2, device=meta), lg, ids2, "softmax", True, 1.0)
+                                ops.topk_gating_backward(
+                                    torch.empty(T, k2, device=meta), lg, ids2, "sigmoid", False, 1.0)
+                                ops.route(ids2, E2, 0)
+                                ops.route(ids2, E2, 64)
+                            plan = ops.route(ids, E, 0)
+                            y = ops.permute(x, plan[2], plan[3])
+                            ops.unpermute(y, plan[2], plan[3], tw)
+                            ops.unpermute_backward(x, y, plan[2], plan[3], tw, True, True)
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+        _config.FORCE_FAMILY[0] = None
+        ops.set_fp32_precision("tf32")
+    return sink
+
+
+@dataclass
+class Variant:
+    kernel: str
+    fn: object = field(repr=False)
+    signature: dict = field(repr=False)
+    constexprs: dict = field(repr=False)
+    attrs: dict = field(repr=False)
+    options: dict = field(repr=False)
+    arch: int = 90
+    where: str = ""
+
+    @property
+    def const_by_name(self) -> dict:
+        names = self.fn.arg_names
+        return {names[k[0]]: v for k, v in self.constexprs.items()}
+
+    def label(self) -> str:
+        c = self.const_by_name
+        parts = [self.kernel.replace("_kernel", "")]
+        for key in ("PADDED", "GATHER", "ACT", "GATHER_Q", "DOT_DTYPE", "PRECISION"):
+            if key in c:
+                parts.append(f"{key}={c[key]}")
+        if "BLOCK_M" in c:
+            parts.append(f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
+        parts.append(f"w{self.options.get('num_warps')}s{self.options.get('num_stages')}")
+        return " ".join(str(p) for p in parts)
+
+
+def specialise(launches: list[Launch], archs: list[int]) -> list[Variant]:
+    """Bind and specialise each launch as Triton's runtime would, one variant per distinct key."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fam_arch = {v: k for k, v in ARCH_FAMILY.items()}
+    variants: dict[str, Variant] = {}
+    backends, binders = {}, {}
+    for ln in launches:
+        arch = fam_arch[ln.family]
+        if arch not in archs:
+            continue
+        if arch not in backends:
+            target = GPUTarget("cuda", arch, 32)
+            be = make_backend(target)
+            backends[arch] = be
+        be = backends[arch]
+        fn = ln.fn
+        bkey = (fn.__name__, arch)
+        if bkey not in binders:
+            binders[bkey] = create_function_from_signature(fn.signature, fn.params, be)
+        binder = binders[bkey]
+        bound, spec, opts = binder(*ln.args, **ln.kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(be, ln.kwargs, bound, spec, opts)
+        key = json.dumps([fn.__name__, arch, signature, sorted((str(k), str(v)) for k, v in
+                          constexprs.items()), sorted((str(k), str(v)) for k, v in attrs.items()),
+                          options.num_warps, options.num_stages])
+        if key not in variants:
+            variants[key] = Variant(fn.__name__, fn, signature, constexprs, attrs,
+                                    {"num_warps": options.num_warps,
+                                     "num_stages": options.num_stages}, arch, ln.where)
+    return list(variants.values())
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_variant(v: Variant) -> dict:
+    """Compile one variant and read its resources from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.time()
+    row = {"kernel": v.kernel, "arch": v.arch, "variant": v.label(), "example": v.where}
+    try:
+        src = ASTSource(v.fn, v.signature, v.constexprs, v.attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=dict(v.options))
+    except Exception as exc:  # a variant that does not compile fails the gate
+        row.update(ok=False, problems=[f"compile error: {type(exc).__name__}: {exc}"[:500]])
+        return row
+    cubin = k.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+
+    def field_of(name):
+        m = re.search(name + r":(\d+)", res)
+        return int(m.group(1)) if m else 0
+
+    row.update(
+        regs=field_of("REG"),
+        stack=field_of("STACK"),
+        local=field_of("LOCAL"),
+        shared=int(k.metadata.shared),
+        hmma=len(re.findall(r"\bHMMA\b", sass)),
+        hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+        seconds=round(time.time() - t0, 1),
+    )
+    problems = []
+    if row["local"] > 0 or row["stack"] > 0:
+        problems.append(f"spills (local {row['local']} B, stack {row['stack']} B)")
+    if row["shared"] > SHARED_LIMIT[v.arch]:
+        problems.append(f"shared {row['shared']} B > {SHARED_LIMIT[v.arch]} B")
+    c = v.const_by_name
+    if v.kernel in GEMM_KERNELS and c.get("PRECISION") != "ieee":
+        rows_tile = c.get("BLOCK_M", 0)
+        if v.arch == 90 and rows_tile >= 64 and v.options["num_warps"] >= 4:
+            if row["hgmma"] == 0:
+                problems.append("no HGMMA (wgmma) in a >=64-row sm_90 tile")
+        elif row["hmma"] == 0 and row["hgmma"] == 0:
+            problems.append("no HMMA (tensor cores) in a GEMM variant")
+    row["ok"] = not problems
+    row["problems"] = problems
+    return row
+
+
+def _compile_in_worker(payload):
+    kernel_module, kernel_name, fields = payload
+    mod = importlib.import_module(kernel_module)
+    fn = getattr(mod, kernel_name)
+    return compile_variant(Variant(kernel_name, fn, **fields))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one weight layout and one activation")
+    ap.add_argument("--arch", default="80,86,90", help="comma list of 80, 86, 90")
+    ap.add_argument("--json", default="gpu_gate.json", help="where to write the results")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--limit", type=int, default=0, help="compile only the first N variants")
+    args = ap.parse_args(argv)
+    archs = [int(a) for a in args.arch.split(",") if a]
+
+    t0 = time.time()
+    ops = _load_ops()
+    launches = record_launches(ops, args.quick)
+    variants = specialise(launches, archs)
+    variants.sort(key=lambda v: (v.arch, v.kernel, v.label()))
+    counts: dict[str, int] = {}
+    for v in variants:
+        counts[f"sm{v.arch} {v.kernel}"] = counts.get(f"sm{v.arch} {v.kernel}", 0) + 1
+    print("variants:", ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())), flush=True)
+    if args.limit:
+        variants = variants[: args.limit]
+    print(f"{len(launches)} launches recorded, {len(variants)} distinct variants "
+          f"({time.time() - t0:.1f} s); compiling with {args.jobs} job(s)", flush=True)
+
+    payloads = []
+    for v in variants:
+        fields = {"signature": v.signature, "constexprs": v.constexprs, "attrs": v.attrs,
+                  "options": v.options, "arch": v.arch, "where": v.where}
+        payloads.append((v.fn.__module__, v.kernel, fields))
+    rows = []
+    if args.jobs > 1:
+        ctx = __import__("multiprocessing").get_context("spawn")
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_load_ops) as pool:
+            rows = list(pool.map(_compile_in_worker, payloads))
+    else:
+        rows = [compile_variant(v) for v in variants]
+
+    hdr = f"{'arch':>4} {'regs':>4} {'local':>5} {'shared':>7} {'HMMA':>5} {'HGMMA':>5}  ok  variant"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"sm{r['arch']:<2} {r.get('regs', '-'):>4} {r.get('local', '-'):>5} "
+              f"{r.get('shared', '-'):>7} {r.get('hmma', '-'):>5} {r.get('hgmma', '-'):>5}  "
+              f"{'ok' if r['ok'] else 'FAIL'}  {r['variant']}")
+        for p in r["problems"]:
+            print(f"          ! {p}   (e.g. {r['example']})")
+    failed = [r for r in rows if not r["ok"]]
+    summary = {"variants": len(rows), "failed": len(failed), "seconds": round(time.time() - t0, 1),
+               "archs": archs, "quick": args.quick, "triton": importlib.import_module("triton").__version__}
+    with open(args.json, "w") as f:
+        json.dump({"summary": summary, "variants": rows}, f, indent=1, default=str)
+    print(f"\n{len(rows)} variants, {len(failed)} failed, {summary['seconds']} s; wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
