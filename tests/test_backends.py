@@ -1,0 +1,320 @@
+"""Backend control: available_backends(), use_backend, MOE_KERNELS_BACKEND, auto choice, errors.
+
+Which backend ran is observed with a TorchDispatchMode that records the moe_kernels ops called
+(``moe_kernels::X`` compiled, ``X_reference``, ``X_triton``), so the precedence rules are checked
+on what actually executes, not on a helper's return value.  Also: the conftest's
+``MOE_KERNELS_REQUIRE_BACKENDS`` gate, and every usable backend's forward against the reference.
+"""
+
+# ruff: noqa: E741  (I is the expert intermediate size, as everywhere in the package)
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BACKEND_NAMES, TOL, available_backends_list, gen, max_rel_err, randn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moe_kernels
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SUFFIX = {"reference": "_reference", "triton": "_triton", "cpu": "", "cuda": ""}
+
+
+class OpSpy(TorchDispatchMode):
+    """Records the moe_kernels ops that execute (name without the namespace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("moe_kernels::"):
+            self.ops.append(name.split("::", 1)[1])
+        return func(*args, **(kwargs or {}))
+
+
+def family_of(op_name: str) -> str:
+    if op_name.endswith("_reference"):
+        return "reference"
+    if op_name.endswith("_triton"):
+        return "triton"
+    return "compiled"
+
+
+def _ids(T, k, E, seed=0):
+    g = gen(seed)
+    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+
+
+def all_op_calls(dtype=torch.float32):
+    """One call of every public op (name, thunk(backend))."""
+    T, E, k, H, I = 9, 6, 2, 16, 8
+    logits = randn(T, E, seed=1, dtype=dtype)
+    ids = _ids(T, k, E)
+    plan = moe_kernels.route(ids, E, block_size=4, backend="reference")
+    x = randn(T, H, seed=2, dtype=dtype)
+    y = randn(plan.num_rows, H, seed=3, dtype=dtype)
+    tw = torch.rand(T, k, generator=gen(4))
+    w_gu = randn(E, 2 * I, H, seed=5, dtype=dtype, scale=0.3)
+    w_d = randn(E, H, I, seed=6, dtype=dtype, scale=0.3)
+    offs = torch.tensor([2, 2, 7, 9, 12, 13], dtype=torch.int32)
+    a = randn(15, H, seed=7, dtype=dtype)
+    return [
+        ("topk_gating", lambda b: moe_kernels.topk_gating(logits, k, backend=b)[0]),
+        ("route", lambda b: moe_kernels.route(ids, E, block_size=4, backend=b).slot_of_row),
+        ("permute", lambda b: moe_kernels.permute(x, plan, backend=b)),
+        ("unpermute", lambda b: moe_kernels.unpermute(y, plan, tw, backend=b)),
+        (
+            "grouped_gemm",
+            lambda b: moe_kernels.grouped_gemm(a, w_gu, offs, trans_b=True, backend=b),
+        ),
+        ("moe_ffn", lambda b: moe_kernels.moe_ffn(x, w_gu, w_d, tw, ids, backend=b)),
+    ]
+
+
+def ran(thunk, backend=None):
+    spy = OpSpy()
+    with spy:
+        out = thunk(backend)
+    assert spy.ops, "no moe_kernels op ran"
+    return spy.ops, out
+
+
+def unavailable_backends():
+    return [n for n, (ok, _) in moe_kernels.available_backends().items() if not ok]
+
+
+# ----------------------------------------------------------------------------------------------
+# available_backends
+# ----------------------------------------------------------------------------------------------
+def test_available_backends_structure():
+    avail = moe_kernels.available_backends()
+    assert isinstance(avail, dict)
+    assert set(BACKEND_NAMES) <= set(avail)
+    for name, value in avail.items():
+        assert isinstance(value, tuple) and len(value) == 2, name
+        ok, reason = value
+        assert isinstance(ok, bool), name
+        assert isinstance(reason, str) and reason.strip(), f"{name}: empty reason"
+    assert avail["reference"][0] is True
+    if not torch.cuda.is_available():
+        assert avail["cuda"][0] is False
+
+
+# ----------------------------------------------------------------------------------------------
+# names and explicit choices
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,thunk", all_op_calls(), ids=[c[0] for c in all_op_calls()])
+def test_unknown_backend_name_raises_value_error(op, thunk, monkeypatch):
+    with pytest.raises(ValueError, match="nonsense"):
+        thunk("nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        with moe_kernels.use_backend("nonsense"):
+            thunk(None)
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        thunk(None)
+
+
+@pytest.mark.parametrize("op,thunk", all_op_calls(), ids=[c[0] for c in all_op_calls()])
+def test_explicit_unavailable_backend_says_why(op, thunk):
+    missing = unavailable_backends()
+    if not missing:
+        pytest.skip("every backend is available here")
+    avail = moe_kernels.available_backends()
+    for name in missing:
+        with pytest.raises(Exception) as info:  # noqa: B017 (any error type, but it must say why)
+            thunk(name)
+        msg = str(info.value)
+        assert name in msg, msg
+        assert avail[name][1] in msg, f"the error does not give the reason: {msg!r}"
+
+
+@pytest.mark.parametrize("backend", available_backends_list("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_explicit_choice_never_falls_back(backend, dtype):
+    """backend=B runs B's own op, or raises: never silently another backend."""
+    for op, thunk in all_op_calls(dtype):
+        try:
+            ops, _ = ran(thunk, backend)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            assert backend in str(exc) or str(dtype).split(".")[-1] in str(exc), str(exc)
+            continue
+        want = "compiled" if backend in ("cpu", "cuda") else backend
+        assert {family_of(o) for o in ops} == {want}, (op, ops)
+        assert op + SUFFIX[backend] in ops
+
+
+# ----------------------------------------------------------------------------------------------
+# precedence: backend= > use_backend > MOE_KERNELS_BACKEND > auto
+# ----------------------------------------------------------------------------------------------
+def _bad_backend():
+    missing = unavailable_backends()
+    if not missing:
+        pytest.skip("needs an unavailable backend to observe the choice")
+    return missing[0]
+
+
+@pytest.mark.parametrize("op,thunk", all_op_calls(), ids=[c[0] for c in all_op_calls()])
+def test_precedence(op, thunk, monkeypatch):
+    bad = _bad_backend()
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+
+    # the environment beats auto
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", bad)
+    with pytest.raises(Exception, match=bad):  # noqa: B017
+        thunk(None)
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "reference")
+    ops, _ = ran(thunk)
+    assert {family_of(o) for o in ops} == {"reference"}, ops
+
+    # use_backend beats the environment
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", bad)
+    with moe_kernels.use_backend("reference"):
+        ops, _ = ran(thunk)
+    assert {family_of(o) for o in ops} == {"reference"}, ops
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "reference")
+    with moe_kernels.use_backend(bad):
+        with pytest.raises(Exception, match=bad):  # noqa: B017
+            thunk(None)
+
+    # backend= beats use_backend and the environment
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", bad)
+    with moe_kernels.use_backend(bad):
+        ops, _ = ran(thunk, "reference")
+    assert {family_of(o) for o in ops} == {"reference"}, ops
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "reference")
+    with moe_kernels.use_backend("reference"):
+        with pytest.raises(Exception, match=bad):  # noqa: B017
+            thunk(bad)
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    bad = _bad_backend()
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+    _, thunk = all_op_calls()[0]
+    with moe_kernels.use_backend(bad):
+        with moe_kernels.use_backend("reference"):
+            ops, _ = ran(thunk)
+            assert {family_of(o) for o in ops} == {"reference"}
+        with pytest.raises(Exception, match=bad):  # noqa: B017
+            thunk(None)
+    thunk(None)  # auto again
+    with pytest.raises(KeyError):
+        with moe_kernels.use_backend(bad):
+            raise KeyError("boom")
+    thunk(None)  # restored after an exception too
+
+
+# ----------------------------------------------------------------------------------------------
+# auto
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_auto_on_cpu_tensors(dtype, monkeypatch):
+    """cpu, then reference (triton only with TRITON_INTERPRET=1); results equal the reference."""
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+    cpu_ok = moe_kernels.available_backends()["cpu"][0]
+    for op, thunk in all_op_calls(dtype):
+        ops, out = ran(thunk)
+        fams = {family_of(o) for o in ops}
+        assert len(fams) == 1, ops
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            assert "triton" not in fams, ops
+        if not cpu_ok:
+            assert fams == {"reference"}, ops
+        qual = f"moe_kernels::{op}"
+        if (
+            cpu_ok
+            and dtype == torch.float32
+            and torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU")
+        ):
+            assert fams == {"compiled"}, f"auto skipped the cpu kernel of {op}: {ops}"
+        ref = thunk("reference")
+        if out.dtype.is_floating_point:
+            assert max_rel_err(out, ref) <= 5 * TOL[dtype], op
+        else:
+            assert torch.equal(out, ref), op
+
+
+# ----------------------------------------------------------------------------------------------
+# every usable backend against the reference (forward; gradients are in test_autograd.py)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", available_backends_list("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_forward_matches_reference(backend, dtype, monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
+    for op, thunk in all_op_calls(dtype):
+        try:
+            out = thunk(backend)
+        except moe_kernels.BackendUnavailableError as exc:
+            pytest.skip(f"{backend} lacks {op} for {dtype}: {exc}")
+        ref = thunk("reference")
+        assert not (out.dtype.is_floating_point and torch.isnan(out).any()), op
+        if out.dtype.is_floating_point:
+            assert max_rel_err(out, ref) <= 5 * TOL[dtype], (op, max_rel_err(out, ref))
+        else:
+            assert torch.equal(out, ref), op
+
+
+# ----------------------------------------------------------------------------------------------
+# conftest: MOE_KERNELS_REQUIRE_BACKENDS
+# ----------------------------------------------------------------------------------------------
+def _pytest_with_required(required: str):
+    env = dict(os.environ)
+    env["MOE_KERNELS_REQUIRE_BACKENDS"] = required
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        os.path.join(HERE, "test_backends.py") + "::test_available_backends_structure",
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _sessionstart_outcome(required: str, monkeypatch) -> str | None:
+    """Runs the conftest's session-start hook in-process: None if it lets the session run,
+    else the message it stops the session with."""
+    import conftest
+
+    monkeypatch.setenv("MOE_KERNELS_REQUIRE_BACKENDS", required)
+    try:
+        conftest.pytest_sessionstart(None)
+    except pytest.exit.Exception as exc:
+        assert exc.returncode not in (0, None)
+        return str(exc.msg)
+    return None
+
+
+def test_require_backends_hook(monkeypatch):
+    assert _sessionstart_outcome("reference", monkeypatch) is None
+    assert _sessionstart_outcome(" reference , ", monkeypatch) is None
+    msg = _sessionstart_outcome("reference,no_such_backend", monkeypatch)
+    assert msg is not None and "no_such_backend" in msg
+    avail = moe_kernels.available_backends()
+    for name in unavailable_backends():
+        msg = _sessionstart_outcome(f"reference,{name}", monkeypatch)
+        assert msg is not None and name in msg and avail[name][1] in msg, msg
+
+
+def test_require_backends_fails_the_session():
+    """End to end: a required backend that is missing stops pytest before any test runs."""
+    missing = unavailable_backends()
+    required = ",".join(["reference", *missing[:1], "no_such_backend"])
+    bad = _pytest_with_required(required)
+    text = bad.stdout + bad.stderr
+    assert bad.returncode != 0, text
+    assert "no_such_backend" in text, text
+    assert "1 passed" not in text, "the session ran tests instead of failing at start"
+    if missing:
+        reason = moe_kernels.available_backends()[missing[0]][1]
+        assert missing[0] in text and reason in text, text
