@@ -8,8 +8,8 @@ and row indices are widened to int64 before they are multiplied by a stride.
 
 from __future__ import annotations
 
-import triton.language as tl
 import triton
+import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["num_rows", "top_k"])
