@@ -1,0 +1,542 @@
+"""Side-by-side benchmark of the fused expert FFN against the baselines a user would pick instead.
+
+On the same weights and the same routing, in one run, contenders timed in turns (A B A B ...):
+
+* ``moe_kernels`` backends (``cpu`` by default on CPU tensors; ``--backends`` picks others),
+* ``reference``: this package's pure-PyTorch specification,
+* ``hf-eager`` / ``hf-grouped_mm``: Hugging Face transformers 5.x experts (``Qwen3MoeExperts``,
+  the same code as OLMoE's and Mixtral's) with the ``eager`` and ``grouped_mm`` experts
+  implementations,
+* ``dense-matmul``: a dense ``torch.matmul`` with the same FLOPs, ``[T, H] x [H, k*3I]``
+  (it also reads the weights of k experts, like a decode step with k distinct experts),
+
+and two machine ceilings measured in the same run: the read bandwidth (a sum over a 1 GiB float32
+tensor) and the dense FLOP rate (``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype).
+
+Decode sizes (T <= 16 by default) evict the caches before every timed call, as in a real model
+where each layer's experts arrive from DRAM. Derived columns:
+
+* ``x eager``: hf-eager median / this contender's median (> 1 is faster than eager);
+* ``% read BW``: bytes of the distinct active experts' weights / time, over the read ceiling;
+* ``% dense``: FLOPs (``2*T*k*3*H*I``) / time, over the dense ceiling.
+
+Run ``python bench/bench_moe_ffn.py --help`` or ``moe-bench --full --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import _bench_utils as bu
+
+#: contender names besides the moe_kernels backends
+BASELINES = ("reference", "hf-eager", "hf-grouped_mm", "dense-matmul")
+
+#: default token counts per shape (Mixtral at T = 2048 needs minutes per contender on 2 cores)
+DEFAULT_TOKENS = {
+    "qwen3-30b-a3b": (1, 16, 512, 2048),
+    "olmoe-1b-7b": (1, 16, 512, 2048),
+    "mixtral-8x7b": (1, 16, 512),
+    "small": (1, 16, 512),
+}
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+CSV_HEADERS = (
+    "shape",
+    "H",
+    "I",
+    "E",
+    "k",
+    "T",
+    "dtype",
+    "device",
+    "threads",
+    "contender",
+    "ran_as",
+    "median_ms",
+    "min_ms",
+    "samples",
+    "speedup_vs_eager",
+    "distinct_experts",
+    "active_weight_GBps",
+    "pct_read_bw",
+    "tflops",
+    "pct_dense",
+    "rel_err_vs_reference",
+    "evicted",
+    "target",
+    "target_met",
+    "error",
+    "read_bw_GBps",
+    "dense_tflops",
+    "dense_layout",
+    "fp32_dense_tflops",
+)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from bf16, fp16, fp32") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """The moe_kernels backends (other than the reference) that are available for ``device``."""
+    try:
+        import moe_kernels
+    except ImportError:
+        return []
+    names = []
+    for name, (ok, _why) in moe_kernels.available_backends().items():
+        if not ok or name == "reference":
+            continue
+        if device.type == "cpu" and name in ("cuda",):
+            continue
+        if device.type == "cpu" and name == "triton":
+            continue  # only under TRITON_INTERPRET=1, far too slow to benchmark
+        if device.type == "cuda" and name == "cpu":
+            continue
+        names.append(name)
+    return names
+
+
+def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(backend that will run moe_ffn, note). Falls back to auto when ``name`` cannot run.
+
+    The note is empty when ``name`` runs as asked, else says what ran instead and why.
+    """
+    from moe_kernels import _backends
+
+    try:
+        b = _backends.select_backend("moe_ffn", device, dtype, name)
+        return b.name, ""
+    except _backends.BackendUnavailableError as exc:
+        b = _backends.select_backend("moe_ffn", device, dtype, "auto")
+        return b.name, f"{name} unavailable ({exc}); ran {b.name}"
+
+
+def targets(shape: str, tokens: int, decode: bool) -> list[tuple[str, Callable[[dict], bool]]]:
+    """The CPU backend's speed targets for one (shape, T), as (description, check(row))."""
+    out: list[tuple[str, Callable[[dict], bool]]] = []
+    if shape == "small":
+        return out
+    if decode:
+        out.append((">=75% read BW", lambda r: r["pct_read_bw"] >= 75.0))
+    need = {
+        ("qwen3-30b-a3b", 512): 2.0,
+        ("qwen3-30b-a3b", 2048): 2.0,
+        ("olmoe-1b-7b", 512): 2.0,
+        ("olmoe-1b-7b", 2048): 1.4,
+        ("mixtral-8x7b", 512): 1.5,
+    }.get((shape, tokens))
+    if need is not None:
+        out.append((f">={need}x eager", lambda r, n=need: r["speedup_vs_eager"] >= n))
+    if (shape, tokens) == ("qwen3-30b-a3b", 2048):
+        out.append((">=60% dense", lambda r: r["pct_dense"] >= 60.0))
+    return out
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Fused MoE expert FFN vs the reference, Hugging Face transformers experts "
+        "(eager, grouped_mm), a dense matmul of equal FLOPs, and the machine's read-bandwidth "
+        "and dense-matmul ceilings; same weights and routing, contenders timed in turns.",
+    )
+    add_compare_arguments(p)
+    return p
+
+
+def add_compare_arguments(p: argparse.ArgumentParser, *, with_common: bool = True) -> None:
+    if with_common:
+        p.add_argument(
+            "--shape",
+            "--shapes",
+            dest="shape",
+            default=None,
+            help="comma-separated presets (default: qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b); "
+            f"known: {', '.join(bu.SHAPES)}",
+        )
+        p.add_argument(
+            "--tokens",
+            default=None,
+            help="comma-separated token counts (default per shape: 1,16,512,2048; "
+            "Mixtral 1,16,512)",
+        )
+        p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        p.add_argument(
+            "--backends",
+            default=None,
+            help="comma-separated moe_kernels backends to time (default: the available ones "
+            "for the device, e.g. cpu)",
+        )
+        p.add_argument("--repeats", type=int, default=None, help="timed calls per contender")
+        p.add_argument("--csv", default=None, metavar="PATH", help="write every row to PATH")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--plain", action="store_true", help="plain-text tables (no rich)")
+    p.add_argument(
+        "--contenders",
+        default=",".join(BASELINES),
+        help=f"comma-separated baselines to include (default: all of {', '.join(BASELINES)})",
+    )
+    p.add_argument(
+        "--decode-max-tokens",
+        type=int,
+        default=16,
+        help="token counts up to this are timed as decode: caches evicted before each call",
+    )
+    p.add_argument("--no-evict", action="store_true", help="never evict the caches")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="stop timing one (shape, T) after the round that passes this many seconds",
+    )
+    p.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=60.0,
+        help="skip a contender whose call is predicted (from its rate at the previous token "
+        "count) to take longer than this",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the accuracy comparison")
+    p.add_argument(
+        "--no-fp32-ceiling",
+        action="store_true",
+        help="do not also measure the fp32 dense matmul rate",
+    )
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison described by ``args``; returns the process exit code."""
+    device = torch.device(args.device or default_device())
+    dtype = parse_dtype(args.dtype)
+    shapes = [bu.get_shape(s) for s in _split(args.shape)] or [
+        bu.SHAPES[n] for n in ("qwen3-30b-a3b", "olmoe-1b-7b", "mixtral-8x7b")
+    ]
+    token_override = [int(t) for t in _split(args.tokens)]
+    baselines = _split(args.contenders)
+    for b in baselines:
+        if b not in BASELINES:
+            raise ValueError(f"unknown contender {b!r}; choose from {', '.join(BASELINES)}")
+    backends = _split(args.backends) if args.backends is not None else default_backends(device)
+    hf_version = bu.transformers_version()
+    if hf_version is None and any(b.startswith("hf-") for b in baselines):
+        print(
+            "transformers is not installed: the hf-eager / hf-grouped_mm baselines are skipped "
+            "(pip install 'transformers>=5')"
+        )
+        baselines = [b for b in baselines if not b.startswith("hf-")]
+
+    print(
+        f"device: {bu.device_description(device)}; torch {torch.__version__}; "
+        f"transformers {hf_version or '-'}; dtype {dtype}"
+    )
+    read_bw, read_sec = bu.read_bandwidth_ceiling(1 << 30, repeats=5, device=device)
+    print(
+        f"read ceiling: sum over 1 GiB fp32 in {read_sec * 1e3:.1f} ms = {read_bw / 1e9:.1f} GB/s"
+    )
+    dense = bu.dense_matmul_ceiling(2048, 2048, 6144, 3, dtype, device)
+    dense_rate = dense["rate"]
+    probe = ", ".join(f"{k} {v / 1e12:.3f}" for k, v in dense["probe"].items())
+    print(
+        f"dense ceiling: {dtype} matmul 2048x2048x6144 ({dense['layout']} layout) in "
+        f"{dense['seconds'] * 1e3:.0f} ms = {dense_rate / 1e12:.3f} TFLOP/s "
+        f"(layout probe, TFLOP/s: {probe})"
+    )
+    fp32_rate = float("nan")
+    if dtype != torch.float32 and not args.no_fp32_ceiling:
+        d32 = bu.dense_matmul_ceiling(2048, 2048, 6144, 3, torch.float32, device)
+        fp32_rate = d32["rate"]
+        print(f"   for comparison, fp32 matmul 2048x2048x6144: {fp32_rate / 1e12:.3f} TFLOP/s")
+    ceilings = {
+        "read_bw": read_bw,
+        "dense": dense_rate,
+        "dense_layout": dense["layout"],
+        "fp32_dense": fp32_rate,
+    }
+    evictor = None if args.no_evict else bu.CacheEvictor(device)
+    if evictor is not None:
+        print(
+            f"decode (T <= {args.decode_max_tokens}): caches evicted before each call "
+            f"({evictor.nbytes >> 20} MiB written)"
+        )
+
+    csv_rows: list[list] = []
+    failures = 0
+    for shape in shapes:
+        tokens_list = token_override or list(DEFAULT_TOKENS.get(shape.name, (1, 16, 512)))
+        esize = torch.empty(0, dtype=dtype).element_size()
+        print(
+            f"\n== {shape.model} ({shape.describe()}): expert weights "
+            f"{shape.weight_bytes(esize) / 1e9:.2f} GB {dtype}"
+        )
+        t0 = time.perf_counter()
+        base = bu.make_inputs(shape, 1, dtype=dtype, device=device, seed=args.seed)
+        weights = (base["w_gate_up"], base["w_down"])
+        print(f"   weights generated in {time.perf_counter() - t0:.1f} s")
+        hf = {}
+        for b in baselines:
+            if b.startswith("hf-"):
+                hf[b] = bu.build_hf_experts(shape, *weights, implementation=b[3:])
+        dense_b = None
+        if "dense-matmul" in baselines:
+            # same FLOPs as the expert FFN: [T, H] x [H, k*3I], in the ceiling's fastest layout
+            n = shape.top_k * 3 * shape.intermediate
+            dense_b = torch.empty(shape.hidden, n, dtype=dtype, device=device)
+            if ceilings["dense_layout"] == "nt":
+                dense_b = torch.empty(n, shape.hidden, dtype=dtype, device=device).t()
+            dense_b.normal_(0, shape.hidden**-0.5)
+        rates: dict[str, float] = {}  # FLOP/s of each contender at the previous T (predictions)
+        for T in tokens_list:
+            rows, n_fail = _run_one(
+                args,
+                shape,
+                T,
+                dtype,
+                device,
+                weights,
+                hf,
+                dense_b,
+                backends,
+                baselines,
+                evictor,
+                ceilings,
+                rates,
+            )
+            failures += n_fail
+            csv_rows.extend(rows)
+        del base, weights, hf, dense_b
+    if args.csv:
+        bu.write_csv(args.csv, CSV_HEADERS, csv_rows)
+        print(f"\nwrote {len(csv_rows)} rows to {args.csv}")
+    return 1 if failures else 0
+
+
+def _run_one(
+    args,
+    shape,
+    T,
+    dtype,
+    device,
+    weights,
+    hf,
+    dense_b,
+    backends,
+    baselines,
+    evictor,
+    ceilings,
+    rates,
+):
+    import moe_kernels
+
+    inp = bu.make_inputs(shape, T, dtype=dtype, device=device, seed=args.seed + T, weights=weights)
+    x, wgu, wd, tw, ti = (inp[n] for n in ("x", "w_gate_up", "w_down", "topk_weights", "topk_ids"))
+    tw_act = tw.to(dtype)  # HF passes the routing weights in the activation dtype
+    ti_long = ti.long()
+    decode = T <= args.decode_max_tokens
+    evict = decode and evictor is not None
+
+    contenders: dict[str, Callable[[], torch.Tensor]] = {}
+    ran_as: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    for name in backends:
+        used, note = resolve_backend(name, device, dtype)
+        contenders[name] = lambda u=used: moe_kernels.moe_ffn(x, wgu, wd, tw, ti, backend=u)
+        ran_as[name] = used
+        if note:
+            notes[name] = note
+    for b in baselines:
+        if b == "reference":
+            contenders[b] = lambda: moe_kernels.moe_ffn(x, wgu, wd, tw, ti, backend="reference")
+            ran_as[b] = "reference"
+        elif b.startswith("hf-"):
+            contenders[b] = lambda m=hf[b]: m(x, ti_long, tw_act)
+            ran_as[b] = f"transformers {b[3:]}"
+        elif b == "dense-matmul":
+            xd = x.t().contiguous().t() if ceilings["dense_layout"] == "tn" else x
+            contenders[b] = lambda xd=xd: torch.matmul(xd, dense_b)
+            ran_as[b] = (
+                f"matmul [{T},{shape.hidden}]x[{shape.hidden},{dense_b.shape[1]}] "
+                f"({ceilings['dense_layout']})"
+            )
+
+    # skip contenders whose call would take longer than --max-call-seconds, predicted from their
+    # FLOP rate at the previous token count of this shape
+    flops = shape.flops(T)
+    skipped: dict[str, str] = {}
+    for name in list(contenders):
+        if name in rates and flops / rates[name] > args.max_call_seconds:
+            skipped[name] = (
+                f"skipped: ~{flops / rates[name]:.0f} s per call predicted "
+                f"(> --max-call-seconds {args.max_call_seconds:g})"
+            )
+            del contenders[name]
+
+    # accuracy, outside the timed loop: every FFN contender against the reference
+    errors_rel: dict[str, float] = {}
+    exc_msgs: dict[str, str] = {}
+    if not args.no_check:
+        with torch.inference_mode():
+            ref = moe_kernels.moe_ffn(x, wgu, wd, tw, ti, backend="reference")
+            for name, fn in contenders.items():
+                if name == "dense-matmul":
+                    continue
+                try:
+                    errors_rel[name] = bu.rel_error(fn(), ref)
+                except Exception as exc:  # noqa: BLE001 -- reported in the table and exit code
+                    exc_msgs[name] = f"{type(exc).__name__}: {exc}"
+            del ref
+    live = {n: f for n, f in contenders.items() if n not in exc_msgs}
+
+    repeats = args.repeats or (20 if decode else 5)
+    # the accuracy call above already warmed the FFN contenders up
+    warm = {n: f for n, f in live.items() if args.no_check or n == "dense-matmul"}
+    with torch.inference_mode():
+        for fn in warm.values():
+            fn()
+    times, timing_errors = bu.time_alternating(
+        live,
+        repeats=repeats,
+        warmup=0,
+        before_each=evictor if evict else None,
+        device=device,
+        max_seconds=args.max_seconds,
+    )
+    exc_msgs.update(timing_errors)
+    for name, ts in times.items():
+        if ts:
+            rates[name] = flops / bu.median(ts)
+
+    n_distinct = bu.distinct_experts(ti, shape.experts)
+    esize = x.element_size()
+    active_bytes = n_distinct * shape.expert_bytes(esize)
+    read_bw, dense_rate = ceilings["read_bw"], ceilings["dense"]
+    eager_med = bu.median(times.get("hf-eager", []))
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+
+    table_rows, csv_rows = [], []
+    failures = 0
+    for name in [*contenders, *skipped]:
+        med = bu.median(times.get(name, []))
+        err = exc_msgs.get(name, "") or skipped.get(name, "")
+        rel = errors_rel.get(name, float("nan"))
+        if name in backends and (name in exc_msgs or (rel == rel and rel > tol)):
+            failures += 1
+        row = {
+            "speedup_vs_eager": eager_med / med if med == med else float("nan"),
+            "pct_read_bw": 100.0 * active_bytes / med / read_bw if med == med else float("nan"),
+            "pct_dense": 100.0 * flops / med / dense_rate if med == med else float("nan"),
+        }
+        tgt_desc, tgt_met = "", ""
+        if name == "cpu" and device.type == "cpu":
+            checks = targets(shape.name, T, decode)
+            if checks:
+                tgt_desc = "; ".join(d for d, _ in checks)
+                tgt_met = "yes" if med == med and all(c(row) for _, c in checks) else "NO"
+        label = name if name not in notes else f"{name} (ran {ran_as[name]})"
+        table_rows.append(
+            [
+                label,
+                med * 1e3,
+                row["speedup_vs_eager"],
+                row["pct_read_bw"],
+                row["pct_dense"],
+                flops / med / 1e12 if med == med else float("nan"),
+                rel,
+                f"{tgt_desc}: {tgt_met}" if tgt_desc else "",
+                (err[:60] + "...") if len(err) > 60 else err,
+            ]
+        )
+        csv_rows.append(
+            [
+                shape.name,
+                shape.hidden,
+                shape.intermediate,
+                shape.experts,
+                shape.top_k,
+                T,
+                str(dtype).replace("torch.", ""),
+                device.type,
+                torch.get_num_threads() if device.type == "cpu" else "",
+                name,
+                ran_as.get(name, ""),
+                med * 1e3,
+                min(times.get(name) or [float("nan")]) * 1e3,
+                len(times.get(name, [])),
+                row["speedup_vs_eager"],
+                n_distinct,
+                active_bytes / med / 1e9 if med == med else "",
+                row["pct_read_bw"],
+                flops / med / 1e12 if med == med else "",
+                row["pct_dense"],
+                rel,
+                evict,
+                tgt_desc,
+                tgt_met,
+                err or notes.get(name, ""),
+                read_bw / 1e9,
+                dense_rate / 1e12,
+                ceilings["dense_layout"],
+                ceilings["fp32_dense"] / 1e12,
+            ]
+        )
+    title = (
+        f"{shape.model} T={T} ({'decode, caches evicted' if evict else 'prefill'}; "
+        f"{n_distinct} distinct experts, {active_bytes / 1e6:.0f} MB active weights, "
+        f"{flops / 1e9:.2f} GFLOP; {len(times.get(next(iter(live), ''), []))} rounds)"
+    )
+    bu.print_table(
+        [
+            "contender",
+            "median ms",
+            "x eager",
+            "% read BW",
+            "% dense",
+            "TFLOP/s",
+            "rel err vs ref",
+            "target",
+            "error",
+        ],
+        table_rows,
+        title=title,
+        plain=args.plain,
+    )
+    for note in notes.values():
+        print(f"   note: {note}")
+    sys.stdout.flush()
+    return csv_rows, failures
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""Helpers shared by ``moe-bench`` and the scripts under ``bench/``.
+
+Nothing here is on an op path: host syncs, Python loops and ``.item()`` are fine.
+
+* :class:`MoEShape` and :data:`SHAPES`: expert-layer shapes of real models.
+* :func:`make_inputs`: random weights in the Hugging Face expert layout plus a softmax/top-k routing.
+* :func:`time_alternating`: times several contenders in turns (A B A B ...), so that drift on a
+  shared machine hits all of them alike, optionally evicting the caches before every call.
+* :func:`read_bandwidth_ceiling` / :func:`dense_matmul_ceiling`: the machine's measured ceilings.
+* :func:`build_hf_experts`: a Hugging Face transformers experts module sharing given weights.
+* :func:`print_table` / :func:`write_csv`: output (``rich`` when installed, plain text otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+# --------------------------------------------------------------------------------------- shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """One MoE layer's expert shape: ``E`` experts of ``H -> 2I -> I -> H`` (SwiGLU), top-``k``."""
+
+    name: str
+    hidden: int  # H
+    intermediate: int  # I
+    experts: int  # E
+    top_k: int  # k
+    model: str = ""
+
+    def expert_bytes(self, element_size: int) -> int:
+        """Bytes of one expert's weights (gate_up [2I, H] and down [H, I])."""
+        return 3 * self.hidden * self.intermediate * element_size
+
+    def weight_bytes(self, element_size: int) -> int:
+        """Bytes of all experts' weights."""
+        return self.experts * self.expert_bytes(element_size)
+
+    def flops(self, tokens: int) -> int:
+        """FLOPs of the expert FFN for ``tokens`` tokens: ``2 * T * k * 3 * H * I``."""
+        return 2 * tokens * self.top_k * 3 * self.hidden * self.intermediate
+
+    def describe(self) -> str:
+        return f"H {self.hidden}, I {self.intermediate}, E {self.experts}, k {self.top_k}"
+
+
+#: Expert shapes of real model layers (the benchmark presets).
+SHAPES: dict[str, MoEShape] = {
+    "qwen3-30b-a3b": MoEShape("qwen3-30b-a3b", 2048, 768, 128, 8, "Qwen3-30B-A3B"),
+    "olmoe-1b-7b": MoEShape("olmoe-1b-7b", 2048, 1024, 64, 8, "OLMoE-1B-7B"),
+    "mixtral-8x7b": MoEShape("mixtral-8x7b", 4096, 14336, 8, 2, "Mixtral-8x7B"),
+    "small": MoEShape("small", 512, 256, 16, 4, "small test layer"),
+}
+
+
+def get_shape(name: str) -> MoEShape:
+    """Look a preset up by name (case-insensitive, ``_`` and ``-`` interchangeable)."""
+    key = name.strip().lower().replace("_", "-")
+    if key not in SHAPES:
+        raise ValueError(f"unknown shape preset {name!r}; choose from {', '.join(SHAPES)}")
+    return SHAPES[key]
+
+
+def scale_to_budget(shape: MoEShape, budget_bytes: int, element_size: int) -> MoEShape:
+    """A smaller version of ``shape`` whose expert weights fit in ``budget_bytes``.
+
+    H and k stay as they are (they set the per-token work); E is reduced first (down to
+    ``max(k, 2)``), then I (in steps that keep it a multiple of 64 where possible).
+    """
+    experts, inter = shape.experts, shape.intermediate
+    per_expert = 3 * shape.hidden * element_size
+    min_experts = min(shape.experts, max(shape.top_k, 2))
+    while experts > min_experts and experts * inter * per_expert > budget_bytes:
+        experts = max(min_experts, experts // 2)
+    while inter > 64 and experts * inter * per_expert > budget_bytes:
+        inter = max(64, (inter // 2) // 64 * 64 or 64)
+    if (experts, inter) == (shape.experts, shape.intermediate):
+        return shape
+    return dataclasses.replace(shape, experts=experts, intermediate=inter)
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def make_inputs(
+    shape: MoEShape,
+    tokens: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random inputs of one expert FFN call, in the public API's layout.
+
+    Returns a dict with ``x`` [T, H], ``w_gate_up`` [E, 2I, H], ``w_down`` [E, H, I] (all ``dtype``),
+    ``topk_weights`` float32 [T, k] and ``topk_ids`` int32 [T, k]. Routing is softmax over random
+    router logits, top-k, renormalised (Qwen3/OLMoE/Mixtral style). The routing weights are rounded
+    to ``dtype`` (then stored as float32) so that contenders taking weights in the activation dtype
+    (Hugging Face) see exactly the same values. Pass ``weights`` to reuse expert weights.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    H, inter, E, k = shape.hidden, shape.intermediate, shape.experts, shape.top_k
+    if weights is None:
+        w_gate_up = torch.empty(E, 2 * inter, H, dtype=dtype, device=device)
+        w_down = torch.empty(E, H, inter, dtype=dtype, device=device)
+        # One expert at a time keeps the float32 staging buffer small (Mixtral: 350 MB per expert).
+        for e in range(E):
+            w_gate_up[e].copy_(torch.randn(2 * inter, H, generator=gen).mul_(H**-0.5))
+            w_down[e].copy_(torch.randn(H, inter, generator=gen).mul_(inter**-0.5))
+    else:
+        w_gate_up, w_down = weights
+    x = torch.randn(tokens, H, generator=gen).to(device=device, dtype=dtype)
+    logits = torch.randn(tokens, E, generator=gen)
+    probs = torch.softmax(logits, dim=-1)
+    topk_weights, topk_ids = torch.topk(probs, k, dim=-1)
+    topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    topk_weights = topk_weights.to(dtype).float()
+    return {
+        "x": x,
+        "w_gate_up": w_gate_up,
+        "w_down": w_down,
+        "topk_weights": topk_weights.to(device),
+        "topk_ids": topk_ids.to(device=device, dtype=torch.int32),
+    }
+
+
+def distinct_experts(topk_ids: torch.Tensor, num_experts: int) -> int:
+    """Number of distinct valid expert ids in ``topk_ids`` (host sync; benchmark use only)."""
+    ids = topk_ids.flatten().long()
+    ids = ids[(ids >= 0) & (ids < num_experts)]
+    return int(torch.unique(ids).numel())
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` computed in float64 (inf when shapes differ or NaN shows)."""
+    if out.shape != ref.shape:
+        return float("inf")
+    diff = (out.double() - ref.double()).abs().max() if out.numel() else torch.tensor(0.0)
+    scale = ref.double().abs().max() if ref.numel() else torch.tensor(0.0)
+    d, s = float(diff), float(scale)
+    if d != d:  # NaN
+        return float("inf")
+    return d / s if s > 0 else d
+
+
+# ---------------------------------------------------------------------------------- the machine
+
+
+def _parse_size(text: str) -> int:
+    m = re.match(r"\s*([\d.]+)\s*([KMG]?)i?B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse cache size {text!r}")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def l3_cache_bytes() -> int:
+    """Total last-level cache of the machine in bytes (sum over distinct L3 instances).
+
+    Read from ``/sys/devices/system/cpu/cpu*/cache``; falls back to ``lscpu``, then to 256 MiB.
+    """
+    instances: dict[str, int] = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            if level < 3:
+                continue
+            with open(os.path.join(index, "size")) as f:
+                size = _parse_size(f.read())
+            with open(os.path.join(index, "shared_cpu_list")) as f:
+                shared = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        instances[f"{level}:{shared}"] = size
+    if instances:
+        return sum(instances.values())
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"^L3 cache:\s*([\d.]+\s*[KMG]i?B?)", out, re.MULTILINE)
+        if m:  # lscpu reports the total over all instances
+            return _parse_size(m.group(1))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return 256 << 20
+
+
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``), or ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, L3 {l3_cache_bytes() >> 20} MiB"
+
+
+class CacheEvictor:
+    """Evicts the CPU caches by writing a buffer of ``factor`` times the last-level cache size.
+
+    Call it before a timed call to measure a decode step whose weights arrive from DRAM, as they do
+    in a real model where every layer's experts have been pushed out of the caches by the others.
+    On CUDA it writes a buffer of twice the L2 size.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", factor: int = 3):
+        device = torch.device(device)
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            nbytes = 2 * getattr(props, "L2_cache_size", 64 << 20)
+        else:
+            nbytes = max(factor * l3_cache_bytes(), 64 << 20)
+        self.nbytes = nbytes
+        self.device = device
+        self._buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self._buf.add_(1.0)
+        sync(self.device)
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------- timing
+
+
+def time_alternating(
+    contenders: dict[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    before_each: Callable[[], None] | None = None,
+    device: torch.device | str = "cpu",
+    max_seconds: float | None = None,
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time ``contenders`` in turns (A B A B ...); returns seconds per call and errors by name.
+
+    ``before_each`` (e.g. a :class:`CacheEvictor`) runs before every timed call and is not timed.
+    A contender that raises is dropped from the following rounds and its error message recorded.
+    ``max_seconds`` stops after the round in which the total elapsed time passed it (at least one
+    timed round always runs).
+    """
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    errors: dict[str, str] = {}
+    live = dict(contenders)
+    with torch.inference_mode():
+        for name, fn in list(live.items()):
+            try:
+                for _ in range(warmup):
+                    fn()
+                sync(device)
+            except Exception as exc:  # noqa: BLE001 -- reported, not hidden
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                del live[name]
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for name, fn in list(live.items()):
+                if before_each is not None:
+                    before_each()
+                try:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[name].append(time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    del live[name]
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                break
+    return times, errors
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def read_bandwidth_ceiling(
+    nbytes: int = 1 << 30, repeats: int = 5, device: torch.device | str = "cpu"
+) -> tuple[float, float]:
+    """Read bandwidth of a reduction over an ``nbytes`` float32 tensor: (bytes/s, median seconds).
+
+    The tensor is far larger than the caches, so each sum streams it from memory.
+    """
+    t = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    times, _ = time_alternating({"sum": t.sum}, repeats=repeats, device=device)
+    sec = median(times["sum"])
+    del t
+    return nbytes / sec, sec
+
+
+#: operand layouts of a dense ``[m, k] x [k, n]`` product: "nn" both row-major, "nt" B stored
+#: [n, k] (nn.Linear), "tn" A stored [k, m]. torch's CPU GEMM speed differs by layout: on AVX2
+#: machines (no AVX-512-BF16/AMX) a bf16 "nn" matmul takes a slow path, 10-25x below "tn".
+MATMUL_LAYOUTS = ("nn", "nt", "tn")
+
+
+def _matmul_fn(m: int, k: int, n: int, layout: str, dtype, device) -> Callable[[], torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    if layout == "nt":
+        b = b.t().contiguous().t()
+    elif layout == "tn":
+        a = a.t().contiguous().t()
+    elif layout != "nn":
+        raise ValueError(f"unknown layout {layout!r}")
+    return lambda: torch.matmul(a, b)
+
+
+def dense_matmul_ceiling(
+    m: int = 2048,
+    k: int = 2048,
+    n: int = 6144,
+    repeats: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    layouts: Sequence[str] = MATMUL_LAYOUTS,
+) -> dict[str, object]:
+    """FLOP rate of a dense ``[m, k] x [k, n]`` ``torch.matmul``, in the fastest operand layout.
+
+    Each layout of ``layouts`` is probed on ``[min(m, 256), k] x [k, n]``; the fastest one is then
+    timed at full size. Returns a dict: ``rate`` (FLOP/s), ``seconds`` (median), ``layout`` (the
+    fastest), ``probe`` (layout -> probe FLOP/s).
+    """
+    pm = min(m, 256)
+    probe = {}
+    for layout in layouts:
+        times, _ = time_alternating(
+            {layout: _matmul_fn(pm, k, n, layout, dtype, device)}, repeats=2, device=device
+        )
+        probe[layout] = 2.0 * pm * k * n / median(times[layout])
+    best = max(probe, key=probe.get)
+    fn = _matmul_fn(m, k, n, best, dtype, device)
+    times, _ = time_alternating({best: fn}, repeats=repeats, device=device)
+    sec = median(times[best])
+    return {"rate": 2.0 * m * k * n / sec, "seconds": sec, "layout": best, "probe": probe}
+
+
+# ---------------------------------------------------------------------------- transformers
+
+
+def transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def build_hf_experts(
+    shape: MoEShape,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    implementation: str = "eager",
+) -> torch.nn.Module:
+    """A Hugging Face transformers 5.x experts module of ``shape`` that *shares* the given weights.
+
+    Uses ``Qwen3MoeExperts`` (OLMoE's and Mixtral's experts modules are the same code: SwiGLU,
+    ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) built from a one-layer config, with its
+    parameters replaced by ``w_gate_up`` / ``w_down`` (no copy). ``implementation`` is the value of
+    the config's experts implementation switch: ``"eager"`` (the per-expert loop in the modeling
+    file) or a key of ``transformers.integrations.moe.ExpertsInterface`` (``"grouped_mm"``,
+    ``"batched_mm"``, ...). The module is called as ``module(x, topk_ids, topk_weights)``.
+
+    Raises ``ImportError`` when transformers (>= 5) is not installed.
+    """
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+    except ImportError as exc:
+        raise ImportError(
+            "the Hugging Face baselines need transformers >= 5 (pip install 'transformers>=5')"
+        ) from exc
+    config = Qwen3MoeConfig(
+        hidden_size=shape.hidden,
+        moe_intermediate_size=shape.intermediate,
+        num_experts=shape.experts,
+        num_experts_per_tok=shape.top_k,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        vocab_size=8,
+        hidden_act="silu",
+    )
+    config._experts_implementation = implementation
+    with torch.device("meta"):
+        module = Qwen3MoeExperts(config)
+    module.gate_up_proj = torch.nn.Parameter(w_gate_up, requires_grad=False)
+    module.down_proj = torch.nn.Parameter(w_down, requires_grad=False)
+    module.eval()
+    return module
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        if value == float("inf"):
+            return "inf"
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    title: str | None = None,
+    plain: bool = False,
+) -> None:
+    """Print a table with ``rich`` when installed (and ``plain`` is false), else aligned text."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    if not plain:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            plain = True
+    if not plain:
+        table = Table(title=title, title_justify="left")
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in cells:
+            table.add_row(*row)
+        Console(width=max(100, os.get_terminal_size(1).columns if os.isatty(1) else 160)).print(
+            table
+        )
+        return
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    if title:
+        print(title)
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Write ``rows`` (raw values, not formatted) to ``path``; creates parent folders."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(headers)
+        writer.writerows(rows)
