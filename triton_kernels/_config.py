@@ -52,8 +52,9 @@ class GemmConfig:
 
 
 #: the single configuration used under TRITON_INTERPRET=1
-INTERPRETER_CONFIG = GemmConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=1,
-                                num_stages=1)
+INTERPRETER_CONFIG = GemmConfig(
+    BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1
+)
 
 
 def interpreting() -> bool:
@@ -82,8 +83,10 @@ def gpu_family(device: torch.device | None = None) -> str:
 def smem_bytes(cfg: GemmConfig, kind: str, elem_bytes: int) -> int:
     """Shared memory of the pipelined operand tiles (what the configs must fit)."""
     b_tiles = 2 if kind == "glu" else 1
-    return (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * elem_bytes * max(
-        cfg.num_stages - 1, 1
+    return (
+        (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N)
+        * elem_bytes
+        * max(cfg.num_stages - 1, 1)
     )
 
 
@@ -108,8 +111,9 @@ def heuristic(kind: str, family: str, dtype: str, avg_rows: float, N: int, K: in
         bk *= 2  # thin tiles: fewer, deeper K steps keep the weight stream busy
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if family != "sm86" else 3
-    cfg = GemmConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-                     num_stages=stages)
+    cfg = GemmConfig(
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages
+    )
     elem = 4 if dtype == "fp32" else 2
     limit = SHARED_LIMIT.get(family, SHARED_LIMIT["sm86"])
     while smem_bytes(cfg, kind, elem) > limit and cfg.num_stages > 2:

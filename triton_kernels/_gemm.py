@@ -90,7 +90,9 @@ def _find_tile(offs_ptr, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr)
         hit = (excl <= pid_m) & (pid_m < incl) & em
         found = tl.sum(hit.to(tl.int32), axis=0) > 0
         expert = tl.where(found, tl.sum(tl.where(hit, ex, 0), axis=0), expert)
-        row0 = tl.where(found, tl.sum(tl.where(hit, start + (pid_m - excl) * BLOCK_M, 0), axis=0), row0)
+        row0 = tl.where(
+            found, tl.sum(tl.where(hit, start + (pid_m - excl) * BLOCK_M, 0), axis=0), row0
+        )
         row_end = tl.where(found, tl.sum(tl.where(hit, end, 0), axis=0), row_end)
         last_end = tl.max(tl.where(em, end, last_end), axis=0)
         before += tl.sum(n, axis=0)
@@ -191,7 +193,9 @@ def grouped_mm_kernel(
         kk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = kk < K
         kk64 = kk.to(tl.int64)
-        a = tl.load(a_base + kk64[None, :] * stride_ak, mask=a_mask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(
+            a_base + kk64[None, :] * stride_ak, mask=a_mask[:, None] & kmask[None, :], other=0.0
+        )
         a = a.to(DOT_DTYPE)
         b = tl.load(
             b_base + kk64[:, None] * stride_bk + gate_cols[None, :] * stride_bn,
@@ -210,9 +214,13 @@ def grouped_mm_kernel(
     if has_bias != 0:
         bias_base = bias_ptr + e64 * stride_bias_e
         bmask = cmask & active
-        acc += tl.load(bias_base + gate_cols * stride_bias_n, mask=bmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_base + gate_cols * stride_bias_n, mask=bmask, other=0.0).to(tl.float32)[
+            None, :
+        ]
         if ACT != 0:
-            acc_up += tl.load(bias_base + up_cols * stride_bias_n, mask=bmask, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_base + up_cols * stride_bias_n, mask=bmask, other=0.0).to(
+                tl.float32
+            )[None, :]
     if ACT != 0:
         out = _glu(acc, acc_up, alpha, limit, ACT)
     else:
@@ -310,7 +318,7 @@ def glu_kernel(
     da_ptr,
     out_ptr,
     R,
-    I,
+    NI,
     stride_hr,
     stride_dr,
     stride_or,
@@ -327,7 +335,7 @@ def glu_kernel(
     (d gate, d up) at the gate/up columns from ``da`` [R, I]."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (r < R)[:, None] & (j < I)[None, :]
+    mask = (r < R)[:, None] & (j < NI)[None, :]
     gcol = j * col_mult
     ucol = gcol + up_offset
     g = tl.load(h_ptr + r[:, None] * stride_hr + gcol[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -340,4 +348,6 @@ def glu_kernel(
         tl.store(out_ptr + r[:, None] * stride_or + ucol[None, :], du.to(ty), mask=mask)
     else:
         a = _glu(g, u, alpha, limit, ACT)
-        tl.store(out_ptr + r[:, None] * stride_or + j[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + r[:, None] * stride_or + j[None, :], a.to(out_ptr.dtype.element_ty), mask=mask
+        )

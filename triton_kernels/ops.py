@@ -83,8 +83,9 @@ def _ctx(t: torch.Tensor):
 
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: the Triton backend supports float32, float16 and bfloat16, "
-                        f"got {t.dtype}")
+        raise TypeError(
+            f"{name}: the Triton backend supports float32, float16 and bfloat16, got {t.dtype}"
+        )
 
 
 def _check_same_dtype(names: str, *ts: torch.Tensor) -> None:
@@ -125,8 +126,17 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _gating_launch(router_logits, top_k, scoring, renormalize, correction_bias, num_expert_groups,
-                   topk_groups, routed_scaling_factor, counts):
+def _gating_launch(
+    router_logits,
+    top_k,
+    scoring,
+    renormalize,
+    correction_bias,
+    num_expert_groups,
+    topk_groups,
+    routed_scaling_factor,
+    counts,
+):
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
     _check_float("router_logits", router_logits)
@@ -140,7 +150,9 @@ def _gating_launch(router_logits, top_k, scoring, renormalize, correction_bias, 
         if E % G != 0:
             raise ValueError(f"num_expert_groups={G} must divide the number of experts E={E}")
         if not 1 <= topk_groups <= G:
-            raise ValueError(f"topk_groups must be in [1, num_expert_groups={G}], got {topk_groups}")
+            raise ValueError(
+                f"topk_groups must be in [1, num_expert_groups={G}], got {topk_groups}"
+            )
     if correction_bias is not None and tuple(correction_bias.shape) != (E,):
         raise ValueError(f"correction_bias must be [E={E}], got {tuple(correction_bias.shape)}")
     dev = router_logits.device
@@ -152,37 +164,85 @@ def _gating_launch(router_logits, top_k, scoring, renormalize, correction_bias, 
     bias = correction_bias.contiguous() if correction_bias is not None else weights
     with _ctx(router_logits):
         _gating.topk_gating_kernel[(triton.cdiv(T, bs["BLOCK_T"]),)](
-            router_logits, bias, weights, ids, counts if counts is not None else ids,
-            T, E, top_k, router_logits.stride(0), router_logits.stride(1),
-            max(E // G, 1) if G > 0 else 1, G, int(topk_groups) if G > 0 else 0,
+            router_logits,
+            bias,
+            weights,
+            ids,
+            counts if counts is not None else ids,
+            T,
+            E,
+            top_k,
+            router_logits.stride(0),
+            router_logits.stride(1),
+            max(E // G, 1) if G > 0 else 1,
+            G,
+            int(topk_groups) if G > 0 else 0,
             float(routed_scaling_factor),
-            SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None,
-            RENORM=bool(renormalize), GROUPED=G > 0, COUNTS=counts is not None,
-            num_warps=4, **bs,
+            SIGMOID=scoring == "sigmoid",
+            HAS_BIAS=correction_bias is not None,
+            RENORM=bool(renormalize),
+            GROUPED=G > 0,
+            COUNTS=counts is not None,
+            num_warps=4,
+            **bs,
         )
     return weights, ids
 
 
-def topk_gating(router_logits, top_k, scoring, renormalize, correction_bias, num_expert_groups,
-                topk_groups, routed_scaling_factor):
-    return _gating_launch(router_logits, top_k, scoring, renormalize, correction_bias,
-                          num_expert_groups, topk_groups, routed_scaling_factor, None)
+def topk_gating(
+    router_logits,
+    top_k,
+    scoring,
+    renormalize,
+    correction_bias,
+    num_expert_groups,
+    topk_groups,
+    routed_scaling_factor,
+):
+    return _gating_launch(
+        router_logits,
+        top_k,
+        scoring,
+        renormalize,
+        correction_bias,
+        num_expert_groups,
+        topk_groups,
+        routed_scaling_factor,
+        None,
+    )
 
 
-def topk_gating_with_counts(router_logits, top_k, scoring="softmax", renormalize=True,
-                            correction_bias=None, num_expert_groups=0, topk_groups=0,
-                            routed_scaling_factor=1.0):
+def topk_gating_with_counts(
+    router_logits,
+    top_k,
+    scoring="softmax",
+    renormalize=True,
+    correction_bias=None,
+    num_expert_groups=0,
+    topk_groups=0,
+    routed_scaling_factor=1.0,
+):
     """:func:`topk_gating` that also returns ``tokens_per_expert`` int32 [E], counted in the same
     pass (integer atomics: deterministic)."""
     E = router_logits.shape[-1]
     counts = torch.zeros(E, dtype=torch.int32, device=router_logits.device)
-    w, ids = _gating_launch(router_logits, top_k, scoring, renormalize, correction_bias,
-                            num_expert_groups, topk_groups, routed_scaling_factor, counts)
+    w, ids = _gating_launch(
+        router_logits,
+        top_k,
+        scoring,
+        renormalize,
+        correction_bias,
+        num_expert_groups,
+        topk_groups,
+        routed_scaling_factor,
+        counts,
+    )
     return w, ids, counts
 
 
-def topk_gating_backward(grad_weights, router_logits, topk_ids, scoring, renormalize,
-                         routed_scaling_factor):
+def topk_gating_backward(
+    grad_weights, router_logits, topk_ids, scoring, renormalize, routed_scaling_factor
+):
     T, E = router_logits.shape
     k = topk_ids.shape[1]
     grad = _alloc((T, E), router_logits.dtype, router_logits.device)
@@ -191,12 +251,25 @@ def topk_gating_backward(grad_weights, router_logits, topk_ids, scoring, renorma
     bs = _gating.block_sizes(E, k, 0)
     with _ctx(router_logits):
         _gating.topk_gating_bwd_kernel[(triton.cdiv(T, bs["BLOCK_T"]),)](
-            grad_weights, router_logits, topk_ids, grad, T, E, k,
-            router_logits.stride(0), router_logits.stride(1),
-            grad_weights.stride(0), grad_weights.stride(1),
-            topk_ids.stride(0), topk_ids.stride(1), float(routed_scaling_factor),
-            SIGMOID=scoring == "sigmoid", RENORM=bool(renormalize),
-            BLOCK_T=bs["BLOCK_T"], BLOCK_E=bs["BLOCK_E"], num_warps=4,
+            grad_weights,
+            router_logits,
+            topk_ids,
+            grad,
+            T,
+            E,
+            k,
+            router_logits.stride(0),
+            router_logits.stride(1),
+            grad_weights.stride(0),
+            grad_weights.stride(1),
+            topk_ids.stride(0),
+            topk_ids.stride(1),
+            float(routed_scaling_factor),
+            SIGMOID=scoring == "sigmoid",
+            RENORM=bool(renormalize),
+            BLOCK_T=bs["BLOCK_T"],
+            BLOCK_E=bs["BLOCK_E"],
+            num_warps=4,
         )
     return grad
 
@@ -242,21 +315,43 @@ def route(topk_ids, num_experts, block_size):
     scan_e = min(block_e, 64)
     with _ctx(topk_ids):
         if num_chunks > 0:
-            _routing.route_hist_kernel[(num_chunks,)](ids, hist, TK, E, CHUNK=chunk,
-                                                      BLOCK_E=block_e, num_warps=4)
+            _routing.route_hist_kernel[(num_chunks,)](
+                ids, hist, TK, E, CHUNK=chunk, BLOCK_E=block_e, num_warps=4
+            )
         _routing.route_scan_kernel[(triton.cdiv(E, scan_e),)](
-            hist, base, counts, num_chunks, E, BLOCK_C=32, BLOCK_E=scan_e, num_warps=4)
-        _routing.route_offs_kernel[(1,)](counts, offs, pstart, E, block_size,
-                                        BLOCK_E=min(block_e, 1024), num_warps=4)
+            hist, base, counts, num_chunks, E, BLOCK_C=32, BLOCK_E=scan_e, num_warps=4
+        )
+        _routing.route_offs_kernel[(1,)](
+            counts, offs, pstart, E, block_size, BLOCK_E=min(block_e, 1024), num_warps=4
+        )
         if num_chunks > 0:
             _routing.route_scatter_kernel[(num_chunks,)](
-                ids, base, pstart, row_of_slot, slot_of_row, TK, E, CHUNK=chunk,
-                BLOCK_E=min(block_e, 4096 // chunk), num_warps=4)
+                ids,
+                base,
+                pstart,
+                row_of_slot,
+                slot_of_row,
+                TK,
+                E,
+                CHUNK=chunk,
+                BLOCK_E=min(block_e, 4096 // chunk),
+                num_warps=4,
+            )
         if num_rows > 0:
             block_r = 64 if _config.interpreting() else 128
             _routing.route_fill_kernel[(triton.cdiv(num_rows, block_r),)](
-                counts, offs, pstart, slot_of_row, block_expert, num_rows, E, block_size,
-                BLOCK_R=block_r, BLOCK_E=min(block_e, 64), num_warps=4)
+                counts,
+                offs,
+                pstart,
+                slot_of_row,
+                block_expert,
+                num_rows,
+                E,
+                block_size,
+                BLOCK_R=block_r,
+                BLOCK_E=min(block_e, 64),
+                num_warps=4,
+            )
     return counts, offs, row_of_slot, slot_of_row, block_expert
 
 
@@ -273,9 +368,21 @@ def _permute_rows(x, slot_of_row, k, weights, out_dtype):
     br, bh = _row_block(H)
     with _ctx(x):
         _permute.permute_kernel[(triton.cdiv(num_rows, br), triton.cdiv(H, bh))](
-            x, slot_of_row, out, weights if weights is not None else x,
-            num_rows, H, k, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            HAS_W=weights is not None, BLOCK_R=br, BLOCK_H=bh, num_warps=4,
+            x,
+            slot_of_row,
+            out,
+            weights if weights is not None else x,
+            num_rows,
+            H,
+            k,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_W=weights is not None,
+            BLOCK_R=br,
+            BLOCK_H=bh,
+            num_warps=4,
         )
     return out
 
@@ -289,9 +396,21 @@ def _unpermute_rows(y, row_of_slot, weights, out_dtype):
     br, bh = _row_block(H)
     with _ctx(y):
         _permute.unpermute_kernel[(triton.cdiv(T, br), triton.cdiv(H, bh))](
-            y, row_of_slot.contiguous(), weights if weights is not None else y, out, T, H, k,
-            y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-            HAS_W=weights is not None, BLOCK_T=br, BLOCK_H=bh, num_warps=4,
+            y,
+            row_of_slot.contiguous(),
+            weights if weights is not None else y,
+            out,
+            T,
+            H,
+            k,
+            y.stride(0),
+            y.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_W=weights is not None,
+            BLOCK_T=br,
+            BLOCK_H=bh,
+            num_warps=4,
         )
     return out
 
@@ -317,14 +436,27 @@ def _slot_dot(g, y, row_of_slot, out_dtype):
     bt = max(1, min(64, 2048 // bh))
     with _ctx(g):
         _permute.slot_dot_kernel[(triton.cdiv(T, bt),)](
-            g, y, row_of_slot.contiguous(), out, T, H, k, g.stride(0), g.stride(1),
-            y.stride(0), y.stride(1), BLOCK_T=bt, BLOCK_H=bh, num_warps=4,
+            g,
+            y,
+            row_of_slot.contiguous(),
+            out,
+            T,
+            H,
+            k,
+            g.stride(0),
+            g.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_T=bt,
+            BLOCK_H=bh,
+            num_warps=4,
         )
     return out
 
 
-def unpermute_backward(grad_out, y, row_of_slot, slot_of_row, topk_weights, need_grad_y,
-                       need_grad_weights):
+def unpermute_backward(
+    grad_out, y, row_of_slot, slot_of_row, topk_weights, need_grad_y, need_grad_weights
+):
     k = row_of_slot.shape[1]
     grad_y = _empty(y)
     grad_w = _empty(grad_out) if topk_weights is None else _empty(topk_weights)
@@ -341,9 +473,27 @@ def unpermute_backward(grad_out, y, row_of_slot, slot_of_row, topk_weights, need
 # --------------------------------------------------------------------------------------------------
 
 
-def _launch_mm(a, b_view, out, *, offs=None, block_expert=None, slot=None, w=None, bias=None,
-               top_k=1, act=0, up_offset=0, col_mult=1, alpha=1.0, limit=0.0, cfg, padded,
-               gather, E):
+def _launch_mm(
+    a,
+    b_view,
+    out,
+    *,
+    offs=None,
+    block_expert=None,
+    slot=None,
+    w=None,
+    bias=None,
+    top_k=1,
+    act=0,
+    up_offset=0,
+    col_mult=1,
+    alpha=1.0,
+    limit=0.0,
+    cfg,
+    padded,
+    gather,
+    E,
+):
     """``out = epilogue(A @ B[e])`` per row tile; ``b_view`` = (tensor, stride_e, stride_k,
     stride_n, K, N) describes B[e] as a [K, N] matrix whatever b's layout."""
     b, sbe, sbk, sbn, K, N = b_view
@@ -358,22 +508,47 @@ def _launch_mm(a, b_view, out, *, offs=None, block_expert=None, slot=None, w=Non
     dummy = out
     with _ctx(a):
         _gemm.grouped_mm_kernel[grid](
-            a, b, out,
+            a,
+            b,
+            out,
             offs if offs is not None else dummy,
             block_expert if block_expert is not None else dummy,
             slot if slot is not None else dummy,
             w if w is not None else dummy,
             bias if bias is not None else dummy,
-            M, N, K, E, top_k, m_tiles,
-            a.stride(0), a.stride(1), sbe, sbk, sbn, out.stride(0), out.stride(1),
-            bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-            up_offset, col_mult, float(alpha), float(limit),
-            1 if bias is not None else 0, 1 if w is not None else 0,
-            PADDED=padded, GATHER=gather, ACT=act, DOT_DTYPE=_dot_dtype(b.dtype),
-            PRECISION=_precision(), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            M,
+            N,
+            K,
+            E,
+            top_k,
+            m_tiles,
+            a.stride(0),
+            a.stride(1),
+            sbe,
+            sbk,
+            sbn,
+            out.stride(0),
+            out.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            bias.stride(1) if bias is not None else 0,
+            up_offset,
+            col_mult,
+            float(alpha),
+            float(limit),
+            1 if bias is not None else 0,
+            1 if w is not None else 0,
+            PADDED=padded,
+            GATHER=gather,
+            ACT=act,
+            DOT_DTYPE=_dot_dtype(b.dtype),
+            PRECISION=_precision(),
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K,
+            GROUP_M=cfg.GROUP_M,
             BLOCK_E=min(triton.next_power_of_2(max(E, 1)), 128),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return out
 
@@ -386,12 +561,29 @@ def _launch_ragged_k(p, q, out, offs, *, slot=None, top_k=1, cfg, E):
     grid = (E, triton.cdiv(MO, cfg.BLOCK_M) * triton.cdiv(NO, cfg.BLOCK_N))
     with _ctx(p):
         _gemm.ragged_k_kernel[grid](
-            p, q, out, offs, slot if slot is not None else offs, MO, NO, top_k,
-            p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            GATHER_Q=slot is not None, DOT_DTYPE=_dot_dtype(q.dtype), PRECISION=_precision(),
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            p,
+            q,
+            out,
+            offs,
+            slot if slot is not None else offs,
+            MO,
+            NO,
+            top_k,
+            p.stride(0),
+            p.stride(1),
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            GATHER_Q=slot is not None,
+            DOT_DTYPE=_dot_dtype(q.dtype),
+            PRECISION=_precision(),
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return out
 
@@ -429,8 +621,16 @@ def grouped_gemm(a, b, offs, trans_b):
     M, K, N = a.shape[0], view[4], view[5]
     cfg = _config.lookup("gemm", _family(a), _config.DTYPE_NAMES[a.dtype], M / max(E, 1), N, K)
     out = _alloc((M, N), a.dtype, a.device)
-    return _launch_mm(a, view, out, offs=offs.to(torch.int32).contiguous(), cfg=cfg,
-                      padded=False, gather=False, E=E)
+    return _launch_mm(
+        a,
+        view,
+        out,
+        offs=offs.to(torch.int32).contiguous(),
+        cfg=cfg,
+        padded=False,
+        gather=False,
+        E=E,
+    )
 
 
 def grouped_gemm_backward(grad_out, a, b, offs, trans_b, need_grad_a, need_grad_b):
@@ -444,8 +644,16 @@ def grouped_gemm_backward(grad_out, a, b, offs, trans_b, need_grad_a, need_grad_
     dt = _config.DTYPE_NAMES[a.dtype]
     if need_grad_a:
         cfg = _config.lookup("gemm", _family(a), dt, M / max(E, 1), K, N)
-        grad_a = _launch_mm(g, _b_view(b, trans_b, transpose=True), _alloc((M, K), a.dtype, a.device),
-                            offs=offs32, cfg=cfg, padded=False, gather=False, E=E)
+        grad_a = _launch_mm(
+            g,
+            _b_view(b, trans_b, transpose=True),
+            _alloc((M, K), a.dtype, a.device),
+            offs=offs32,
+            cfg=cfg,
+            padded=False,
+            gather=False,
+            E=E,
+        )
     if need_grad_b:
         cfg = _config.lookup("ragged_k", _family(a), dt, M / max(E, 1), N, K)
         grad_b = _alloc(tuple(b.shape), b.dtype, b.device)
@@ -465,14 +673,24 @@ def _check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("moe_ffn: x must be [T, H], w_gate_up [E, 2I, H], w_down [E, H, I]")
     _check_float("x", x)
-    _check_same_dtype("x, w_gate_up, w_down, gate_up_bias, down_bias", x, w_gate_up, w_down,
-                      gate_up_bias, down_bias)
+    _check_same_dtype(
+        "x, w_gate_up, w_down, gate_up_bias, down_bias",
+        x,
+        w_gate_up,
+        w_down,
+        gate_up_bias,
+        down_bias,
+    )
     if activation not in _gemm.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_gemm.ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(_gemm.ACTIVATIONS)}, got {activation!r}"
+        )
     E, two_i, H = w_gate_up.shape
     if two_i % 2 != 0 or tuple(w_down.shape) != (E, H, two_i // 2) or x.shape[1] != H:
-        raise ValueError(f"moe_ffn: inconsistent shapes x {tuple(x.shape)}, w_gate_up "
-                         f"{tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)}")
+        raise ValueError(
+            f"moe_ffn: inconsistent shapes x {tuple(x.shape)}, w_gate_up "
+            f"{tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)}"
+        )
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError("moe_ffn: topk_weights and topk_ids must both be [T, k]")
 
@@ -494,15 +712,27 @@ class _FfnPlan:
         self.dx_cfg = _config.lookup("down", fam, dt, avg, self.H, two_i).with_block_m(bm)
         self.da_cfg = _config.lookup("down", fam, dt, avg, self.I, self.H).with_block_m(bm)
         self.rk_cfg = _config.lookup("ragged_k", fam, dt, avg, self.H, self.I)
-        (self.counts, self.offs, self.row_of_slot, self.slot_of_row,
-         self.block_expert) = route(topk_ids, self.E, bm)
+        (self.counts, self.offs, self.row_of_slot, self.slot_of_row, self.block_expert) = route(
+            topk_ids, self.E, bm
+        )
         self.num_rows = self.slot_of_row.shape[0]
         self.act = _gemm.ACTIVATIONS[activation]
         self.col_mult, self.up_offset = (2, 1) if interleaved else (1, self.I)
 
 
-def moe_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, activation,
-            alpha, limit, interleaved):
+def moe_ffn(
+    x,
+    w_gate_up,
+    w_down,
+    topk_weights,
+    topk_ids,
+    gate_up_bias,
+    down_bias,
+    activation,
+    alpha,
+    limit,
+    interleaved,
+):
     _check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, activation)
     T, H = x.shape
     if T == 0 or topk_ids.shape[1] == 0:
@@ -512,28 +742,70 @@ def moe_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bia
     # GEMM 1 with the gather of token rows in its loads and the activation in its epilogue
     act = _alloc((p.num_rows, p.I), x.dtype, x.device)
     gu_view = (w_gate_up, w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1), H, p.I)
-    _launch_mm(x, gu_view, act, block_expert=p.block_expert, slot=p.slot_of_row,
-               bias=gate_up_bias, top_k=p.k, act=p.act, up_offset=p.up_offset,
-               col_mult=p.col_mult, alpha=alpha, limit=limit, cfg=p.glu_cfg, padded=True,
-               gather=True, E=p.E)
+    _launch_mm(
+        x,
+        gu_view,
+        act,
+        block_expert=p.block_expert,
+        slot=p.slot_of_row,
+        bias=gate_up_bias,
+        top_k=p.k,
+        act=p.act,
+        up_offset=p.up_offset,
+        col_mult=p.col_mult,
+        alpha=alpha,
+        limit=limit,
+        cfg=p.glu_cfg,
+        padded=True,
+        gather=True,
+        E=p.E,
+    )
     # GEMM 2 with the routing weight in its epilogue, fp32 rows; then the fp32 slot-order sum
     y = _alloc((p.num_rows, H), torch.float32, x.device)
     down_view = (w_down, w_down.stride(0), w_down.stride(2), w_down.stride(1), p.I, H)
-    _launch_mm(act, down_view, y, block_expert=p.block_expert, slot=p.slot_of_row, w=w_flat,
-               bias=down_bias, top_k=p.k, cfg=p.down_cfg, padded=True, gather=False, E=p.E)
+    _launch_mm(
+        act,
+        down_view,
+        y,
+        block_expert=p.block_expert,
+        slot=p.slot_of_row,
+        w=w_flat,
+        bias=down_bias,
+        top_k=p.k,
+        cfg=p.down_cfg,
+        padded=True,
+        gather=False,
+        E=p.E,
+    )
     return _unpermute_rows(y, p.row_of_slot, None, x.dtype)
 
 
-def moe_ffn_backward(grad_out, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias,
-                     down_bias, activation, alpha, limit, interleaved):
+def moe_ffn_backward(
+    grad_out,
+    x,
+    w_gate_up,
+    w_down,
+    topk_weights,
+    topk_ids,
+    gate_up_bias,
+    down_bias,
+    activation,
+    alpha,
+    limit,
+    interleaved,
+):
     _check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, activation)
     T, H = x.shape
     dev = x.device
     if T == 0 or topk_ids.shape[1] == 0:
-        return (torch.zeros_like(x), torch.zeros_like(w_gate_up), torch.zeros_like(w_down),
-                torch.zeros_like(topk_weights),
-                torch.zeros_like(gate_up_bias) if gate_up_bias is not None else _empty(x),
-                torch.zeros_like(down_bias) if down_bias is not None else _empty(x))
+        return (
+            torch.zeros_like(x),
+            torch.zeros_like(w_gate_up),
+            torch.zeros_like(w_down),
+            torch.zeros_like(topk_weights),
+            torch.zeros_like(gate_up_bias) if gate_up_bias is not None else _empty(x),
+            torch.zeros_like(down_bias) if down_bias is not None else _empty(x),
+        )
     p = _FfnPlan(x, w_gate_up, w_down, topk_ids, activation, interleaved)
     mdt = x.dtype  # dtype of the re-materialised activations fed to the tensor cores
     g = grad_out.to(x.dtype).contiguous()
@@ -542,19 +814,56 @@ def moe_ffn_backward(grad_out, x, w_gate_up, w_down, topk_weights, topk_ids, gat
     # recompute h = x W_gu^T + b (pre-activation, fp32), act(h), y = act W_d^T + b_d (unweighted)
     h = _alloc((p.num_rows, two_i), torch.float32, dev)
     gu_full = (w_gate_up, w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1), H, two_i)
-    _launch_mm(x, gu_full, h, block_expert=p.block_expert, slot=p.slot_of_row, bias=gate_up_bias,
-               top_k=p.k, cfg=p.up_cfg, padded=True, gather=True, E=p.E)
+    _launch_mm(
+        x,
+        gu_full,
+        h,
+        block_expert=p.block_expert,
+        slot=p.slot_of_row,
+        bias=gate_up_bias,
+        top_k=p.k,
+        cfg=p.up_cfg,
+        padded=True,
+        gather=True,
+        E=p.E,
+    )
     act = _alloc((p.num_rows, p.I), mdt, dev)
     br, bi = _row_block(p.I)
     with _ctx(x):
         _gemm.glu_kernel[(triton.cdiv(p.num_rows, br), triton.cdiv(p.I, bi))](
-            h, h, act, p.num_rows, p.I, h.stride(0), 0, act.stride(0), p.up_offset, p.col_mult,
-            float(alpha), float(limit), ACT=p.act, BACKWARD=False, BLOCK_R=br, BLOCK_I=bi,
-            num_warps=4)
+            h,
+            h,
+            act,
+            p.num_rows,
+            p.I,
+            h.stride(0),
+            0,
+            act.stride(0),
+            p.up_offset,
+            p.col_mult,
+            float(alpha),
+            float(limit),
+            ACT=p.act,
+            BACKWARD=False,
+            BLOCK_R=br,
+            BLOCK_I=bi,
+            num_warps=4,
+        )
     y = _alloc((p.num_rows, H), torch.float32, dev)
     down_view = (w_down, w_down.stride(0), w_down.stride(2), w_down.stride(1), p.I, H)
-    _launch_mm(act, down_view, y, block_expert=p.block_expert, slot=p.slot_of_row, bias=down_bias,
-               top_k=p.k, cfg=p.down_cfg, padded=True, gather=False, E=p.E)
+    _launch_mm(
+        act,
+        down_view,
+        y,
+        block_expert=p.block_expert,
+        slot=p.slot_of_row,
+        bias=down_bias,
+        top_k=p.k,
+        cfg=p.down_cfg,
+        padded=True,
+        gather=False,
+        E=p.E,
+    )
     # d(topk_weights)[t, s] = <grad_out[t], y[row(t, s)]>; dy[r] = w[slot] grad_out[token]
     grad_tw = _slot_dot(g, y, p.row_of_slot, topk_weights.dtype)
     dy = _permute_rows(g, p.slot_of_row, p.k, w_flat, mdt)
@@ -564,37 +873,97 @@ def moe_ffn_backward(grad_out, x, w_gate_up, w_down, topk_weights, topk_ids, gat
         bn = min(triton.next_power_of_2(H), 128)
         with _ctx(x):
             _permute.segment_sum_kernel[(p.E, triton.cdiv(H, bn))](
-                g, p.offs, p.slot_of_row, w_flat, grad_db, H, p.k, g.stride(0), g.stride(1),
-                grad_db.stride(0), GATHER=True, BLOCK_R=32, BLOCK_N=bn, num_warps=4)
+                g,
+                p.offs,
+                p.slot_of_row,
+                w_flat,
+                grad_db,
+                H,
+                p.k,
+                g.stride(0),
+                g.stride(1),
+                grad_db.stride(0),
+                GATHER=True,
+                BLOCK_R=32,
+                BLOCK_N=bn,
+                num_warps=4,
+            )
     grad_wd = _alloc(tuple(w_down.shape), w_down.dtype, dev)
     _launch_ragged_k(dy, act, grad_wd, p.offs, cfg=p.rk_cfg, E=p.E)
     # da = dy W_d (fp32), dh = act'(h) da
     da = _alloc((p.num_rows, p.I), torch.float32, dev)
     wd_t = (w_down, w_down.stride(0), w_down.stride(1), w_down.stride(2), H, p.I)
-    _launch_mm(dy, wd_t, da, block_expert=p.block_expert, slot=p.slot_of_row, top_k=p.k,
-               cfg=p.da_cfg, padded=True, gather=False, E=p.E)
+    _launch_mm(
+        dy,
+        wd_t,
+        da,
+        block_expert=p.block_expert,
+        slot=p.slot_of_row,
+        top_k=p.k,
+        cfg=p.da_cfg,
+        padded=True,
+        gather=False,
+        E=p.E,
+    )
     dh = _alloc((p.num_rows, two_i), mdt, dev)
     with _ctx(x):
         _gemm.glu_kernel[(triton.cdiv(p.num_rows, br), triton.cdiv(p.I, bi))](
-            h, da, dh, p.num_rows, p.I, h.stride(0), da.stride(0), dh.stride(0), p.up_offset,
-            p.col_mult, float(alpha), float(limit), ACT=p.act, BACKWARD=True, BLOCK_R=br,
-            BLOCK_I=bi, num_warps=4)
+            h,
+            da,
+            dh,
+            p.num_rows,
+            p.I,
+            h.stride(0),
+            da.stride(0),
+            dh.stride(0),
+            p.up_offset,
+            p.col_mult,
+            float(alpha),
+            float(limit),
+            ACT=p.act,
+            BACKWARD=True,
+            BLOCK_R=br,
+            BLOCK_I=bi,
+            num_warps=4,
+        )
     grad_gub = _empty(x)
     if gate_up_bias is not None:
         grad_gub = _alloc(tuple(gate_up_bias.shape), gate_up_bias.dtype, dev)
         bn = min(triton.next_power_of_2(two_i), 128)
         with _ctx(x):
             _permute.segment_sum_kernel[(p.E, triton.cdiv(two_i, bn))](
-                dh, p.offs, p.slot_of_row, w_flat, grad_gub, two_i, p.k, dh.stride(0),
-                dh.stride(1), grad_gub.stride(0), GATHER=False, BLOCK_R=32, BLOCK_N=bn,
-                num_warps=4)
+                dh,
+                p.offs,
+                p.slot_of_row,
+                w_flat,
+                grad_gub,
+                two_i,
+                p.k,
+                dh.stride(0),
+                dh.stride(1),
+                grad_gub.stride(0),
+                GATHER=False,
+                BLOCK_R=32,
+                BLOCK_N=bn,
+                num_warps=4,
+            )
     grad_wgu = _alloc(tuple(w_gate_up.shape), w_gate_up.dtype, dev)
     _launch_ragged_k(dh, x, grad_wgu, p.offs, slot=p.slot_of_row, top_k=p.k, cfg=p.rk_cfg, E=p.E)
     # dx: dh W_gu per row (fp32), summed over the k slots in order
     dxr = _alloc((p.num_rows, H), torch.float32, dev)
     gu_t = (w_gate_up, w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), two_i, H)
-    _launch_mm(dh, gu_t, dxr, block_expert=p.block_expert, slot=p.slot_of_row, top_k=p.k,
-               cfg=p.dx_cfg, padded=True, gather=False, E=p.E)
+    _launch_mm(
+        dh,
+        gu_t,
+        dxr,
+        block_expert=p.block_expert,
+        slot=p.slot_of_row,
+        top_k=p.k,
+        cfg=p.dx_cfg,
+        padded=True,
+        gather=False,
+        E=p.E,
+    )
     grad_x = _unpermute_rows(dxr, p.row_of_slot, None, x.dtype)
     return grad_x, grad_wgu, grad_wd, grad_tw, grad_gub, grad_db
 

@@ -66,7 +66,9 @@ def _load_ops():
     except ImportError:
         root = Path(__file__).resolve().parents[2] / "triton_kernels"
         spec = importlib.util.spec_from_file_location(
-            "moe_kernels.triton_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+            "moe_kernels.triton_kernels",
+            root / "__init__.py",
+            submodule_search_locations=[str(root)],
         )
         mod = importlib.util.module_from_spec(spec)
         sys.modules["moe_kernels.triton_kernels"] = mod
@@ -92,8 +94,17 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append(Launch(self.fn.__name__, self.fn, args, dict(kwargs),
-                                    self.ctx["family"], self.ctx["where"]))
+            self.sink.append(
+                Launch(
+                    self.fn.__name__,
+                    self.fn,
+                    args,
+                    dict(kwargs),
+                    self.ctx["family"],
+                    self.ctx["where"],
+                )
+            )
+
         return launch
 
 
@@ -112,8 +123,9 @@ def record_launches(ops, quick: bool) -> list[Launch]:
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, sink, ctx))
     meta = torch.device("meta")
-    dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16,
-                                                             torch.float32)
+    dtypes = (
+        (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    )
     precisions = ("tf32",) if quick else ("tf32", "ieee")
     layouts = ("hf",) if quick else ("hf", "transposed")
     acts = ("swiglu",) if quick else ("swiglu", "geglu", "swiglu_oai")
@@ -126,36 +138,42 @@ def record_launches(ops, quick: bool) -> list[Launch]:
             for dt in dtypes:
                 for prec in precisions if dt == torch.float32 else ("tf32",):
                     ops.set_fp32_precision(prec)
-                    for H, I in shapes:
+                    for H, isz in shapes:
                         E, k = NUM_EXPERTS, TOP_K
                         for avg in AVG_ROWS:
                             T = max(1, avg * E // k)
-                            ctx["where"] = f"{family} {str(dt)[6:]} {prec} H={H} I={I} T={T}"
+                            ctx["where"] = f"{family} {str(dt)[6:]} {prec} H={H} isz={isz} T={T}"
                             x = torch.empty(T, H, dtype=dt, device=meta)
                             ids = torch.empty(T, k, dtype=torch.int32, device=meta)
                             tw = torch.empty(T, k, dtype=torch.float32, device=meta)
                             for layout in layouts:
                                 if layout == "hf":
-                                    wgu = torch.empty(E, 2 * I, H, dtype=dt, device=meta)
-                                    wd = torch.empty(E, H, I, dtype=dt, device=meta)
-                                else:  # gpt-oss stores [E, H, 2I] / [E, I, H]
-                                    wgu = torch.empty(E, H, 2 * I, dtype=dt, device=meta)
+                                    wgu = torch.empty(E, 2 * isz, H, dtype=dt, device=meta)
+                                    wd = torch.empty(E, H, isz, dtype=dt, device=meta)
+                                else:  # gpt-oss stores [E, H, 2I] / [E, isz, H]
+                                    wgu = torch.empty(E, H, 2 * isz, dtype=dt, device=meta)
                                     wgu = wgu.transpose(1, 2)
-                                    wd = torch.empty(E, I, H, dtype=dt, device=meta).transpose(1, 2)
-                                bgu = torch.empty(E, 2 * I, dtype=dt, device=meta)
+                                    wd = torch.empty(E, isz, H, dtype=dt, device=meta).transpose(
+                                        1, 2
+                                    )
+                                bgu = torch.empty(E, 2 * isz, dtype=dt, device=meta)
                                 bd = torch.empty(E, H, dtype=dt, device=meta)
                                 for act in acts:
-                                    for inter in (False, True) if layout == "transposed" else (False,):
-                                        ops.moe_ffn(x, wgu, wd, tw, ids, bgu, bd, act, 1.702, 7.0,
-                                                    inter)
-                                        ops.moe_ffn_backward(x, x, wgu, wd, tw, ids, bgu, bd, act,
-                                                             1.702, 7.0, inter)
+                                    for inter in (
+                                        (False, True) if layout == "transposed" else (False,)
+                                    ):
+                                        ops.moe_ffn(
+                                            x, wgu, wd, tw, ids, bgu, bd, act, 1.702, 7.0, inter
+                                        )
+                                        ops.moe_ffn_backward(
+                                            x, x, wgu, wd, tw, ids, bgu, bd, act, 1.702, 7.0, inter
+                                        )
                                 # grouped_gemm on the permuted rows: b [E, K, N] and [E, N, K]
                                 M = T * k
                                 a = torch.empty(M, H, dtype=dt, device=meta)
                                 offs = torch.empty(E, dtype=torch.int32, device=meta)
                                 b = wgu.transpose(1, 2) if layout == "hf" else wgu
-                                g = torch.empty(M, 2 * I, dtype=dt, device=meta)
+                                g = torch.empty(M, 2 * isz, dtype=dt, device=meta)
                                 for trans_b in (False, True):
                                     bb = b.transpose(1, 2) if trans_b else b
                                     ops.grouped_gemm(a, bb, offs, trans_b)
@@ -170,9 +188,11 @@ def record_launches(ops, quick: bool) -> list[Launch]:
                                 ops.topk_gating(lg, k2, "sigmoid", True, bias, 4, 2, 2.5)
                                 ids2 = torch.empty(T, k2, dtype=torch.int32, device=meta)
                                 ops.topk_gating_backward(
-                                    torch.empty(T, k2, device=meta), lg, ids2, "softmax", True, 1.0)
+                                    torch.empty(T, k2, device=meta), lg, ids2, "softmax", True, 1.0
+                                )
                                 ops.topk_gating_backward(
-                                    torch.empty(T, k2, device=meta), lg, ids2, "sigmoid", False, 1.0)
+                                    torch.empty(T, k2, device=meta), lg, ids2, "sigmoid", False, 1.0
+                                )
                                 ops.route(ids2, E2, 0)
                                 ops.route(ids2, E2, 64)
                             plan = ops.route(ids, E, 0)
@@ -240,13 +260,28 @@ def specialise(launches: list[Launch], archs: list[int]) -> list[Variant]:
         binder = binders[bkey]
         bound, spec, opts = binder(*ln.args, **ln.kwargs)
         options, signature, constexprs, attrs = fn._pack_args(be, ln.kwargs, bound, spec, opts)
-        key = json.dumps([fn.__name__, arch, signature, sorted((str(k), str(v)) for k, v in
-                          constexprs.items()), sorted((str(k), str(v)) for k, v in attrs.items()),
-                          options.num_warps, options.num_stages])
+        key = json.dumps(
+            [
+                fn.__name__,
+                arch,
+                signature,
+                sorted((str(k), str(v)) for k, v in constexprs.items()),
+                sorted((str(k), str(v)) for k, v in attrs.items()),
+                options.num_warps,
+                options.num_stages,
+            ]
+        )
         if key not in variants:
-            variants[key] = Variant(fn.__name__, fn, signature, constexprs, attrs,
-                                    {"num_warps": options.num_warps,
-                                     "num_stages": options.num_stages}, arch, ln.where)
+            variants[key] = Variant(
+                fn.__name__,
+                fn,
+                signature,
+                constexprs,
+                attrs,
+                {"num_warps": options.num_warps, "num_stages": options.num_stages},
+                arch,
+                ln.where,
+            )
     return list(variants.values())
 
 
@@ -275,10 +310,15 @@ def compile_variant(v: Variant) -> dict:
         f.write(cubin)
         path = f.name
     try:
-        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path],
-                             capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True,
-                              text=True, check=True).stdout
+        res = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
     finally:
         os.unlink(path)
 
@@ -341,13 +381,22 @@ def main(argv: list[str] | None = None) -> int:
     print("variants:", ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())), flush=True)
     if args.limit:
         variants = variants[: args.limit]
-    print(f"{len(launches)} launches recorded, {len(variants)} distinct variants "
-          f"({time.time() - t0:.1f} s); compiling with {args.jobs} job(s)", flush=True)
+    print(
+        f"{len(launches)} launches recorded, {len(variants)} distinct variants "
+        f"({time.time() - t0:.1f} s); compiling with {args.jobs} job(s)",
+        flush=True,
+    )
 
     payloads = []
     for v in variants:
-        fields = {"signature": v.signature, "constexprs": v.constexprs, "attrs": v.attrs,
-                  "options": v.options, "arch": v.arch, "where": v.where}
+        fields = {
+            "signature": v.signature,
+            "constexprs": v.constexprs,
+            "attrs": v.attrs,
+            "options": v.options,
+            "arch": v.arch,
+            "where": v.where,
+        }
         payloads.append((v.fn.__module__, v.kernel, fields))
     rows = []
     if args.jobs > 1:
@@ -357,21 +406,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [compile_variant(v) for v in variants]
 
-    hdr = f"{'arch':>4} {'regs':>4} {'local':>5} {'shared':>7} {'HMMA':>5} {'HGMMA':>5}  ok  variant"
+    hdr = (
+        f"{'arch':>4} {'regs':>4} {'local':>5} {'shared':>7} {'HMMA':>5} {'HGMMA':>5}  ok  variant"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"sm{r['arch']:<2} {r.get('regs', '-'):>4} {r.get('local', '-'):>5} "
-              f"{r.get('shared', '-'):>7} {r.get('hmma', '-'):>5} {r.get('hgmma', '-'):>5}  "
-              f"{'ok' if r['ok'] else 'FAIL'}  {r['variant']}")
+        print(
+            f"sm{r['arch']:<2} {r.get('regs', '-'):>4} {r.get('local', '-'):>5} "
+            f"{r.get('shared', '-'):>7} {r.get('hmma', '-'):>5} {r.get('hgmma', '-'):>5}  "
+            f"{'ok' if r['ok'] else 'FAIL'}  {r['variant']}"
+        )
         for p in r["problems"]:
             print(f"          ! {p}   (e.g. {r['example']})")
     failed = [r for r in rows if not r["ok"]]
-    summary = {"variants": len(rows), "failed": len(failed), "seconds": round(time.time() - t0, 1),
-               "archs": archs, "quick": args.quick, "triton": importlib.import_module("triton").__version__}
+    summary = {
+        "variants": len(rows),
+        "failed": len(failed),
+        "seconds": round(time.time() - t0, 1),
+        "archs": archs,
+        "quick": args.quick,
+        "triton": importlib.import_module("triton").__version__,
+    }
     with open(args.json, "w") as f:
         json.dump({"summary": summary, "variants": rows}, f, indent=1, default=str)
-    print(f"\n{len(rows)} variants, {len(failed)} failed, {summary['seconds']} s; wrote {args.json}")
+    print(
+        f"\n{len(rows)} variants, {len(failed)} failed, {summary['seconds']} s; wrote {args.json}"
+    )
     return 1 if failed else 0
 
 

@@ -35,8 +35,9 @@ def test_topk_gating(ops, ref, case):
     logits = randn(T, E, seed=E + k)
     bias = randn(E, seed=7, scale=0.1) if has_bias else None
     w, ids = ops.topk_gating(logits, k, scoring, renorm, bias, G, TG, scale)
-    rw, rids = ref.topk_gating(logits.cpu(), k, scoring, renorm, None if bias is None else
-                               bias.cpu(), G, TG, scale)
+    rw, rids = ref.topk_gating(
+        logits.cpu(), k, scoring, renorm, None if bias is None else bias.cpu(), G, TG, scale
+    )
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
     assert w.shape == (T, k) and ids.shape == (T, k)
     scores = torch.softmax(logits.cpu(), -1) if scoring == "softmax" else logits.cpu().sigmoid()
@@ -74,8 +75,15 @@ def test_topk_gating_empty(ops):
     assert w.shape == (0, 2) and ids.shape == (0, 2)
 
 
-@pytest.mark.parametrize("scoring,renorm,scale", [("softmax", True, 1.0), ("softmax", False, 1.0),
-                                                  ("sigmoid", True, 2.5), ("sigmoid", False, 1.0)])
+@pytest.mark.parametrize(
+    "scoring,renorm,scale",
+    [
+        ("softmax", True, 1.0),
+        ("softmax", False, 1.0),
+        ("sigmoid", True, 2.5),
+        ("sigmoid", False, 1.0),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_gating_backward(ops, ref, scoring, renorm, scale, dtype):
     T, E, k = 9, 12, 3

@@ -17,8 +17,11 @@ OFFS_CASES = [
 
 def _inputs(offs, M, K, N, E, dtype, trans_b, seed):
     a = randn(M, K, seed=seed, dtype=dtype)
-    b = randn(E, N, K, seed=seed + 1, dtype=dtype) if trans_b else randn(E, K, N, seed=seed + 1,
-                                                                         dtype=dtype)
+    b = (
+        randn(E, N, K, seed=seed + 1, dtype=dtype)
+        if trans_b
+        else randn(E, K, N, seed=seed + 1, dtype=dtype)
+    )
     return a, b, torch.tensor(offs, dtype=torch.int32, device=DEVICE)
 
 
@@ -29,11 +32,11 @@ def test_grouped_gemm(ops, ref, case, trans_b, dtype, debug_mode):
     offs, M = case
     E, K, N = len(offs), 40, 48
     a, b, o = _inputs(offs, M, K, N, E, dtype, trans_b, seed=M)
-    a[offs[-1]:] = float("nan")  # rows past offs[-1] belong to no expert: never read
+    a[offs[-1] :] = float("nan")  # rows past offs[-1] belong to no expert: never read
     out = ops.grouped_gemm(a, b, o, trans_b)
     exp = ref.grouped_gemm(a.cpu().double(), b.cpu().double(), o.cpu(), trans_b)
     assert out.dtype == dtype
-    assert torch.equal(out[offs[-1]:].cpu(), torch.zeros_like(out[offs[-1]:].cpu()))
+    assert torch.equal(out[offs[-1] :].cpu(), torch.zeros_like(out[offs[-1] :].cpu()))
     check_close(out.cpu(), exp, gemm_tol(dtype), "grouped_gemm")
 
 
@@ -45,8 +48,12 @@ def test_grouped_gemm_strided_b(ops, ref):
     a = randn(20, 24, seed=4)
     o = torch.tensor(offs, dtype=torch.int32, device=DEVICE)
     out = ops.grouped_gemm(a, b, o, False)
-    check_close(out.cpu(), ref.grouped_gemm(a.cpu().double(), b.cpu().double(), o.cpu(), False),
-                gemm_tol(torch.float32), "strided b")
+    check_close(
+        out.cpu(),
+        ref.grouped_gemm(a.cpu().double(), b.cpu().double(), o.cpu(), False),
+        gemm_tol(torch.float32),
+        "strided b",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,11 +64,12 @@ def test_grouped_gemm_backward(ops, ref, case, trans_b, dtype, debug_mode):
     E, K, N = len(offs), 40, 48
     a, b, o = _inputs(offs, M, K, N, E, dtype, trans_b, seed=M + 5)
     g = randn(M, N, seed=M + 9, dtype=dtype)
-    a[offs[-1]:] = float("nan")
-    g[offs[-1]:] = float("nan")
+    a[offs[-1] :] = float("nan")
+    g[offs[-1] :] = float("nan")
     ga, gb = ops.grouped_gemm_backward(g, a, b, o, trans_b, True, True)
-    ea, eb = ref.grouped_gemm_backward(g.cpu().double(), a.cpu().double(), b.cpu().double(),
-                                       o.cpu(), trans_b, True, True)
+    ea, eb = ref.grouped_gemm_backward(
+        g.cpu().double(), a.cpu().double(), b.cpu().double(), o.cpu(), trans_b, True, True
+    )
     assert ga.dtype == dtype and gb.dtype == dtype
     check_close(ga.cpu(), ea, gemm_tol(dtype), "grad_a")
     check_close(gb.cpu(), eb, gemm_tol(dtype), "grad_b")
@@ -76,4 +84,6 @@ def test_grouped_gemm_all_empty_backward(ops):
     a, b, o = _inputs([0, 0, 0], 5, 16, 16, 3, torch.float32, False, seed=1)
     g = randn(5, 16, seed=2)
     ga, gb = ops.grouped_gemm_backward(g, a, b, o, False, True, True)
-    assert torch.equal(ga.cpu(), torch.zeros(5, 16)) and torch.equal(gb.cpu(), torch.zeros(3, 16, 16))
+    assert torch.equal(ga.cpu(), torch.zeros(5, 16)) and torch.equal(
+        gb.cpu(), torch.zeros(3, 16, 16)
+    )

@@ -68,8 +68,9 @@ def test_unpermute_poisoned_padding(ops, ref, dtype, weighted, debug_mode):
     out = ops.unpermute(y, plan[2], plan[3], w)
     exp = ref.unpermute(y.cpu(), plan[2].cpu(), plan[3].cpu(), None if w is None else w.cpu())
     assert out.dtype == dtype
-    tol = 0 if dtype == torch.float32 and not weighted else (1e-6 if dtype == torch.float32
-                                                               else 1e-2)
+    tol = (
+        0 if dtype == torch.float32 and not weighted else (1e-6 if dtype == torch.float32 else 1e-2)
+    )
     check_close(out.cpu(), exp, tol, "unpermute")
     again = ops.unpermute(y, plan[2], plan[3], w)
     assert torch.equal(out, again)  # deterministic: no atomics
@@ -83,13 +84,20 @@ def test_unpermute_backward(ops, ref, dtype, debug_mode):
     g = randn(T, H, seed=8, dtype=dtype)
     w = randn(T, k, seed=9)
     gy, gw = ops.unpermute_backward(g, y, plan[2], plan[3], w, True, True)
-    ey, ew = ref.unpermute_backward(g.cpu(), y.cpu(), plan[2].cpu(), plan[3].cpu(), w.cpu(), True,
-                                    True)
+    ey, ew = ref.unpermute_backward(
+        g.cpu(), y.cpu(), plan[2].cpu(), plan[3].cpu(), w.cpu(), True, True
+    )
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     check_close(gy.cpu(), ey, tol, "grad_y")
     check_close(gw.cpu(), ew, 1e-5, "grad_weights")
     assert gy.dtype == dtype and gw.dtype == w.dtype
     gy2, gw2 = ops.unpermute_backward(g, y, plan[2], plan[3], None, True, True)
     assert gw2.numel() == 0
-    check_close(gy2.cpu(), ref.unpermute_backward(g.cpu(), y.cpu(), plan[2].cpu(), plan[3].cpu(),
-                                                  None, True, False)[0], 0, "grad_y no weights")
+    check_close(
+        gy2.cpu(),
+        ref.unpermute_backward(g.cpu(), y.cpu(), plan[2].cpu(), plan[3].cpu(), None, True, False)[
+            0
+        ],
+        0,
+        "grad_y no weights",
+    )

@@ -45,7 +45,8 @@ def randn(*shape, seed, dtype=torch.float32, scale=1.0, device=None):
 
 def randint(low, high, shape, seed, device=None):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, shape, generator=g, dtype=torch.int64).to(torch.int32).to(
-        device or DEVICE)
-
-
+    return (
+        torch.randint(low, high, shape, generator=g, dtype=torch.int64)
+        .to(torch.int32)
+        .to(device or DEVICE)
+    )
