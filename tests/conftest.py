@@ -3,9 +3,12 @@
 * ``MOE_KERNELS_REQUIRE_BACKENDS=reference,cpu`` (comma list): the session fails at start, printing
   the reasons, if any named backend is unavailable.  CI sets it so that a backend that failed to
   build fails the run instead of having its tests skipped.
+* ``MOE_KERNELS_TEST_INSTALLED=1``: the session fails at start if ``moe_kernels`` was imported from
+  the source tree instead of the installed package.
 * ``@pytest.mark.gpu`` tests are skipped when no CUDA device is present.
-* Helpers shared by the test modules: seeded generators, relative-error assertions, the list of
-  usable backends and the ``debug_mode`` fixture (``MOE_KERNELS_DEBUG=1``: outputs NaN-filled).
+* The ``debug_mode`` fixture sets ``MOE_KERNELS_DEBUG=1`` (outputs NaN-filled, so a missed write
+  shows up).  Helpers shared by the test modules live in ``testutil.py``, not here: a
+  ``conftest`` module cannot be imported by name once another folder has its own conftest.py.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
-
 
 def _required_backends() -> list[str]:
     raw = os.environ.get("MOE_KERNELS_REQUIRE_BACKENDS", "")
@@ -31,7 +32,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running")
 
 
+def _check_installed_package() -> None:
+    """``MOE_KERNELS_TEST_INSTALLED=1``: the tests must import the installed package, not the
+    source tree's ``moe_kernels/`` (which has no compiled extension)."""
+    if os.environ.get("MOE_KERNELS_TEST_INSTALLED", "0") in ("", "0"):
+        return
+    import moe_kernels
+
+    source_tree = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
+    where = os.path.abspath(moe_kernels.__file__)
+    if where.startswith(source_tree) and "site-packages" not in where:
+        pytest.exit(
+            f"MOE_KERNELS_TEST_INSTALLED=1 but moe_kernels was imported from the source tree "
+            f"({where}); run pytest from tests/ against the installed package",
+            returncode=1,
+        )
+
+
 def pytest_sessionstart(session):
+    _check_installed_package()
     required = _required_backends()
     if not required:
         return
@@ -81,58 +100,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-def available_backends_list(device: str = "cpu") -> list[str]:
-    """Backends usable for tensors on ``device`` on this machine."""
-    import moe_kernels
-
-    avail = moe_kernels.available_backends()
-    names = []
-    for name in BACKEND_NAMES:
-        if not avail.get(name, (False, ""))[0]:
-            continue
-        if device == "cpu" and name == "cuda":
-            continue
-        if device == "cpu" and name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-            continue
-        if device == "cuda" and name == "cpu":
-            continue
-        names.append(name)
-    return names
-
-
-def gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
-
-
-def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e| (float64), 0 for empty tensors."""
-    a = actual.detach().to(torch.float64).cpu()
-    e = expected.detach().to(torch.float64).cpu()
-    if e.numel() == 0:
-        return 0.0
-    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = ""):
-    assert tuple(actual.shape) == tuple(expected.shape), (what, actual.shape, expected.shape)
-    assert not torch.isnan(actual).any(), f"{what}: NaN in output (an element was never written?)"
-    err = max_rel_err(actual, expected)
-    assert err <= tol, f"{what}: max relative error {err:.3e} > {tol:.1e}"
-
-
-#: tolerance (max abs error / max abs value) of a float op computed in each dtype
-TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import available_backends_list, gen, max_rel_err, randn
+from testutil import available_backends_list, gen, max_rel_err, randn
 from torch.autograd import gradcheck
 
 import moe_kernels

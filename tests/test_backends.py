@@ -15,13 +15,12 @@ import sys
 
 import pytest
 import torch
-from conftest import BACKEND_NAMES, TOL, available_backends_list, gen, max_rel_err, randn
+from testutil import BACKEND_NAMES, TOL, available_backends_list, gen, max_rel_err, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 SUFFIX = {"reference": "_reference", "triton": "_triton", "cpu": "", "cuda": ""}
 
 
@@ -278,14 +277,19 @@ def _pytest_with_required(required: str):
         "no:cacheprovider",
         os.path.join(HERE, "test_backends.py") + "::test_available_backends_structure",
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _sessionstart_outcome(required: str, monkeypatch) -> str | None:
     """Runs the conftest's session-start hook in-process: None if it lets the session run,
     else the message it stops the session with."""
-    import conftest
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location(
+        "_moe_conftest", os.path.join(HERE, "conftest.py")
+    )
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
     monkeypatch.setenv("MOE_KERNELS_REQUIRE_BACKENDS", required)
     try:
         conftest.pytest_sessionstart(None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from conftest import gen, max_rel_err, randn
+from testutil import gen, max_rel_err, randn
 
 import moe_kernels
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import available_backends_list
+from testutil import available_backends_list
 
 import moe_kernels
 

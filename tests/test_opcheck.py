@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from conftest import gen
+from testutil import gen
 
 import moe_kernels
 from moe_kernels._schemas import SCHEMAS

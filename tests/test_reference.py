@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, assert_rel_close, gen, randn
 from naive import (
     naive_grouped_gemm,
     naive_moe_ffn,
@@ -19,6 +18,7 @@ from naive import (
     naive_topk_gating,
     naive_unpermute,
 )
+from testutil import TOL, assert_rel_close, gen, randn
 
 import moe_kernels
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import available_backends_list
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from naive import round_up
+from testutil import available_backends_list
 
 import moe_kernels
 
