@@ -222,6 +222,17 @@ def add_compare_arguments(p: argparse.ArgumentParser, *, with_common: bool = Tru
     )
     p.add_argument("--no-check", action="store_true", help="skip the accuracy comparison")
     p.add_argument(
+        "--read-mib",
+        type=int,
+        default=1024,
+        help="size of the float32 tensor of the read-bandwidth ceiling (default 1024 MiB)",
+    )
+    p.add_argument(
+        "--dense-mnk",
+        default="2048,2048,6144",
+        help="M,K,N of the dense-matmul ceiling (default 2048,2048,6144)",
+    )
+    p.add_argument(
         "--no-fp32-ceiling",
         action="store_true",
         help="do not also measure the fp32 dense matmul rate",
@@ -257,23 +268,26 @@ def run(args: argparse.Namespace) -> int:
         f"device: {bu.device_description(device)}; torch {torch.__version__}; "
         f"transformers {hf_version or '-'}; dtype {dtype}"
     )
-    read_bw, read_sec = bu.read_bandwidth_ceiling(1 << 30, repeats=5, device=device)
+    read_bytes = args.read_mib << 20
+    m, k, n = (int(v) for v in _split(args.dense_mnk))
+    read_bw, read_sec = bu.read_bandwidth_ceiling(read_bytes, repeats=5, device=device)
     print(
-        f"read ceiling: sum over 1 GiB fp32 in {read_sec * 1e3:.1f} ms = {read_bw / 1e9:.1f} GB/s"
+        f"read ceiling: sum over {args.read_mib} MiB of fp32 in {read_sec * 1e3:.1f} ms = "
+        f"{read_bw / 1e9:.1f} GB/s"
     )
-    dense = bu.dense_matmul_ceiling(2048, 2048, 6144, 3, dtype, device)
+    dense = bu.dense_matmul_ceiling(m, k, n, 3, dtype, device)
     dense_rate = dense["rate"]
     probe = ", ".join(f"{k} {v / 1e12:.3f}" for k, v in dense["probe"].items())
     print(
-        f"dense ceiling: {dtype} matmul 2048x2048x6144 ({dense['layout']} layout) in "
+        f"dense ceiling: {dtype} matmul {m}x{k}x{n} ({dense['layout']} layout) in "
         f"{dense['seconds'] * 1e3:.0f} ms = {dense_rate / 1e12:.3f} TFLOP/s "
         f"(layout probe, TFLOP/s: {probe})"
     )
     fp32_rate = float("nan")
     if dtype != torch.float32 and not args.no_fp32_ceiling:
-        d32 = bu.dense_matmul_ceiling(2048, 2048, 6144, 3, torch.float32, device)
+        d32 = bu.dense_matmul_ceiling(m, k, n, 3, torch.float32, device)
         fp32_rate = d32["rate"]
-        print(f"   for comparison, fp32 matmul 2048x2048x6144: {fp32_rate / 1e12:.3f} TFLOP/s")
+        print(f"   for comparison, fp32 matmul {m}x{k}x{n}: {fp32_rate / 1e12:.3f} TFLOP/s")
     ceilings = {
         "read_bw": read_bw,
         "dense": dense_rate,

@@ -75,12 +75,12 @@ def get_shape(name: str) -> MoEShape:
 def scale_to_budget(shape: MoEShape, budget_bytes: int, element_size: int) -> MoEShape:
     """A smaller version of ``shape`` whose expert weights fit in ``budget_bytes``.
 
-    H and k stay as they are (they set the per-token work); E is reduced first (down to
-    ``max(k, 2)``), then I (in steps that keep it a multiple of 64 where possible).
+    H and k stay as they are (they set the per-token work); E is halved first, but not below
+    ``2k`` (so routing still chooses), then I is halved (kept a multiple of 64, at least 64).
     """
     experts, inter = shape.experts, shape.intermediate
     per_expert = 3 * shape.hidden * element_size
-    min_experts = min(shape.experts, max(shape.top_k, 2))
+    min_experts = min(shape.experts, 2 * shape.top_k)
     while experts > min_experts and experts * inter * per_expert > budget_bytes:
         experts = max(min_experts, experts // 2)
     while inter > 64 and experts * inter * per_expert > budget_bytes:
