@@ -51,19 +51,20 @@ def _ids(T, k, E, seed=0):
     return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
 
 
-def all_op_calls(dtype=torch.float32):
-    """One call of every public op (name, thunk(backend))."""
+def all_op_calls(dtype=torch.float32, device="cpu"):
+    """One call of every public op (name, thunk(backend)), inputs on ``device``."""
     T, E, k, H, I = 9, 6, 2, 16, 8
-    logits = randn(T, E, seed=1, dtype=dtype)
-    ids = _ids(T, k, E)
+    d = device
+    logits = randn(T, E, seed=1, dtype=dtype).to(d)
+    ids = _ids(T, k, E).to(d)
     plan = moe_kernels.route(ids, E, block_size=4, backend="reference")
-    x = randn(T, H, seed=2, dtype=dtype)
-    y = randn(plan.num_rows, H, seed=3, dtype=dtype)
-    tw = torch.rand(T, k, generator=gen(4))
-    w_gu = randn(E, 2 * I, H, seed=5, dtype=dtype, scale=0.3)
-    w_d = randn(E, H, I, seed=6, dtype=dtype, scale=0.3)
-    offs = torch.tensor([2, 2, 7, 9, 12, 13], dtype=torch.int32)
-    a = randn(15, H, seed=7, dtype=dtype)
+    x = randn(T, H, seed=2, dtype=dtype).to(d)
+    y = randn(plan.num_rows, H, seed=3, dtype=dtype).to(d)
+    tw = torch.rand(T, k, generator=gen(4)).to(d)
+    w_gu = randn(E, 2 * I, H, seed=5, dtype=dtype, scale=0.3).to(d)
+    w_d = randn(E, H, I, seed=6, dtype=dtype, scale=0.3).to(d)
+    offs = torch.tensor([2, 2, 7, 9, 12, 13], dtype=torch.int32).to(d)
+    a = randn(15, H, seed=7, dtype=dtype).to(d)
     return [
         ("topk_gating", lambda b: moe_kernels.topk_gating(logits, k, backend=b)[0]),
         ("route", lambda b: moe_kernels.route(ids, E, block_size=4, backend=b).slot_of_row),
@@ -259,6 +260,42 @@ def test_backend_forward_matches_reference(backend, dtype, monkeypatch):
             assert max_rel_err(out, ref) <= 5 * TOL[dtype], (op, max_rel_err(out, ref))
         else:
             assert torch.equal(out, ref), op
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA tensors (skipped without a GPU)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backends_match_cpu_reference(dtype, monkeypatch):
+    """Every backend usable on CUDA tensors (and auto) against the reference run on CPU."""
+    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+    cpu_calls = dict(all_op_calls(dtype, "cpu"))
+    for backend in [*available_backends_list("cuda"), None]:
+        for op, thunk in all_op_calls(dtype, "cuda"):
+            try:
+                ops, out = ran(thunk, backend)
+            except moe_kernels.BackendUnavailableError as exc:
+                assert backend is not None, f"auto found no backend for {op}: {exc}"
+                continue
+            assert out.device.type == "cuda", (op, backend)
+            fams = {family_of(o) for o in ops}
+            assert len(fams) == 1, (op, ops)  # one backend ran the whole op
+            ref = cpu_calls[op]("reference")
+            if out.dtype.is_floating_point:
+                assert not torch.isnan(out).any(), (op, backend)
+                assert max_rel_err(out.cpu(), ref) <= 5 * TOL[dtype], (op, backend)
+            else:
+                assert torch.equal(out.cpu(), ref), (op, backend)
+
+
+@pytest.mark.gpu
+def test_mixed_cpu_cuda_devices_rejected():
+    x = randn(4, 8, seed=1).cuda()
+    offs = torch.tensor([2, 4], dtype=torch.int32)  # on CPU
+    with pytest.raises((ValueError, RuntimeError), match=r"\boffs\b|\ba\b"):
+        moe_kernels.grouped_gemm(x, randn(2, 8, 3, seed=2).cuda(), offs)
 
 
 # ----------------------------------------------------------------------------------------------

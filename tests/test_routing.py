@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from naive import round_up
 from testutil import available_backends_list
@@ -110,9 +110,32 @@ def check_plan_properties(plan, ids, E, block_size):
         assert plan.block_expert is None or plan.block_expert.numel() == 0
 
 
+def _i32(rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+# the awkward cases, always run (Hypothesis may or may not draw them)
+EXAMPLES = [
+    (torch.empty(0, 2, dtype=torch.int32), 4, None),  # T = 0
+    (torch.empty(0, 3, dtype=torch.int32), 5, 16),  # T = 0, padded
+    (_i32([[0], [0], [0]]), 1, None),  # E = 1
+    (_i32([[0], [-1], [1]]), 1, 2),  # E = 1 with dropped ids
+    (_i32([[2, 0, 1], [1, 2, 0]]), 3, None),  # k = E
+    (_i32([[3, 3], [3, 3], [3, 3]]), 8, 4),  # all pairs to one expert, others empty
+    (_i32([[-1, 9], [8, -7]]), 8, 4),  # every pair dropped
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
 @given(r=routings())
+@example(r=EXAMPLES[0])
+@example(r=EXAMPLES[1])
+@example(r=EXAMPLES[2])
+@example(r=EXAMPLES[3])
+@example(r=EXAMPLES[4])
+@example(r=EXAMPLES[5])
+@example(r=EXAMPLES[6])
 def test_route_properties(backend, r):
     ids, E, block_size = r
     plan = moe_kernels.route(ids, E, block_size=block_size, backend=backend)
@@ -134,10 +157,17 @@ def test_route_properties(backend, r):
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
     seed=st.integers(0, 1000),
 )
+@example(r=EXAMPLES[0], H=3, dtype=torch.float32, seed=0)
+@example(r=EXAMPLES[3], H=8, dtype=torch.bfloat16, seed=1)
+@example(r=EXAMPLES[4], H=1, dtype=torch.float32, seed=2)
+@example(r=EXAMPLES[5], H=33, dtype=torch.float32, seed=3)
+@example(r=EXAMPLES[6], H=8, dtype=torch.float32, seed=4)
 def test_permute_unpermute_properties(backend, r, H, dtype, seed, monkeypatch):
     monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")  # outputs NaN-filled: a missed write shows
     ids, E, block_size = r
     T, k = ids.shape
+    if dtype == torch.float64 and backend != "reference":
+        dtype = torch.float32  # float64 is a reference-only dtype
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(T, H, generator=g) + 0.5).to(dtype)
     plan = moe_kernels.route(ids, E, block_size=block_size, backend="reference")
