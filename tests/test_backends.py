@@ -254,6 +254,7 @@ def test_backend_forward_matches_reference(backend, dtype, monkeypatch):
             out = thunk(backend)
         except moe_kernels.BackendUnavailableError as exc:
             pytest.skip(f"{backend} lacks {op} for {dtype}: {exc}")
+        assert torch.equal(out, thunk(backend)), f"{op} on {backend} is not bitwise reproducible"
         ref = thunk("reference")
         assert not (out.dtype.is_floating_point and torch.isnan(out).any()), op
         if out.dtype.is_floating_point:
