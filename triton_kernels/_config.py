@@ -51,6 +51,9 @@ class GemmConfig:
         return GemmConfig(**d)
 
 
+#: kind -> configuration forced on every launch of that kind (the tuning script and the static gate)
+OVERRIDE: dict[str, GemmConfig | None] = {}
+
 #: the single configuration used under TRITON_INTERPRET=1
 INTERPRETER_CONFIG = GemmConfig(
     BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1
@@ -109,7 +112,8 @@ def heuristic(kind: str, family: str, dtype: str, avg_rows: float, N: int, K: in
     bk = 32 if dtype == "fp32" else 64
     if bm <= 32:
         bk *= 2  # thin tiles: fewer, deeper K steps keep the weight stream busy
-    warps = 8 if bm * bn >= 128 * 128 else 4
+    acc_cols = bn * (2 if kind == "glu" else 1)  # glu keeps gate and up accumulators
+    warps = 8 if bm * acc_cols >= 128 * 128 else 4
     stages = 4 if family != "sm86" else 3
     cfg = GemmConfig(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages
@@ -146,6 +150,8 @@ def lookup(kind: str, family: str, dtype: str, avg_rows: float, N: int, K: int) 
     """The configuration for one GEMM launch (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}")
+    if OVERRIDE.get(kind) is not None:
+        return OVERRIDE[kind]
     if interpreting():
         return INTERPRETER_CONFIG
     for entry in _table().get(family, {}).get(kind, []):
@@ -154,6 +160,6 @@ def lookup(kind: str, family: str, dtype: str, avg_rows: float, N: int, K: int) 
     return heuristic(kind, family, dtype, avg_rows, N, K)
 
 
-def all_configs(kind: str, family: str) -> list[GemmConfig]:
-    """Every configuration the table lists for (family, kind) (for the static gate)."""
-    return [GemmConfig(**e["config"]) for e in _table().get(family, {}).get(kind, [])]
+def all_entries(kind: str, family: str) -> list[dict]:
+    """Every entry the table lists for (family, kind) (for the static gate)."""
+    return list(_table().get(family, {}).get(kind, []))

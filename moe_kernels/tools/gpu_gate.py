@@ -23,9 +23,11 @@ shared memory, and the tensor-core instructions in the SASS. The gate fails when
   rows, ``HGMMA`` (wgmma) on sm_90 for tiles of 64+ rows with 4+ warps. fp32 variants compiled with
   ``input_precision="ieee"`` (the full-fp32 option) use FMA by design and are exempt.
 
-``--quick`` (CI) keeps every tile configuration but only bf16 and fp32 (tf32), one model shape,
-one weight layout and one activation; the full run adds fp16, full-fp32, the transposed (gpt-oss)
-weight layout and every activation.
+``--quick`` (CI, a few minutes) keeps every tile configuration but only bf16 and fp32 (tf32), one
+model shape, one weight layout and one activation, the non-GEMM kernels in bf16 on sm_80/sm_90, and
+compiles one representative of the stride/divisibility specialisations of each (kernel, dtypes,
+tiles, mode constants, warps, stages). The full run (tens of minutes on 2 cores) adds fp16,
+full-fp32, the transposed (gpt-oss) weight layout, every activation and every specialisation.
 """
 
 from __future__ import annotations
@@ -180,6 +182,8 @@ def record_launches(ops, quick: bool) -> list[Launch]:
                                     ops.grouped_gemm_backward(g, a, bb, offs, trans_b, True, True)
                             if (dt == torch.float32 and prec == "ieee") or avg not in small_avg:
                                 continue
+                            if quick and (dt != torch.bfloat16 or family == "sm86"):
+                                continue  # quick: the non-GEMM kernels in bf16 on sm80/sm90
                             # the non-GEMM kernels (dtype-dependent, shape-independent tiles)
                             for E2, k2 in ((8, 2), (60, 4), (384, 8)):
                                 lg = torch.empty(T, E2, dtype=dt, device=meta)
@@ -199,7 +203,38 @@ def record_launches(ops, quick: bool) -> list[Launch]:
                             y = ops.permute(x, plan[2], plan[3])
                             ops.unpermute(y, plan[2], plan[3], tw)
                             ops.unpermute_backward(x, y, plan[2], plan[3], tw, True, True)
+            # full run: every table entry of the family, whatever shapes its bounds select (the
+            # representative shapes above reach every entry of the shipped table)
+            H, isz = SHAPES[0]
+            E, k = NUM_EXPERTS, TOP_K
+            for kind in () if quick else _config.KINDS:
+                for entry in _config.all_entries(kind, family):
+                    _config.OVERRIDE[kind] = _config.GemmConfig(**entry["config"])
+                    ctx["where"] = f"{family} configs.json {kind} entry {entry}"
+                    for dt in dtypes:
+                        if _config.DTYPE_NAMES[dt] not in entry.get(
+                            "dtypes", ["bf16", "fp16", "fp32"]
+                        ):
+                            continue
+                        T = max(1, 64 * E // k)
+                        x = torch.empty(T, H, dtype=dt, device=meta)
+                        ids = torch.empty(T, k, dtype=torch.int32, device=meta)
+                        tw = torch.empty(T, k, dtype=torch.float32, device=meta)
+                        wgu = torch.empty(E, 2 * isz, H, dtype=dt, device=meta)
+                        wd = torch.empty(E, H, isz, dtype=dt, device=meta)
+                        ops.moe_ffn(x, wgu, wd, tw, ids, None, None, "swiglu", 1.702, 7.0, False)
+                        ops.moe_ffn_backward(
+                            x, x, wgu, wd, tw, ids, None, None, "swiglu", 1.702, 7.0, False
+                        )
+                        a = torch.empty(T * k, H, dtype=dt, device=meta)
+                        offs = torch.empty(E, dtype=torch.int32, device=meta)
+                        b = wgu.transpose(1, 2)
+                        g = torch.empty(T * k, 2 * isz, dtype=dt, device=meta)
+                        ops.grouped_gemm(a, b, offs, False)
+                        ops.grouped_gemm_backward(g, a, b, offs, False, True, True)
+                    _config.OVERRIDE[kind] = None
     finally:
+        _config.OVERRIDE.clear()
         for mod, name, obj in saved:
             setattr(mod, name, obj)
         _config.FORCE_FAMILY[0] = None
@@ -225,17 +260,21 @@ class Variant:
 
     def label(self) -> str:
         c = self.const_by_name
-        parts = [self.kernel.replace("_kernel", "")]
-        for key in ("PADDED", "GATHER", "ACT", "GATHER_Q", "DOT_DTYPE", "PRECISION"):
-            if key in c:
-                parts.append(f"{key}={c[key]}")
-        if "BLOCK_M" in c:
-            parts.append(f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
+        ptrs = sorted({t[1:] for t in self.signature.values() if str(t).startswith("*")})
+        parts = [self.kernel.replace("_kernel", ""), "/".join(ptrs)]
+        tiles = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+        if all(t in c for t in tiles):
+            parts.append("x".join(str(c[t]) for t in tiles))
+        for key, val in sorted(c.items()):
+            if key in tiles or not key.isupper():
+                continue
+            val = getattr(val, "name", val)
+            parts.append(f"{key}={val}")
         parts.append(f"w{self.options.get('num_warps')}s{self.options.get('num_stages')}")
         return " ".join(str(p) for p in parts)
 
 
-def specialise(launches: list[Launch], archs: list[int]) -> list[Variant]:
+def specialise(launches: list[Launch], archs: list[int], coarse: bool) -> list[Variant]:
     """Bind and specialise each launch as Triton's runtime would, one variant per distinct key."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -260,17 +299,29 @@ def specialise(launches: list[Launch], archs: list[int]) -> list[Variant]:
         binder = binders[bkey]
         bound, spec, opts = binder(*ln.args, **ln.kwargs)
         options, signature, constexprs, attrs = fn._pack_args(be, ln.kwargs, bound, spec, opts)
-        key = json.dumps(
-            [
-                fn.__name__,
-                arch,
-                signature,
-                sorted((str(k), str(v)) for k, v in constexprs.items()),
-                sorted((str(k), str(v)) for k, v in attrs.items()),
-                options.num_warps,
-                options.num_stages,
-            ]
-        )
+        if coarse:
+            # one variant per kernel, pointer dtypes, tile/mode constants, warps and stages: the
+            # stride and divisibility specialisations of one of them stand for the others
+            names = fn.arg_names
+            modes = sorted(
+                (names[k[0]], str(v)) for k, v in constexprs.items() if names[k[0]].isupper()
+            )
+            ptrs = sorted(str(t) for t in signature.values() if str(t).startswith("*"))
+            key = json.dumps(
+                [fn.__name__, arch, ptrs, modes, options.num_warps, options.num_stages]
+            )
+        else:
+            key = json.dumps(
+                [
+                    fn.__name__,
+                    arch,
+                    signature,
+                    sorted((str(k), str(v)) for k, v in constexprs.items()),
+                    sorted((str(k), str(v)) for k, v in attrs.items()),
+                    options.num_warps,
+                    options.num_stages,
+                ]
+            )
         if key not in variants:
             variants[key] = Variant(
                 fn.__name__,
@@ -364,21 +415,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one weight layout and one activation")
     ap.add_argument("--arch", default="80,86,90", help="comma list of 80, 86, 90")
-    ap.add_argument("--json", default="gpu_gate.json", help="where to write the results")
+    ap.add_argument("--json", default="build/gpu_gate.json", help="where to write the results")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--limit", type=int, default=0, help="compile only the first N variants")
+    ap.add_argument("--kernels", default="", help="comma list of kernel-name prefixes to compile")
+    ap.add_argument("--verbose", action="store_true", help="one line per compiled variant")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
 
     t0 = time.time()
     ops = _load_ops()
     launches = record_launches(ops, args.quick)
-    variants = specialise(launches, archs)
+    variants = specialise(launches, archs, coarse=args.quick)
     variants.sort(key=lambda v: (v.arch, v.kernel, v.label()))
     counts: dict[str, int] = {}
     for v in variants:
         counts[f"sm{v.arch} {v.kernel}"] = counts.get(f"sm{v.arch} {v.kernel}", 0) + 1
     print("variants:", ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())), flush=True)
+    if args.kernels:
+        wanted = args.kernels.split(",")
+        variants = [v for v in variants if any(v.kernel.startswith(w) for w in wanted)]
     if args.limit:
         variants = variants[: args.limit]
     print(
@@ -399,12 +455,31 @@ def main(argv: list[str] | None = None) -> int:
         }
         payloads.append((v.fn.__module__, v.kernel, fields))
     rows = []
+    done = 0
+
+    def progress(row):
+        nonlocal done
+        done += 1
+        if args.verbose or not row["ok"]:
+            state = "ok" if row["ok"] else "FAIL"
+            print(
+                f"[{done}/{len(payloads)}] sm{row['arch']} {row['variant']}: {state} "
+                f"({row.get('seconds', '?')} s)",
+                flush=True,
+            )
+        elif done % 10 == 0:
+            print(f"[{done}/{len(payloads)}] compiled", flush=True)
+
     if args.jobs > 1:
         ctx = __import__("multiprocessing").get_context("spawn")
         with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_load_ops) as pool:
-            rows = list(pool.map(_compile_in_worker, payloads))
+            for fut in [pool.submit(_compile_in_worker, p) for p in payloads]:
+                rows.append(fut.result())
+                progress(rows[-1])
     else:
-        rows = [compile_variant(v) for v in variants]
+        for v in variants:
+            rows.append(compile_variant(v))
+            progress(rows[-1])
 
     hdr = (
         f"{'arch':>4} {'regs':>4} {'local':>5} {'shared':>7} {'HMMA':>5} {'HGMMA':>5}  ok  variant"
@@ -428,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "triton": importlib.import_module("triton").__version__,
     }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"summary": summary, "variants": rows}, f, indent=1, default=str)
     print(
