@@ -292,6 +292,27 @@ def test_cuda_backends_match_cpu_reference(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_no_host_sync_on_cuda(monkeypatch):
+    """Outside debug mode no op synchronises with the host (sizes never depend on values)."""
+    monkeypatch.delenv("MOE_KERNELS_DEBUG", raising=False)
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+    for backend in [*available_backends_list("cuda"), None]:
+        calls = all_op_calls(torch.float32, "cuda")
+        for _, thunk in calls:  # warm up (first calls may compile / autotune)
+            thunk(backend)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for op, thunk in calls:
+                try:
+                    thunk(backend)
+                except RuntimeError as exc:
+                    raise AssertionError(f"{op} on {backend or 'auto'} syncs: {exc}") from exc
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 def test_mixed_cpu_cuda_devices_rejected():
     x = randn(4, 8, seed=1).cuda()
     offs = torch.tensor([2, 4], dtype=torch.int32)  # on CPU
