@@ -520,3 +520,18 @@ def test_moe_ffn_empty():
     x, w_gu, w_d, tw, ids, _, _ = ffn_inputs(0, 8, 4, 3, 2, seed=1)
     out = moe_kernels.moe_ffn(x, w_gu, w_d, tw, ids, backend=REF)
     assert out.shape == (0, 8) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_offs_match_torch_grouped_mm(trans_b, dtype):
+    """``offs`` means what it means for torch.nn.functional.grouped_mm (rows < offs[-1])."""
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped_mm is None:
+        pytest.skip("torch.nn.functional.grouped_mm is not in this torch")
+    offs = make_offs([3, 0, 9, 1, 0, 6])
+    a = randn(22, 32, seed=1, dtype=dtype)
+    b = randn(6, 16, 32, seed=2, dtype=dtype) if trans_b else randn(6, 32, 16, seed=2, dtype=dtype)
+    want = grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=offs)[:19]
+    got = moe_kernels.grouped_gemm(a, b, offs, trans_b=trans_b, backend=REF)
+    assert_rel_close(got[:19], want, 2 * TOL[dtype], "grouped_gemm vs torch grouped_mm")
