@@ -1,0 +1,31 @@
+"""Triton kernels of moe_kernels (installed as ``moe_kernels.triton_kernels``).
+
+Layers, from the bottom up:
+
+* ``_gating.py``  -- top-k gating (softmax/sigmoid, correction bias, grouped selection, any E) and
+  its backward;
+* ``_routing.py`` -- the device-side stable counting sort of (token, slot) pairs: histogram,
+  scans, scatter and padding fill in five launches, no host sync;
+* ``_permute.py`` -- permute / unpermute (fp32, slot order, no atomics), the routing-weight
+  gradient and per-expert bias-gradient sums;
+* ``_gemm.py``    -- the grouped GEMM (ragged or padded row tiles, A rows gathered through the
+  routing plan, fused gated activation and routing weight epilogues), the ragged-K weight
+  gradient and the activation backward;
+* ``_config.py`` + ``configs.json`` -- tile configurations per GPU family, kernel kind, dtype and
+  rows per expert; ``bench/tune_triton.py`` refreshes them on a GPU;
+* ``ops.py``      -- one launcher per op schema (``IMPLS``), registered by
+  :mod:`moe_kernels._registry` as ``moe_kernels::<op>_triton``.
+
+Numerics and tolerances: gating, routing and reductions are fp32 and bitwise deterministic. GEMMs
+accumulate in fp32. fp16/bf16 results match a float64 reference to about twice PyTorch's own
+rounding error in that dtype (tests: 4e-3 / 3e-2 of the output's max magnitude). fp32 GEMMs use
+TF32 tensor cores on a GPU by default (about 1e-3 relative; tests allow 5e-3);
+``ops.set_fp32_precision("ieee")`` or ``MOE_KERNELS_TRITON_FP32=ieee`` gives full fp32 (1e-5).
+Inside ``moe_ffn`` the activation rows fed to GEMM 2 are rounded to the input dtype (as a PyTorch
+bf16 layer would), the per-slot outputs and their sum stay fp32.
+
+Verification without a GPU: ``TRITON_INTERPRET=1 pytest tests/triton`` runs every kernel in
+Triton's interpreter against the reference, and ``python -m moe_kernels.tools.gpu_gate`` compiles
+every shipped variant for sm_80 / sm_86 / sm_90 and checks spills, shared memory and tensor-core
+instructions.
+"""
