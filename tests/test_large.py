@@ -1,0 +1,73 @@
+"""64-bit indexing: element offsets past 2**31 (opt-in, needs ~6 GiB of RAM).
+
+Kernels that compute ``row * H + col`` in 32-bit wrap around once T*k*H (or M*K) passes 2**31 and
+read or write the wrong rows.  These tests build tensors just past that bound and check the rows
+at the far end, where a wrapped offset lands.  They are skipped unless
+``MOE_KERNELS_TEST_LARGE=1`` (CI machines have 24 GiB shared by parallel jobs); they run for every
+usable non-reference backend (the reference is plain torch indexing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from testutil import available_backends_list
+
+import moe_kernels
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("MOE_KERNELS_TEST_LARGE", "0") in ("", "0"),
+        reason="set MOE_KERNELS_TEST_LARGE=1 (needs ~6 GiB RAM)",
+    ),
+]
+
+BACKENDS = [b for b in available_backends_list("cpu") if b != "reference"]
+if torch.cuda.is_available():
+    BACKENDS += [f"{b}@cuda" for b in available_backends_list("cuda") if b != "reference"]
+
+T, K, H = 32768, 8, 8208  # T * K * H = 2_151_677_952 > 2**31
+
+
+def _split(backend):
+    name, _, dev = backend.partition("@")
+    return name, dev or "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permute_unpermute_past_2_pow_31(backend):
+    name, dev = _split(backend)
+    assert T * K * H > 2**31
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (T, K), generator=g, dtype=torch.int32).to(dev)
+    plan = moe_kernels.route(ids, 4, backend=name)
+    x = torch.randn(T, H, generator=g, dtype=torch.bfloat16).to(dev)
+    y = moe_kernels.permute(x, plan, backend=name)
+    sor = plan.slot_of_row.long()
+    rows = torch.arange(T * K - 64, T * K, device=dev)  # the far end: offsets past 2**31
+    assert torch.equal(y[rows], x[sor[rows] // K])
+    del y
+    y = torch.randn(T * K, H, generator=g, dtype=torch.bfloat16).to(dev)
+    w = torch.rand(T, K, generator=g).to(dev)
+    out = moe_kernels.unpermute(y, plan, w, backend=name)
+    tokens = torch.arange(T - 8, T, device=dev)
+    ros = plan.row_of_slot.long()
+    want = (y[ros[tokens]].float() * w[tokens, :, None]).sum(1)
+    assert torch.allclose(out[tokens].float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_gemm_past_2_pow_31(backend):
+    name, dev = _split(backend)
+    M, Kd, N = 262_160, 8208, 8  # M * Kd > 2**31
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(M, Kd, generator=g, dtype=torch.bfloat16).to(dev)
+    b = torch.randn(2, Kd, N, generator=g, dtype=torch.bfloat16).to(dev)
+    offs = torch.tensor([M // 2, M], dtype=torch.int32, device=dev)
+    out = moe_kernels.grouped_gemm(a, b, offs, backend=name)
+    tail = slice(M - 16, M)
+    want = a[tail].float() @ b[1].float()
+    assert torch.allclose(out[tail].float(), want, rtol=2e-2, atol=2e-1)
