@@ -292,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "read_bw": read_bw,
         "dense": dense_rate,
         "dense_layout": dense["layout"],
+        "dense_probe": dense["probe"],
         "fp32_dense": fp32_rate,
     }
     evictor = None if args.no_evict else bu.CacheEvictor(device)
@@ -320,12 +321,12 @@ def run(args: argparse.Namespace) -> int:
                 hf[b] = bu.build_hf_experts(shape, *weights, implementation=b[3:])
         dense_b = None
         if "dense-matmul" in baselines:
-            # same FLOPs as the expert FFN: [T, H] x [H, k*3I], in the ceiling's fastest layout
+            # same FLOPs as the expert FFN: [T, H] x [H, k*3I]; B stored both ways, the layout
+            # is picked per T (torch's CPU GEMM speed depends on it)
             n = shape.top_k * 3 * shape.intermediate
-            dense_b = torch.empty(shape.hidden, n, dtype=dtype, device=device)
-            if ceilings["dense_layout"] == "nt":
-                dense_b = torch.empty(n, shape.hidden, dtype=dtype, device=device).t()
-            dense_b.normal_(0, shape.hidden**-0.5)
+            b_kn = torch.empty(shape.hidden, n, dtype=dtype, device=device)
+            b_kn.normal_(0, shape.hidden**-0.5)
+            dense_b = {"kn": b_kn, "nk": b_kn.t().contiguous().t()}
         rates: dict[str, float] = {}  # FLOP/s of each contender at the previous T (predictions)
         for T in tokens_list:
             rows, n_fail = _run_one(
@@ -393,12 +394,10 @@ def _run_one(
             contenders[b] = lambda m=hf[b]: m(x, ti_long, tw_act)
             ran_as[b] = f"transformers {b[3:]}"
         elif b == "dense-matmul":
-            xd = x.t().contiguous().t() if ceilings["dense_layout"] == "tn" else x
-            contenders[b] = lambda xd=xd: torch.matmul(xd, dense_b)
-            ran_as[b] = (
-                f"matmul [{T},{shape.hidden}]x[{shape.hidden},{dense_b.shape[1]}] "
-                f"({ceilings['dense_layout']})"
-            )
+            layout = _dense_layout(x, dense_b, device, ceilings)
+            xd, bd = _dense_operands(x, dense_b, layout)
+            contenders[b] = lambda xd=xd, bd=bd: torch.matmul(xd, bd)
+            ran_as[b] = f"matmul [{T},{shape.hidden}]x[{shape.hidden},{bd.shape[1]}] ({layout})"
 
     # skip contenders whose call would take longer than --max-call-seconds, predicted from their
     # FLOP rate at the previous token count of this shape
@@ -545,6 +544,30 @@ def _run_one(
         print(f"   note: {note}")
     sys.stdout.flush()
     return csv_rows, failures
+
+
+def _dense_operands(x, dense_b, layout):
+    xd = x.t().contiguous().t() if layout == "tn" else x
+    bd = dense_b["nk"] if layout == "nt" else dense_b["kn"]
+    return xd, bd
+
+
+def _dense_layout(x, dense_b, device, ceilings) -> str:
+    """Fastest layout for ``x @ B`` among those within 4x of the best at the ceiling's size
+    (one or two probe calls each; layouts far behind at the ceiling's size are not tried)."""
+    probe = ceilings["dense_probe"]
+    best = max(probe.values())
+    cands = [layout for layout, rate in probe.items() if rate * 4 >= best]
+    if len(cands) == 1:
+        return cands[0]
+    seconds = {}
+    for c in cands:
+        xd, bd = _dense_operands(x, dense_b, c)
+        times, _ = bu.time_alternating(
+            {c: lambda xd=xd, bd=bd: torch.matmul(xd, bd)}, repeats=1, warmup=1, device=device
+        )
+        seconds[c] = bu.median(times[c])
+    return min(seconds, key=seconds.get)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
