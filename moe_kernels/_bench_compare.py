@@ -101,23 +101,16 @@ def default_device() -> str:
 
 
 def default_backends(device: torch.device) -> list[str]:
-    """The moe_kernels backends (other than the reference) that are available for ``device``."""
-    try:
-        import moe_kernels
-    except ImportError:
-        return []
-    names = []
-    for name, (ok, _why) in moe_kernels.available_backends().items():
-        if not ok or name == "reference":
-            continue
-        if device.type == "cpu" and name in ("cuda",):
-            continue
-        if device.type == "cpu" and name == "triton":
-            continue  # only under TRITON_INTERPRET=1, far too slow to benchmark
-        if device.type == "cuda" and name == "cpu":
-            continue
-        names.append(name)
-    return names
+    """The moe_kernels backends to time by default on ``device``: ``cpu`` on a CPU (shown even
+    while it cannot run moe_ffn yet: the row then says which backend ran instead); on CUDA the
+    available ones of ``cuda`` and ``triton`` (``cuda`` if neither is)."""
+    if device.type != "cuda":
+        return ["cpu"]
+    import moe_kernels
+
+    avail = moe_kernels.available_backends()
+    names = [n for n in ("cuda", "triton") if avail[n][0]]
+    return names or ["cuda"]
 
 
 def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
@@ -467,7 +460,7 @@ def _run_one(
             "pct_dense": 100.0 * flops / med / dense_rate if med == med else float("nan"),
         }
         tgt_desc, tgt_met = "", ""
-        if name == "cpu" and device.type == "cpu":
+        if name == "cpu" and ran_as.get(name) == "cpu" and device.type == "cpu":
             checks = targets(shape.name, T, decode)
             if checks:
                 tgt_desc = "; ".join(d for d, _ in checks)
