@@ -11,14 +11,18 @@ On the same weights and the same routing, in one run, contenders timed in turns 
   (it also reads the weights of k experts, like a decode step with k distinct experts),
 
 and two machine ceilings measured in the same run: the read bandwidth (a sum over a 1 GiB float32
-tensor) and the dense FLOP rate (``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype).
+tensor) and the dense FLOP rate (``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype, in
+the fastest of three operand layouts; and, for reference, the same matmul in float32).
 
 Decode sizes (T <= 16 by default) evict the caches before every timed call, as in a real model
 where each layer's experts arrive from DRAM. Derived columns:
 
 * ``x eager``: hf-eager median / this contender's median (> 1 is faster than eager);
 * ``% read BW``: bytes of the distinct active experts' weights / time, over the read ceiling;
-* ``% dense``: FLOPs (``2*T*k*3*H*I``) / time, over the dense ceiling.
+* ``% dense``: FLOPs (``2*T*k*3*H*I``) / time, over the dense ceiling;
+* ``% fp32 mm``: the same over the float32 matmul rate. On CPUs without native bf16 dot products
+  (AVX2 only) torch's bf16 matmul is a slow path, below its fp32 rate, so a bf16 kernel that
+  widens to fp32 can exceed "100% dense": the fp32 rate is then the meaningful ceiling.
 
 Run ``python bench/bench_moe_ffn.py --help`` or ``moe-bench --full --help``.
 """
@@ -86,6 +90,7 @@ CSV_HEADERS = (
     "dense_tflops",
     "dense_layout",
     "fp32_dense_tflops",
+    "pct_fp32_dense",
 )
 
 
@@ -458,6 +463,9 @@ def _run_one(
             "speedup_vs_eager": eager_med / med if med == med else float("nan"),
             "pct_read_bw": 100.0 * active_bytes / med / read_bw if med == med else float("nan"),
             "pct_dense": 100.0 * flops / med / dense_rate if med == med else float("nan"),
+            "pct_fp32": 100.0 * flops / med / ceilings["fp32_dense"]
+            if med == med
+            else float("nan"),
         }
         tgt_desc, tgt_met = "", ""
         if name == "cpu" and ran_as.get(name) == "cpu" and device.type == "cpu":
@@ -473,6 +481,7 @@ def _run_one(
                 row["speedup_vs_eager"],
                 row["pct_read_bw"],
                 row["pct_dense"],
+                row["pct_fp32"],
                 flops / med / 1e12 if med == med else float("nan"),
                 rel,
                 f"{tgt_desc}: {tgt_met}" if tgt_desc else "",
@@ -510,6 +519,7 @@ def _run_one(
                 dense_rate / 1e12,
                 ceilings["dense_layout"],
                 ceilings["fp32_dense"] / 1e12,
+                row["pct_fp32"],
             ]
         )
     title = (
@@ -524,6 +534,7 @@ def _run_one(
             "x eager",
             "% read BW",
             "% dense",
+            "% fp32 mm",
             "TFLOP/s",
             "rel err vs ref",
             "target",
