@@ -140,13 +140,14 @@ def test_moe_layer_bf16_and_router_logits(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_moe_layer_gradients(backend):
-    """Gradients reach x, both expert weights, the biases and (through the weights) the router."""
-    m = MoE(16, 12, 5, 2, bias=True, backend=backend, dtype=torch.float64, router_dtype=None)
+    """Gradients reach x, both expert weights, the biases and (through the weights) the router;
+    float32 layer against the same math in float64 plain torch ops."""
+    m = MoE(16, 12, 5, 2, bias=True, backend=backend)
     _randomize(m, seed=3)
-    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 16, requires_grad=True)
     m(x).square().sum().backward()
 
-    x2 = x.detach().clone().requires_grad_()
+    x2 = x.detach().double().requires_grad_()
     m2 = MoE(16, 12, 5, 2, bias=True, backend="reference", dtype=torch.float64, router_dtype=None)
     m2.load_state_dict(m.state_dict())
     # the same math written with plain torch ops (same top-k choice: ids are constants)
@@ -161,11 +162,11 @@ def test_moe_layer_gradients(backend):
         o = torch.einsum("ti,thi->th", F.silu(gate) * up, m2.down_proj[e]) + m2.down_proj_bias[e]
         out = out + w[:, s, None] * o
     out.square().sum().backward()
-    assert torch.allclose(x.grad, x2.grad, rtol=1e-9, atol=1e-10)
+    assert _rel(x.grad, x2.grad) < 1e-5
     for (name, p), p2 in zip(m.named_parameters(), m2.parameters(), strict=True):
         assert p.grad is not None, name
         assert p.grad.abs().max() > 0, name
-        assert torch.allclose(p.grad, p2.grad, rtol=1e-9, atol=1e-10), name
+        assert _rel(p.grad, p2.grad) < 1e-5, name
 
 
 def test_moe_layer_bad_arguments():
