@@ -1,0 +1,86 @@
+#pragma once
+// Shared helpers of the CPU kernels: output allocation (NaN-poisoned under MOE_KERNELS_DEBUG=1),
+// argument checks, scalar conversions and dynamic task scheduling over torch's thread pool.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+namespace moe_kernels::cpu {
+
+// MOE_KERNELS_DEBUG=1 (read once per process): outputs start NaN-filled (ints: INT_MIN) so a
+// missed write shows up in tests.
+bool debug_mode();
+
+// Output tensor of the given shape; every element must be written by the kernel.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
+// Output tensor that starts as zeros (kernels that only write some elements).
+at::Tensor new_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "moe_kernels (cpu): ", name, " must be a CPU tensor, got ",
+              t.device());
+}
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, "moe_kernels (cpu): ", name, " must have ", dim, " dimensions, got ",
+              t.dim(), " (shape ", t.sizes(), ")");
+}
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), "moe_kernels (cpu): ", name,
+              " must be float32, bfloat16 or float16, got ", t.scalar_type(),
+              " (float64 runs on the reference backend)");
+}
+inline void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "moe_kernels (cpu): ",
+              name, " must be int32 or int64, got ", t.scalar_type());
+}
+
+template <typename T>
+inline float to_f32(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+inline T from_f32(float v) {
+  return static_cast<T>(v);
+}
+
+// Reads an int32/int64 index tensor element as int64 (the tensor must be contiguous).
+struct IndexView {
+  const void* p = nullptr;
+  bool i64 = false;
+  IndexView() = default;
+  explicit IndexView(const at::Tensor& t) : p(t.data_ptr()), i64(t.scalar_type() == at::kLong) {}
+  int64_t operator[](int64_t i) const {
+    return i64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+  }
+};
+
+// Runs task(i, thread_slot) for i in [0, n) on torch's intra-op pool; tasks are handed out
+// dynamically (an atomic counter), so uneven task costs (skewed routing) stay balanced.
+// thread_slot is in [0, num_threads) and identifies per-thread scratch.
+template <typename F>
+void parallel_tasks(int64_t n, const F& task) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) task(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t slot = b; slot < e; ++slot) {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) task(i, slot);
+    }
+  });
+}
+
+}  // namespace moe_kernels::cpu

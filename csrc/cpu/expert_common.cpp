@@ -1,0 +1,67 @@
+#include "cpu/expert_common.h"
+
+#include <algorithm>
+
+namespace moe_kernels::cpu {
+
+void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_t stride) {
+  switch (dt) {
+    case at::kFloat: {
+      float* d = static_cast<float*>(dst);
+      if (stride == 1) {
+        std::copy(src, src + n, d);
+      } else {
+        for (int64_t j = 0; j < n; ++j) d[j * stride] = src[j];
+      }
+      return;
+    }
+    case at::kBFloat16: {
+      auto* d = static_cast<c10::BFloat16*>(dst);
+      for (int64_t j = 0; j < n; ++j) d[j * stride] = c10::BFloat16(src[j]);
+      return;
+    }
+    case at::kHalf: {
+      auto* d = static_cast<c10::Half*>(dst);
+      for (int64_t j = 0; j < n; ++j) d[j * stride] = c10::Half(src[j]);
+      return;
+    }
+    default: TORCH_CHECK(false, "moe_kernels (cpu): unsupported output dtype ", dt);
+  }
+}
+
+void store_zeros(void* dst, at::ScalarType dt, int64_t n, int64_t stride) {
+  const int64_t es = c10::elementSize(dt);
+  char* d = static_cast<char*>(dst);
+  if (stride == 1) {
+    std::memset(d, 0, n * es);
+  } else {
+    for (int64_t j = 0; j < n; ++j) std::memset(d + j * stride * es, 0, es);
+  }
+}
+
+std::vector<Task> make_tasks(int64_t E, const int64_t* begin, const int64_t* end, int64_t N,
+                             int64_t mb, int64_t nb, bool skip_empty) {
+  std::vector<Task> tasks;
+  nb = std::max<int64_t>(nb, 1);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = end[e] - begin[e];
+    if (rows <= 0 && skip_empty) continue;
+    const int64_t nblk = rows <= 0 ? 1 : (rows + mb - 1) / mb;
+    const int64_t per = rows <= 0 ? 0 : (rows + nblk - 1) / nblk;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t m0 = begin[e] + b * per, m1 = std::min(end[e], m0 + per);
+      for (int64_t n0 = 0; n0 < N; n0 += nb)
+        tasks.push_back({e, m0, std::max(m0, m1), n0, std::min(N, n0 + nb)});
+    }
+  }
+  return tasks;
+}
+
+int64_t pick_col_block(int64_t total_row_blocks, int64_t N, int64_t preferred, int64_t minimum) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t nb = preferred;
+  while (nb > minimum && total_row_blocks * ((N + nb - 1) / nb) < want) nb /= 2;
+  return std::max<int64_t>(nb, 1);
+}
+
+}  // namespace moe_kernels::cpu

@@ -1,0 +1,60 @@
+#pragma once
+// Helpers shared by the grouped GEMM and fused expert FFN kernels: tensor -> Operand views,
+// fp32 tile stores, block task lists.
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/gemm.h"
+
+namespace moe_kernels::cpu {
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kF32;
+    case at::kBFloat16: return DType::kBF16;
+    case at::kHalf: return DType::kF16;
+    default: TORCH_CHECK(false, "moe_kernels (cpu): unsupported dtype ", t);
+  }
+}
+
+// Operand over a 2-D (or a 3-D tensor's slice e) view: element (i, j) = base[i * s0 + j * s1].
+inline Operand operand(const at::Tensor& t, int64_t s0, int64_t s1, int64_t offset_elems = 0,
+                       const int64_t* gather = nullptr) {
+  Operand o;
+  o.dt = to_dtype(t.scalar_type());
+  o.p = static_cast<const char*>(t.data_ptr()) + offset_elems * t.element_size();
+  o.s0 = s0;
+  o.s1 = s1;
+  o.gather = gather;
+  return o;
+}
+inline Operand operand_f32(const float* p, int64_t s0, int64_t s1,
+                           const int64_t* gather = nullptr) {
+  Operand o;
+  o.dt = DType::kF32;
+  o.p = p;
+  o.s0 = s0;
+  o.s1 = s1;
+  o.gather = gather;
+  return o;
+}
+
+// dst[j * stride] = src[j] for j < n, converted to the tensor dtype.
+void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_t stride = 1);
+// dst[j] = 0 for n elements of dtype dt.
+void store_zeros(void* dst, at::ScalarType dt, int64_t n, int64_t stride = 1);
+
+// (expert, row range, column range) work items.
+struct Task {
+  int64_t e, m0, m1, n0, n1;
+};
+
+// Splits each expert's [begin[e], end[e]) rows into near-equal blocks of at most mb rows and
+// [0, N) into blocks of nb columns.  Experts without rows produce no task when skip_empty.
+std::vector<Task> make_tasks(int64_t E, const int64_t* begin, const int64_t* end, int64_t N,
+                             int64_t mb, int64_t nb, bool skip_empty = true);
+
+// Column block so that there are at least ~4 tasks per thread when possible.
+int64_t pick_col_block(int64_t total_row_blocks, int64_t N, int64_t preferred, int64_t minimum);
+
+}  // namespace moe_kernels::cpu

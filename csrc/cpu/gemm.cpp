@@ -1,0 +1,123 @@
+// GEMM driver: blocking, scratch and ISA dispatch (the kernels live in gemm_<isa>.cpp).
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/gemm_impl.h"
+
+namespace moe_kernels::cpu {
+namespace gemm_detail {
+
+float half_bits_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+void pack_b_generic(int64_t N, int64_t kc, const Operand& B, float* dst, int nr) {
+  for (int64_t n0 = 0; n0 < N; n0 += nr) {
+    float* panel = dst + (n0 / nr) * kc * nr;
+    for (int64_t j = 0; j < nr; ++j) {
+      const int64_t n = n0 + j;
+      if (n >= N) {
+        for (int64_t k = 0; k < kc; ++k) panel[k * nr + j] = 0.f;
+        continue;
+      }
+      const char* rp = row_ptr(B, n);
+      for (int64_t k = 0; k < kc; ++k) panel[k * nr + j] = load_elem(rp, B.dt, k * B.s1);
+    }
+  }
+}
+
+void load_a_generic(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda) {
+  for (int64_t m = 0; m < M; ++m) {
+    const char* rp = row_ptr(A, m);
+    for (int64_t k = 0; k < kc; ++k) dst[m * lda + k] = load_elem(rp, A.dt, k * A.s1);
+  }
+}
+
+}  // namespace gemm_detail
+
+using namespace gemm_detail;
+
+namespace {
+
+const KernelSet& kernels() {
+  static const KernelSet* ks = [] {
+    switch (detected_isa()) {
+      case Isa::kAmx:
+      case Isa::kAvx512: return &avx512_kernels();
+      case Isa::kAvx2: return &avx2_kernels();
+      default: return &scalar_kernels();
+    }
+  }();
+  return *ks;
+}
+
+// Per-thread scratch, grown on demand and kept for the thread's lifetime (torch's pool threads
+// persist), so steady-state calls allocate nothing.
+float* scratch(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+}  // namespace
+
+Isa gemm_isa() {
+  const Isa i = detected_isa();
+  return i == Isa::kAmx ? Isa::kAvx512 : i;
+}
+
+void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
+             int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
+    return;
+  }
+  const KernelSet& ks = kernels();
+  thread_local std::vector<float> a_buf, b_buf, c_tmp;
+  if (M <= ks.dot_max_m && B.s1 == 1) {
+    // Few rows: convert A once, stream B straight from memory.
+    const int64_t lda = K;
+    float* a = scratch(a_buf, M * lda);
+    ks.load_a(M, K, A, a, lda);
+    ks.dot(M, N, K, a, lda, B, C, ldc);
+    return;
+  }
+  const int mr = ks.mr, nr = ks.nr;
+  const int64_t lda = ks.kc + 16;  // padding keeps the mr row streams off the same cache sets
+  float* tmp = scratch(c_tmp, static_cast<int64_t>(mr) * nr);
+  for (int64_t m0 = 0; m0 < M; m0 += ks.mc) {
+    const int64_t mb = std::min(ks.mc, M - m0);
+    const int64_t mb_pad = (mb + mr - 1) / mr * mr;
+    float* a = scratch(a_buf, mb_pad * lda);
+    for (int64_t k0 = 0; k0 < K; k0 += ks.kc) {
+      const int64_t kc = std::min(ks.kc, K - k0);
+      const bool acc = k0 > 0;
+      ks.load_a(mb, kc, A.shifted(m0, k0), a, lda);
+      for (int64_t m = mb; m < mb_pad; ++m) std::fill(a + m * lda, a + m * lda + kc, 0.f);
+      for (int64_t n0 = 0; n0 < N; n0 += ks.nc) {
+        const int64_t nb = std::min(ks.nc, N - n0);
+        const int64_t nb_pad = (nb + nr - 1) / nr * nr;
+        float* b = scratch(b_buf, nb_pad * kc);
+        ks.pack_b(nb, kc, B.shifted(n0, k0), b);
+        for (int64_t jp = 0; jp < nb_pad; jp += nr) {
+          const float* bp = b + jp * kc;
+          const int64_t nv = std::min<int64_t>(nr, nb - jp);
+          for (int64_t ip = 0; ip < mb_pad; ip += mr) {
+            const int64_t mv = std::min<int64_t>(mr, mb - ip);
+            float* c = C + (m0 + ip) * ldc + n0 + jp;
+            if (mv == mr && nv == nr) {
+              ks.micro(kc, a + ip * lda, lda, bp, c, ldc, acc);
+            } else {
+              ks.micro(kc, a + ip * lda, lda, bp, tmp, nr, false);
+              for (int64_t i = 0; i < mv; ++i)
+                for (int64_t j = 0; j < nv; ++j)
+                  c[i * ldc + j] = acc ? c[i * ldc + j] + tmp[i * nr + j] : tmp[i * nr + j];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace moe_kernels::cpu

@@ -1,0 +1,51 @@
+#pragma once
+// The CPU GEMM engine behind grouped_gemm and moe_ffn (forward and backward).
+//
+// One primitive: C[m, n] = sum_k A(m, k) * B(n, k) for m < M, n < N, fp32 accumulation, C fp32
+// row-major with leading dimension ldc (overwritten).  Both operands are strided views of fp32,
+// bf16 or fp16 memory with an optional row gather:
+//     A(m, k) = A.p[(A.gather ? A.gather[m] : m) * A.s0 + k * A.s1]
+//     B(n, k) = B.p[(B.gather ? B.gather[n] : n) * B.s0 + k * B.s1]
+// so tokens are gathered straight into GEMM tiles, the gate/up rows of w_gate_up are picked by a
+// gather, and every transposed layout (nn.Linear [N, K], [K, N], transposed views) is just strides.
+//
+// Paths (runtime ISA dispatch, MOE_KERNELS_CPU_ISA): a "dot" kernel for few rows with K-contiguous B
+// (decode: weights stream from DRAM once, converted to fp32 in registers), and a packed
+// register-blocked micro-kernel otherwise (B converted once per (row block, K block) into an fp32
+// panel that stays in L1/L2; A rows gathered and converted into an fp32 block in L2).
+#include <cstdint>
+
+#include "common/cpu_info.h"
+
+namespace moe_kernels::cpu {
+
+enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+inline int64_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+struct Operand {
+  const void* p = nullptr;
+  DType dt = DType::kF32;
+  int64_t s0 = 0, s1 = 1;
+  const int64_t* gather = nullptr;
+
+  // The same operand starting at logical row i0 and column j0.
+  Operand shifted(int64_t i0, int64_t j0) const {
+    Operand o = *this;
+    if (gather) {
+      o.gather = gather + i0;
+      i0 = 0;
+    }
+    o.p = static_cast<const char*>(p) + (i0 * s0 + j0 * s1) * dtype_size(dt);
+    return o;
+  }
+};
+
+// C[M, N] (fp32, leading dim ldc) = A[M, K] * B[N, K]^T.  Serial: call it from inside a task.
+void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
+             int64_t ldc);
+
+// The ISA gemm_nt uses in this process (after MOE_KERNELS_CPU_ISA).
+Isa gemm_isa();
+
+}  // namespace moe_kernels::cpu

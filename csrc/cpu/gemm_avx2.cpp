@@ -1,0 +1,259 @@
+// AVX2 + FMA (+F16C) GEMM kernels.  bf16/fp16 operands are widened to fp32 on the fly.
+//
+// Packed path: 6x16 register tile (12 ymm accumulators, 2 B vectors, 1 broadcast of A), the
+// classic shape for 16 ymm registers; K-contiguous B is packed with 8x8 in-register transposes.
+// Dot path (few rows, K-contiguous B such as nn.Linear weights): 4 weight rows x up to 2 token
+// rows per pass, 8 accumulators; the weights are read exactly once from memory, which is what
+// bounds decode.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/gemm_impl.h"
+
+#define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace moe_kernels::cpu::gemm_detail {
+namespace {
+
+constexpr int kMr = 6, kNr = 16;
+
+template <DType D>
+MOE_AVX2 inline __m256 ld8(const char* p) {
+  if constexpr (D == DType::kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (D == DType::kBF16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+template <DType D>
+constexpr int64_t esize() {
+  return D == DType::kF32 ? 4 : 2;
+}
+
+MOE_AVX2 inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+MOE_AVX2 inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4,
+                                __m256& r5, __m256& r6, __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r1 = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r2 = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r3 = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r4 = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r5 = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r6 = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r7 = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+MOE_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                         int64_t ldc, bool accumulate) {
+  __m256 acc[kMr][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kNr), b1 = _mm256_loadu_ps(b + k * kNr + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < kMr; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < kMr; ++i) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
+    }
+    _mm256_storeu_ps(ci, acc[i][0]);
+    _mm256_storeu_ps(ci + 8, acc[i][1]);
+  }
+}
+
+// B(n, k) with k contiguous: 8 rows x 8 k at a time, transposed in registers.
+template <DType D>
+MOE_AVX2 void pack_b_kcontig(int64_t N, int64_t kc, const Operand& B, float* dst) {
+  thread_local std::vector<char> zeros;
+  if (static_cast<int64_t>(zeros.size()) < kc * 4 + 64) zeros.assign(kc * 4 + 64, 0);
+  const int64_t k8 = kc / 8 * 8;
+  for (int64_t n0 = 0; n0 < N; n0 += kNr) {
+    float* panel = dst + (n0 / kNr) * kc * kNr;
+    for (int half = 0; half < 2; ++half) {
+      const char* rp[8];
+      for (int j = 0; j < 8; ++j) {
+        const int64_t n = n0 + half * 8 + j;
+        rp[j] = n < N ? row_ptr(B, n) : zeros.data();
+      }
+      float* out = panel + half * 8;
+      for (int64_t k = 0; k < k8; k += 8) {
+        const int64_t off = k * esize<D>();
+        __m256 r0 = ld8<D>(rp[0] + off), r1 = ld8<D>(rp[1] + off), r2 = ld8<D>(rp[2] + off),
+               r3 = ld8<D>(rp[3] + off), r4 = ld8<D>(rp[4] + off), r5 = ld8<D>(rp[5] + off),
+               r6 = ld8<D>(rp[6] + off), r7 = ld8<D>(rp[7] + off);
+        transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
+        float* o = out + k * kNr;
+        _mm256_storeu_ps(o + 0 * kNr, r0);
+        _mm256_storeu_ps(o + 1 * kNr, r1);
+        _mm256_storeu_ps(o + 2 * kNr, r2);
+        _mm256_storeu_ps(o + 3 * kNr, r3);
+        _mm256_storeu_ps(o + 4 * kNr, r4);
+        _mm256_storeu_ps(o + 5 * kNr, r5);
+        _mm256_storeu_ps(o + 6 * kNr, r6);
+        _mm256_storeu_ps(o + 7 * kNr, r7);
+      }
+      for (int64_t k = k8; k < kc; ++k)
+        for (int j = 0; j < 8; ++j) out[k * kNr + j] = load_elem(rp[j], D, k);
+    }
+  }
+}
+
+// B(n, k) with n contiguous (no gather): each k is one contiguous run of 16 columns.
+template <DType D>
+MOE_AVX2 void pack_b_ncontig(int64_t N, int64_t kc, const Operand& B, float* dst) {
+  const char* base = static_cast<const char*>(B.p);
+  const int64_t kstride = B.s1 * esize<D>();
+  for (int64_t n0 = 0; n0 < N; n0 += kNr) {
+    float* panel = dst + (n0 / kNr) * kc * kNr;
+    const int64_t nv = std::min<int64_t>(kNr, N - n0);
+    const char* col = base + n0 * esize<D>();
+    if (nv == kNr) {
+      for (int64_t k = 0; k < kc; ++k) {
+        const char* p = col + k * kstride;
+        _mm256_storeu_ps(panel + k * kNr, ld8<D>(p));
+        _mm256_storeu_ps(panel + k * kNr + 8, ld8<D>(p + 8 * esize<D>()));
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int j = 0; j < kNr; ++j)
+          panel[k * kNr + j] = j < nv ? load_elem(col + k * kstride, D, j) : 0.f;
+    }
+  }
+}
+
+template <DType D>
+MOE_AVX2 void pack_b_t(int64_t N, int64_t kc, const Operand& B, float* dst) {
+  if (B.s1 == 1) return pack_b_kcontig<D>(N, kc, B, dst);
+  if (B.s0 == 1 && B.gather == nullptr) return pack_b_ncontig<D>(N, kc, B, dst);
+  pack_b_generic(N, kc, B, dst, kNr);
+}
+
+MOE_AVX2 void pack_b_avx2(int64_t N, int64_t kc, const Operand& B, float* dst) {
+  switch (B.dt) {
+    case DType::kF32: return pack_b_t<DType::kF32>(N, kc, B, dst);
+    case DType::kBF16: return pack_b_t<DType::kBF16>(N, kc, B, dst);
+    default: return pack_b_t<DType::kF16>(N, kc, B, dst);
+  }
+}
+
+template <DType D>
+MOE_AVX2 void load_a_t(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda) {
+  const int64_t k8 = kc / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const char* rp = row_ptr(A, m);
+    float* o = dst + m * lda;
+    for (int64_t k = 0; k < k8; k += 8) _mm256_storeu_ps(o + k, ld8<D>(rp + k * esize<D>()));
+    for (int64_t k = k8; k < kc; ++k) o[k] = load_elem(rp, D, k);
+  }
+}
+
+MOE_AVX2 void load_a_avx2(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda) {
+  if (A.s1 != 1) return load_a_generic(M, kc, A, dst, lda);
+  switch (A.dt) {
+    case DType::kF32: return load_a_t<DType::kF32>(M, kc, A, dst, lda);
+    case DType::kBF16: return load_a_t<DType::kBF16>(M, kc, A, dst, lda);
+    default: return load_a_t<DType::kF16>(M, kc, A, dst, lda);
+  }
+}
+
+// NN weight rows x MM token rows, full K.
+template <DType D, int NN, int MM>
+MOE_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const char* const* bp, float* C,
+                       int64_t ldc) {
+  __m256 acc[MM][NN];
+#pragma GCC unroll 8
+  for (int i = 0; i < MM; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NN; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t k8 = K / 8 * 8;
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 bv[NN];
+#pragma GCC unroll 8
+    for (int j = 0; j < NN; ++j) bv[j] = ld8<D>(bp[j] + k * esize<D>());
+#pragma GCC unroll 8
+    for (int i = 0; i < MM; ++i) {
+      const __m256 av = _mm256_loadu_ps(a + i * lda + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NN; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MM; ++i) {
+    for (int j = 0; j < NN; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = k8; k < K; ++k) s += a[i * lda + k] * load_elem(bp[j], D, k);
+      C[i * ldc + j] = s;
+    }
+  }
+}
+
+template <DType D, int NN>
+MOE_AVX2 void dot_cols(int64_t M, int64_t K, const float* a, int64_t lda, const char* const* bp,
+                       float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) dot_tile<D, NN, 2>(K, a + m * lda, lda, bp, C + m * ldc, ldc);
+  if (m < M) dot_tile<D, NN, 1>(K, a + m * lda, lda, bp, C + m * ldc, ldc);
+}
+
+template <DType D>
+MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                    const Operand& B, float* C, int64_t ldc) {
+  const char* bp[4];
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    for (int j = 0; j < 4; ++j) bp[j] = row_ptr(B, n + j);
+    dot_cols<D, 4>(M, K, a, lda, bp, C + n, ldc);
+  }
+  for (; n < N; ++n) {
+    bp[0] = row_ptr(B, n);
+    dot_cols<D, 1>(M, K, a, lda, bp, C + n, ldc);
+  }
+}
+
+MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                       const Operand& B, float* C, int64_t ldc) {
+  switch (B.dt) {
+    case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);
+    case DType::kBF16: return dot_t<DType::kBF16>(M, N, K, a, lda, B, C, ldc);
+    default: return dot_t<DType::kF16>(M, N, K, a, lda, B, C, ldc);
+  }
+}
+
+}  // namespace
+
+const KernelSet& avx2_kernels() {
+  // kc 256: a 256 x 16 fp32 B micro-panel is 16 KiB (half of L1d); mc 96 x kc A block 100 KiB and
+  // an nc 256 B block 256 KiB share a 512 KiB-1 MiB L2.
+  static const KernelSet ks{kMr, kNr, 256, 96, 256, 4,
+                            &micro_avx2, &pack_b_avx2, &load_a_avx2, &dot_avx2};
+  return ks;
+}
+
+}  // namespace moe_kernels::cpu::gemm_detail

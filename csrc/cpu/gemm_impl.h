@@ -1,0 +1,58 @@
+#pragma once
+// Internal interface between the GEMM driver (gemm.cpp) and the per-ISA kernels
+// (gemm_scalar.cpp, gemm_avx2.cpp, gemm_avx512.cpp).
+#include <cstring>
+
+#include "cpu/gemm.h"
+
+namespace moe_kernels::cpu::gemm_detail {
+
+struct KernelSet {
+  int mr, nr;   // register tile of the packed micro-kernel
+  int64_t kc;   // K block: an fp32 B micro-panel kc x nr stays in L1
+  int64_t mc;   // rows of the fp32 A block kept in L2
+  int64_t nc;   // columns of the packed B block kept in L2
+  int64_t dot_max_m;  // the dot path serves M <= dot_max_m when B is K-contiguous
+  // c[mr x nr] (+)= a[mr rows, lda] * b[kc][nr].
+  void (*micro)(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+                bool accumulate);
+  // dst[ceil(N / nr)][kc][nr] = B(n, k) for n < N, k < kc; zeros for n >= N.
+  void (*pack_b)(int64_t N, int64_t kc, const Operand& B, float* dst);
+  // dst[m * lda + k] = A(m, k) as fp32, m < M, k < kc.
+  void (*load_a)(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda);
+  // C[M, N] = a[M rows, lda] * B(n, k)^T with B.s1 == 1 (fp32 a).
+  void (*dot)(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Operand& B,
+              float* C, int64_t ldc);
+};
+
+const KernelSet& scalar_kernels();
+const KernelSet& avx2_kernels();
+const KernelSet& avx512_kernels();
+
+// Scalar element access (any dtype).
+inline float bf16_bits_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float half_bits_to_f32(uint16_t h);
+
+inline float load_elem(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(p)[i];
+    case DType::kBF16: return bf16_bits_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return half_bits_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline const char* row_ptr(const Operand& op, int64_t i) {
+  const int64_t r = op.gather ? op.gather[i] : i;
+  return static_cast<const char*>(op.p) + r * op.s0 * dtype_size(op.dt);
+}
+
+// Generic (any strides) versions shared by every ISA for the layouts they do not specialise.
+void pack_b_generic(int64_t N, int64_t kc, const Operand& B, float* dst, int nr);
+void load_a_generic(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda);
+
+}  // namespace moe_kernels::cpu::gemm_detail

@@ -1,0 +1,490 @@
+// The fused expert FFN on CPU (forward and backward).
+//
+// Forward, per call:
+//   1. a stable counting sort of the (token, slot) pairs by expert (dropped ids skipped);
+//   2. GEMM 1 tasks (expert x row block, column block of I): the tokens' rows of x are gathered
+//      straight into the GEMM tiles, the gate and up rows of w_gate_up are picked by a column
+//      gather (so one tile holds matching gate/up columns, interleaved or not), and the bias and
+//      activation run in the epilogue; h (fp32) is kept in expert-sorted order;
+//   3. GEMM 2 tasks (expert x row block, column block of H): down projection, bias and routing
+//      weight in the epilogue, fp32 rows in expert-sorted order;
+//   4. per token, the k rows are summed in slot order in fp32 and cast to x's dtype.
+// Tasks are handed out dynamically, so empty experts cost nothing and skewed routing balances.
+#include <vector>
+
+#include "common/activation.h"
+#include "cpu/expert_common.h"
+
+namespace moe_kernels::cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 96;
+
+Activation parse_activation(const std::string& s) {
+  if (s == "swiglu") return Activation::kSwiglu;
+  if (s == "geglu") return Activation::kGeglu;
+  if (s == "swiglu_oai") return Activation::kSwigluOai;
+  TORCH_CHECK(false, "moe_kernels (cpu): activation must be 'swiglu', 'geglu' or 'swiglu_oai', got '",
+              s, "'");
+}
+
+struct FfnArgs {
+  int64_t T, H, E, I, k;
+  ActParams act;
+  bool interleaved;
+};
+
+FfnArgs check_ffn(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                  const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                  const std::optional<at::Tensor>& gate_up_bias,
+                  const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                  double alpha, double limit, bool interleaved) {
+  check_cpu(x, "x");
+  check_cpu(w_gate_up, "w_gate_up");
+  check_cpu(w_down, "w_down");
+  check_cpu(topk_weights, "topk_weights");
+  check_cpu(topk_ids, "topk_ids");
+  check_dim(x, 2, "x");
+  check_dim(w_gate_up, 3, "w_gate_up");
+  check_dim(w_down, 3, "w_down");
+  check_dim(topk_weights, 2, "topk_weights");
+  check_dim(topk_ids, 2, "topk_ids");
+  check_float(x, "x");
+  check_float(w_gate_up, "w_gate_up");
+  check_float(w_down, "w_down");
+  check_float(topk_weights, "topk_weights");
+  check_index(topk_ids, "topk_ids");
+  FfnArgs a;
+  a.T = x.size(0);
+  a.H = x.size(1);
+  a.E = w_gate_up.size(0);
+  a.k = topk_ids.size(1);
+  TORCH_CHECK(w_gate_up.size(1) % 2 == 0, "moe_kernels (cpu): w_gate_up must be [E, 2I, H], got ",
+              w_gate_up.sizes(), " (odd second dimension)");
+  a.I = w_gate_up.size(1) / 2;
+  TORCH_CHECK(w_gate_up.size(2) == a.H, "moe_kernels (cpu): w_gate_up must be [E, 2I, H=", a.H,
+              "], got ", w_gate_up.sizes());
+  TORCH_CHECK(w_down.size(0) == a.E && w_down.size(1) == a.H && w_down.size(2) == a.I,
+              "moe_kernels (cpu): w_down must be [E=", a.E, ", H=", a.H, ", I=", a.I, "], got ",
+              w_down.sizes());
+  TORCH_CHECK(topk_ids.size(0) == a.T, "moe_kernels (cpu): topk_ids must be [T=", a.T,
+              ", k], got ", topk_ids.sizes());
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_kernels (cpu): topk_weights ",
+              topk_weights.sizes(), " must match topk_ids ", topk_ids.sizes());
+  if (gate_up_bias.has_value()) {
+    check_cpu(*gate_up_bias, "gate_up_bias");
+    check_float(*gate_up_bias, "gate_up_bias");
+    TORCH_CHECK(gate_up_bias->dim() == 2 && gate_up_bias->size(0) == a.E &&
+                    gate_up_bias->size(1) == 2 * a.I,
+                "moe_kernels (cpu): gate_up_bias must be [E=", a.E, ", 2I=", 2 * a.I, "], got ",
+                gate_up_bias->sizes());
+  }
+  if (down_bias.has_value()) {
+    check_cpu(*down_bias, "down_bias");
+    check_float(*down_bias, "down_bias");
+    TORCH_CHECK(down_bias->dim() == 2 && down_bias->size(0) == a.E && down_bias->size(1) == a.H,
+                "moe_kernels (cpu): down_bias must be [E=", a.E, ", H=", a.H, "], got ",
+                down_bias->sizes());
+  }
+  a.act = {parse_activation(std::string(activation)), static_cast<float>(alpha),
+           static_cast<float>(limit)};
+  a.interleaved = interleaved;
+  return a;
+}
+
+// Expert-sorted rows of the kept (token, slot) pairs.
+struct Rows {
+  int64_t R = 0;
+  std::vector<int64_t> begin, end;  // [E]
+  std::vector<int64_t> token;       // [R] token of each row
+  std::vector<int64_t> pair;        // [R] flat pair index t*k + s
+  std::vector<int64_t> row_of_pair; // [T*k], -1 for dropped pairs
+};
+
+Rows sort_rows(const at::Tensor& topk_ids, int64_t E, int64_t k) {
+  at::Tensor ids = topk_ids.contiguous();
+  const IndexView iv(ids);
+  const int64_t TK = ids.numel();
+  Rows r;
+  r.begin.assign(E, 0);
+  r.end.assign(E, 0);
+  std::vector<int64_t> cnt(E, 0);
+  for (int64_t i = 0; i < TK; ++i) {
+    const int64_t e = iv[i];
+    if (e >= 0 && e < E) ++cnt[e];
+  }
+  int64_t acc = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    r.begin[e] = acc;
+    acc += cnt[e];
+    r.end[e] = acc;
+  }
+  r.R = acc;
+  r.token.resize(acc);
+  r.pair.resize(acc);
+  r.row_of_pair.resize(TK);
+  std::vector<int64_t> next(r.begin);
+  for (int64_t i = 0; i < TK; ++i) {
+    const int64_t e = iv[i];
+    if (e < 0 || e >= E) {
+      r.row_of_pair[i] = -1;
+      continue;
+    }
+    const int64_t row = next[e]++;
+    r.row_of_pair[i] = row;
+    r.pair[row] = i;
+    r.token[row] = i / k;
+  }
+  return r;
+}
+
+int64_t count_row_blocks(const Rows& rows) {
+  int64_t n = 0;
+  for (size_t e = 0; e < rows.begin.size(); ++e) {
+    const int64_t m = rows.end[e] - rows.begin[e];
+    if (m > 0) n += (m + kRowBlock - 1) / kRowBlock;
+  }
+  return n;
+}
+
+// Index in w_gate_up's 2I axis of gate column j and up column j.
+inline int64_t gate_col(const FfnArgs& a, int64_t j) { return a.interleaved ? 2 * j : j; }
+inline int64_t up_col(const FfnArgs& a, int64_t j) { return a.interleaved ? 2 * j + 1 : a.I + j; }
+
+at::Tensor to_f32_contig(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// GEMM 1 over all tasks.  With act == nullptr, writes the pre-activation [R, 2I] (w_gate_up's
+// column order) to pre; with it, writes act(gate, up) [R, I] to h.
+void gemm1(const FfnArgs& a, const Rows& rows, const at::Tensor& x, const at::Tensor& w_gate_up,
+           const float* bias_gu, bool apply_act, float* out) {
+  const int64_t I = a.I;
+  const int64_t nb = pick_col_block(count_row_blocks(rows), I, 64, 8);
+  const std::vector<Task> tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), I,
+                                             kRowBlock, nb);
+  const Operand X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+    const Task& t = tasks[i];
+    const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
+    thread_local std::vector<float> tile;
+    thread_local std::vector<int64_t> cols;
+    if (static_cast<int64_t>(tile.size()) < mb * 2 * nbt) tile.resize(mb * 2 * nbt);
+    cols.resize(2 * nbt);
+    for (int64_t j = 0; j < nbt; ++j) {
+      cols[j] = gate_col(a, t.n0 + j);
+      cols[nbt + j] = up_col(a, t.n0 + j);
+    }
+    const Operand W = operand(w_gate_up, w_gate_up.stride(1), w_gate_up.stride(2),
+                              t.e * w_gate_up.stride(0), cols.data());
+    float* c = tile.data();
+    gemm_nt(mb, 2 * nbt, a.H, X.shifted(t.m0, 0), W, c, 2 * nbt);
+    const float* bg = bias_gu ? bias_gu + t.e * 2 * I : nullptr;
+    for (int64_t m = 0; m < mb; ++m) {
+      const float* cg = c + m * 2 * nbt;
+      const float* cu = cg + nbt;
+      if (apply_act) {
+        float* h = out + (t.m0 + m) * I + t.n0;
+        for (int64_t j = 0; j < nbt; ++j) {
+          const float g = cg[j] + (bg ? bg[cols[j]] : 0.f);
+          const float u = cu[j] + (bg ? bg[cols[nbt + j]] : 0.f);
+          h[j] = act_forward(a.act, g, u);
+        }
+      } else {
+        float* p = out + (t.m0 + m) * 2 * I;
+        for (int64_t j = 0; j < nbt; ++j) {
+          p[cols[j]] = cg[j] + (bg ? bg[cols[j]] : 0.f);
+          p[cols[nbt + j]] = cu[j] + (bg ? bg[cols[nbt + j]] : 0.f);
+        }
+      }
+    }
+  });
+}
+
+// GEMM 2: y[r, :] = row_scale[r] * (h[r, :] @ w_down[e]^T + b_down[e]) (row_scale null: 1).
+void gemm2(const FfnArgs& a, const Rows& rows, const float* h, const at::Tensor& w_down,
+           const float* bias_d, const float* row_scale, float* y) {
+  const int64_t H = a.H, I = a.I;
+  const int64_t nb = pick_col_block(count_row_blocks(rows), H, 128, 8);
+  const std::vector<Task> tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), H,
+                                             kRowBlock, nb);
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+    const Task& t = tasks[i];
+    const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
+    const Operand A = operand_f32(h + t.m0 * I, I, 1);
+    const Operand W = operand(w_down, w_down.stride(1), w_down.stride(2),
+                              t.e * w_down.stride(0) + t.n0 * w_down.stride(1));
+    thread_local std::vector<float> tile;
+    if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
+    gemm_nt(mb, nbt, I, A, W, tile.data(), nbt);
+    const float* bd = bias_d ? bias_d + t.e * H + t.n0 : nullptr;
+    for (int64_t m = 0; m < mb; ++m) {
+      const float s = row_scale ? row_scale[t.m0 + m] : 1.f;
+      const float* c = tile.data() + m * nbt;
+      float* o = y + (t.m0 + m) * H + t.n0;
+      for (int64_t j = 0; j < nbt; ++j) o[j] = s * (c[j] + (bd ? bd[j] : 0.f));
+    }
+  });
+}
+
+// out[t, :] = sum_s rows_val[row_of_pair[t*k+s], :] in slot order (fp32), cast to out's dtype.
+void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* vals, at::Tensor& out) {
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t es = out.element_size();
+  const at::ScalarType odt = out.scalar_type();
+  at::parallel_for(0, T, std::max<int64_t>(1, 1024 / std::max<int64_t>(H, 1)),
+                   [&](int64_t t0, int64_t t1) {
+                     std::vector<float> acc(H);
+                     for (int64_t t = t0; t < t1; ++t) {
+                       std::fill(acc.begin(), acc.end(), 0.f);
+                       for (int64_t s = 0; s < k; ++s) {
+                         const int64_t r = rows.row_of_pair[t * k + s];
+                         if (r < 0) continue;
+                         const float* v = vals + r * H;
+                         for (int64_t j = 0; j < H; ++j) acc[j] += v[j];
+                       }
+                       store_f32(acc.data(), op + t * H * es, odt, H);
+                     }
+                   });
+}
+
+at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                       const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                       const std::optional<at::Tensor>& gate_up_bias,
+                       const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                       double alpha, double limit, bool interleaved) {
+  const FfnArgs a = check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                              activation, alpha, limit, interleaved);
+  at::Tensor out = new_output({a.T, a.H}, x.options());
+  if (a.T == 0 || a.H == 0) return out;
+  const Rows rows = sort_rows(topk_ids, a.E, a.k);
+  if (rows.R == 0) {
+    out.zero_();
+    return out;
+  }
+  const at::Tensor bgu = to_f32_contig(gate_up_bias), bd = to_f32_contig(down_bias);
+  const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
+  const float* twp = tw.data_ptr<float>();
+  std::vector<float> row_w(rows.R);
+  for (int64_t r = 0; r < rows.R; ++r) row_w[r] = twp[rows.pair[r]];
+  at::Tensor h = at::empty({rows.R, a.I}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({rows.R, a.H}, x.options().dtype(at::kFloat));
+  gemm1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
+        h.data_ptr<float>());
+  gemm2(a, rows, h.data_ptr<float>(), w_down, bd.defined() ? bd.data_ptr<float>() : nullptr,
+        row_w.data(), y.data_ptr<float>());
+  combine(rows, a.T, a.k, a.H, y.data_ptr<float>(), out);
+  return out;
+}
+
+// Weight gradient of one expert: grad[e][m, n] = sum_r P[r, m] * Q[r, n] over the expert's rows
+// (P, Q fp32 row-major with P_cols = M, Q_cols = N).  Experts without rows get exact zeros.
+void expert_weight_grad(const Rows& rows, const float* P, int64_t Mp, const float* Q, int64_t Nq,
+                        at::Tensor& grad) {
+  const int64_t E = grad.size(0);
+  std::vector<int64_t> zero(E, 0), full(E, Mp);
+  const int64_t nb = pick_col_block(E * ((Mp + kRowBlock - 1) / kRowBlock), Nq, 256, 16);
+  const std::vector<Task> tasks = make_tasks(E, zero.data(), full.data(), Nq, kRowBlock, nb, false);
+  char* gp = static_cast<char*>(grad.data_ptr());
+  const int64_t es = grad.element_size();
+  const at::ScalarType gdt = grad.scalar_type();
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+    const Task& t = tasks[i];
+    const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
+    const int64_t r0 = rows.begin[t.e], nr = rows.end[t.e] - r0;
+    thread_local std::vector<float> tile;
+    if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
+    const Operand A = operand_f32(P + r0 * Mp + t.m0, 1, Mp);
+    const Operand B = operand_f32(Q + r0 * Nq + t.n0, 1, Nq);
+    gemm_nt(mb, nbt, nr, A, B, tile.data(), nbt);
+    for (int64_t m = 0; m < mb; ++m)
+      store_f32(tile.data() + m * nbt, gp + ((t.e * Mp + t.m0 + m) * Nq + t.n0) * es, gdt, nbt);
+  });
+}
+
+// bias gradient: grad[e][n] = sum over the expert's rows of G[r, n] (rows in order).
+void expert_bias_grad(const Rows& rows, const float* G, int64_t N, at::Tensor& grad) {
+  const int64_t E = grad.size(0);
+  char* gp = static_cast<char*>(grad.data_ptr());
+  const int64_t es = grad.element_size();
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    std::vector<float> acc(N);
+    for (int64_t e = e0; e < e1; ++e) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t r = rows.begin[e]; r < rows.end[e]; ++r)
+        for (int64_t n = 0; n < N; ++n) acc[n] += G[r * N + n];
+      store_f32(acc.data(), gp + e * N * es, grad.scalar_type(), N);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate_up,
+                     const at::Tensor& w_down, const at::Tensor& topk_weights,
+                     const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_up_bias,
+                     const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                     double alpha, double limit, bool interleaved) {
+  const FfnArgs a = check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                              activation, alpha, limit, interleaved);
+  check_cpu(grad_out, "grad_out");
+  check_float(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == a.T && grad_out.size(1) == a.H,
+              "moe_kernels (cpu): grad_out must be [T=", a.T, ", H=", a.H, "], got ",
+              grad_out.sizes());
+  const int64_t T = a.T, H = a.H, I = a.I, k = a.k, E = a.E;
+  const Rows rows = sort_rows(topk_ids, E, k);
+  const int64_t R = rows.R;
+  auto f32 = x.options().dtype(at::kFloat);
+  const at::Tensor bgu = to_f32_contig(gate_up_bias), bd = to_f32_contig(down_bias);
+  const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor go = grad_out.to(at::kFloat).contiguous();
+  const float* twp = tw.data_ptr<float>();
+  const float* gop = go.data_ptr<float>();
+
+  // Recompute the forward pieces in expert-sorted order.
+  at::Tensor pre = at::empty({R, 2 * I}, f32), hact = at::empty({R, I}, f32);
+  at::Tensor yrow = at::empty({R, H}, f32), gy = at::empty({R, H}, f32);
+  float* prep = pre.data_ptr<float>();
+  float* hp = hact.data_ptr<float>();
+  float* gyp = gy.data_ptr<float>();
+  std::vector<float> row_w(R);
+  for (int64_t r = 0; r < R; ++r) row_w[r] = twp[rows.pair[r]];
+  if (R > 0) {
+    gemm1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, false, prep);
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < I; ++j)
+          hp[r * I + j] = act_forward(a.act, prep[r * 2 * I + gate_col(a, j)],
+                                      prep[r * 2 * I + up_col(a, j)]);
+    });
+    gemm2(a, rows, hp, w_down, bd.defined() ? bd.data_ptr<float>() : nullptr, nullptr,
+          yrow.data_ptr<float>());
+    // gy[r] = w[r] * grad_out[token r]
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* g = gop + rows.token[r] * H;
+        for (int64_t n = 0; n < H; ++n) gyp[r * H + n] = row_w[r] * g[n];
+      }
+    });
+  }
+
+  // grad_topk_weights[t, s] = <grad_out[t], y_row>
+  at::Tensor gw32 = new_output({T, k}, f32);
+  {
+    float* gwp = gw32.data_ptr<float>();
+    const float* yp = yrow.data_ptr<float>();
+    at::parallel_for(0, T * k, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = rows.row_of_pair[i];
+        if (r < 0) {
+          gwp[i] = 0.f;
+          continue;
+        }
+        const float* g = gop + (i / k) * H;
+        float acc = 0.f;
+        for (int64_t n = 0; n < H; ++n) acc += g[n] * yp[r * H + n];
+        gwp[i] = acc;
+      }
+    });
+  }
+  at::Tensor grad_tw = gw32.to(topk_weights.scalar_type());
+
+  // grad_w_down[e] = gy^T hact; grad_down_bias[e] = sum gy
+  at::Tensor grad_wd = new_output({E, H, I}, w_down.options());
+  expert_weight_grad(rows, gyp, H, hp, I, grad_wd);
+  at::Tensor grad_bd = at::empty({0}, x.options());
+  if (down_bias.has_value()) {
+    grad_bd = new_output({E, H}, down_bias->options());
+    expert_bias_grad(rows, gyp, H, grad_bd);
+  }
+
+  // gh = gy @ w_down[e]  -> d pre via the activation backward (into pre's storage)
+  at::Tensor gh = at::empty({R, I}, f32);
+  float* ghp = gh.data_ptr<float>();
+  if (R > 0) {
+    const int64_t nb = pick_col_block(count_row_blocks(rows), I, 128, 8);
+    const std::vector<Task> tasks = make_tasks(E, rows.begin.data(), rows.end.data(), I,
+                                               kRowBlock, nb);
+    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+      const Task& t = tasks[i];
+      const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
+      const Operand A = operand_f32(gyp + t.m0 * H, H, 1);
+      const Operand W = operand(w_down, w_down.stride(2), w_down.stride(1),
+                                t.e * w_down.stride(0) + t.n0 * w_down.stride(2));
+      gemm_nt(mb, nbt, H, A, W, ghp + t.m0 * I + t.n0, I);
+    });
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* p = prep + r * 2 * I;
+        for (int64_t j = 0; j < I; ++j) {
+          float dg, du;
+          const int64_t gc = gate_col(a, j), uc = up_col(a, j);
+          act_backward(a.act, p[gc], p[uc], ghp[r * I + j], &dg, &du);
+          p[gc] = dg;
+          p[uc] = du;
+        }
+      }
+    });
+  }
+  const float* ggu = prep;  // now d(pre-activation) [R, 2I]
+
+  // grad_w_gate_up[e] = ggu^T x_rows; grad_gate_up_bias[e] = sum ggu
+  at::Tensor xg = at::empty({R, H}, f32);
+  float* xgp = xg.data_ptr<float>();
+  if (R > 0) {
+    const Operand X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const Operand xr = X.shifted(r, 0);
+        const char* p = static_cast<const char*>(xr.p) +
+                        (xr.gather ? xr.gather[0] * xr.s0 * dtype_size(xr.dt) : 0);
+        for (int64_t n = 0; n < H; ++n) {
+          const int64_t off = n * xr.s1;
+          switch (xr.dt) {
+            case DType::kF32: xgp[r * H + n] = reinterpret_cast<const float*>(p)[off]; break;
+            case DType::kBF16:
+              xgp[r * H + n] = static_cast<float>(reinterpret_cast<const c10::BFloat16*>(p)[off]);
+              break;
+            default: xgp[r * H + n] = static_cast<float>(reinterpret_cast<const c10::Half*>(p)[off]);
+          }
+        }
+      }
+    });
+  }
+  at::Tensor grad_wgu = new_output({E, 2 * I, H}, w_gate_up.options());
+  expert_weight_grad(rows, ggu, 2 * I, xgp, H, grad_wgu);
+  at::Tensor grad_bgu = at::empty({0}, x.options());
+  if (gate_up_bias.has_value()) {
+    grad_bgu = new_output({E, 2 * I}, gate_up_bias->options());
+    expert_bias_grad(rows, ggu, 2 * I, grad_bgu);
+  }
+
+  // grad_x[t] = sum_s (ggu @ w_gate_up[e])[row]  (slot order)
+  at::Tensor gxr = at::empty({R, H}, f32);
+  float* gxp = gxr.data_ptr<float>();
+  if (R > 0) {
+    const int64_t nb = pick_col_block(count_row_blocks(rows), H, 128, 8);
+    const std::vector<Task> tasks = make_tasks(E, rows.begin.data(), rows.end.data(), H,
+                                               kRowBlock, nb);
+    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+      const Task& t = tasks[i];
+      const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
+      const Operand A = operand_f32(ggu + t.m0 * 2 * I, 2 * I, 1);
+      const Operand W = operand(w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1),
+                                t.e * w_gate_up.stride(0) + t.n0 * w_gate_up.stride(2));
+      gemm_nt(mb, nbt, 2 * I, A, W, gxp + t.m0 * H + t.n0, H);
+    });
+  }
+  at::Tensor grad_x = new_output({T, H}, x.options());
+  if (T > 0 && H > 0) combine(rows, T, k, H, gxp, grad_x);
+  return {grad_x, grad_wgu, grad_wd, grad_tw, grad_bgu, grad_bd};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("moe_ffn", &moe_ffn_cpu);
+  m.impl("moe_ffn_backward", &moe_ffn_backward_cpu);
+}
+
+}  // namespace moe_kernels::cpu
