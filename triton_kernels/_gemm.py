@@ -165,13 +165,13 @@ def grouped_mm_kernel(
     rows64 = rows.to(tl.int64)
     if PADDED:
         # routing-plan rows: slot_of_row names each row's (token, slot) pair, -1 for padding
-        slot = tl.load(slot_ptr + rows64, mask=rmask, other=-1).to(tl.int64)
+        slot = tl.load(slot_ptr + rows64, mask=rmask, other=-1)
         a_mask = rmask & (slot >= 0) & active
     else:
-        slot = rows64
+        slot = rows
         a_mask = rmask & active
     if GATHER:
-        a_rows = tl.where(a_mask, slot // top_k, 0)
+        a_rows = tl.where(a_mask, slot // top_k, 0).to(tl.int64)  # 32-bit division
     else:
         a_rows = rows64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,9 +286,9 @@ def ragged_k_kernel(
         r64 = r.to(tl.int64)
         rm = r < end
         if GATHER_Q:
-            slot = tl.load(slot_ptr + r64, mask=rm, other=-1).to(tl.int64)
+            slot = tl.load(slot_ptr + r64, mask=rm, other=-1)
             rm = rm & (slot >= 0)
-            q_rows = tl.where(rm, slot // top_k, 0)
+            q_rows = tl.where(rm, slot // top_k, 0).to(tl.int64)
         else:
             q_rows = r64
         pt = tl.load(

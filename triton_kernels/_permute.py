@@ -34,9 +34,9 @@ def permute_kernel(
     h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     rmask = r < num_rows
     hmask = h < H
-    slot = tl.load(slot_ptr + r, mask=rmask, other=-1).to(tl.int64)
+    slot = tl.load(slot_ptr + r, mask=rmask, other=-1)  # int32: a 32-bit division below
     used = slot >= 0
-    tok = tl.where(used, slot // top_k, 0)
+    tok = tl.where(used, slot // top_k, 0).to(tl.int64)
     v = tl.load(
         x_ptr + tok[:, None] * stride_xt + h[None, :] * stride_xh,
         mask=(used & rmask)[:, None] & hmask[None, :],
@@ -169,10 +169,10 @@ def segment_sum_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         rmask = r < end
         if GATHER:
-            slot = tl.load(slot_ptr + r, mask=rmask, other=-1).to(tl.int64)
+            slot = tl.load(slot_ptr + r, mask=rmask, other=-1)
             rmask = rmask & (slot >= 0)
             slot = tl.where(rmask, slot, 0)
-            src_row = slot // top_k
+            src_row = (slot // top_k).to(tl.int64)
             w = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         else:
             src_row = r.to(tl.int64)

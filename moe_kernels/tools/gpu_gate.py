@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -46,8 +48,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# the gate compiles for real targets: the interpreter must be off before triton is imported
+# the gate compiles for real targets: the interpreter must be off before triton is imported, and
+# a fresh cache makes ptxas run (and report spills) for every variant
 os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="moe_gpu_gate_"))
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 import torch  # noqa: E402
 
@@ -352,7 +357,10 @@ def compile_variant(v: Variant) -> dict:
     row = {"kernel": v.kernel, "arch": v.arch, "variant": v.label(), "example": v.where}
     try:
         src = ASTSource(v.fn, v.signature, v.constexprs, v.attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=dict(v.options))
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # Triton prints the `ptxas -v` report here
+            k = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=dict(v.options))
+        ptxas_log = log.getvalue()
     except Exception as exc:  # a variant that does not compile fails the gate
         row.update(ok=False, problems=[f"compile error: {type(exc).__name__}: {exc}"[:500]])
         return row
@@ -377,7 +385,12 @@ def compile_variant(v: Variant) -> dict:
         m = re.search(name + r":(\d+)", res)
         return int(m.group(1)) if m else 0
 
+    spill_st = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", ptxas_log))
+    spill_ld = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", ptxas_log))
     row.update(
+        spill_stores=spill_st,
+        spill_loads=spill_ld,
+        ptxas_log_seen="spill stores" in ptxas_log,
         regs=field_of("REG"),
         stack=field_of("STACK"),
         local=field_of("LOCAL"),
@@ -387,8 +400,12 @@ def compile_variant(v: Variant) -> dict:
         seconds=round(time.time() - t0, 1),
     )
     problems = []
-    if row["local"] > 0 or row["stack"] > 0:
-        problems.append(f"spills (local {row['local']} B, stack {row['stack']} B)")
+    # a stack frame alone (e.g. a called math routine) is not a spill; spill stores/loads
+    # (ptxas -v) and local memory are
+    if spill_st or spill_ld or row["local"] > 0:
+        problems.append(f"spills (stores {spill_st} B, loads {spill_ld} B, local {row['local']} B)")
+    if not row["ptxas_log_seen"]:
+        problems.append("no ptxas -v report (cached compile?): spills not checked")
     if row["shared"] > SHARED_LIMIT[v.arch]:
         problems.append(f"shared {row['shared']} B > {SHARED_LIMIT[v.arch]} B")
     c = v.const_by_name
@@ -482,14 +499,16 @@ def main(argv: list[str] | None = None) -> int:
             progress(rows[-1])
 
     hdr = (
-        f"{'arch':>4} {'regs':>4} {'local':>5} {'shared':>7} {'HMMA':>5} {'HGMMA':>5}  ok  variant"
+        f"{'arch':>4} {'regs':>4} {'spill':>5} {'stack':>5} {'shared':>7} {'HMMA':>5} "
+        f"{'HGMMA':>5}  ok  variant"
     )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(
-            f"sm{r['arch']:<2} {r.get('regs', '-'):>4} {r.get('local', '-'):>5} "
-            f"{r.get('shared', '-'):>7} {r.get('hmma', '-'):>5} {r.get('hgmma', '-'):>5}  "
+            f"sm{r['arch']:<2} {r.get('regs', '-'):>4} "
+            f"{r.get('spill_stores', 0) + r.get('spill_loads', 0) + r.get('local', 0):>5} "
+            f"{r.get('stack', '-'):>5} {r.get('shared', '-'):>7} {r.get('hmma', '-'):>5} {r.get('hgmma', '-'):>5}  "
             f"{'ok' if r['ok'] else 'FAIL'}  {r['variant']}"
         )
         for p in r["problems"]:
