@@ -269,8 +269,8 @@ def ragged_k_kernel(
     """``out[e] [MO, NO] = P[rows of e]^T @ Q[rows of e]``, the rows of e being
     ``[offs[e-1], offs[e])``. With GATHER_Q (routing-plan rows), row r of Q is
     ``Q[slot_of_row[r] // k]`` and padding rows (``slot_of_row < 0``) are skipped."""
-    e = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # output tiles on the unbounded grid axis, experts on the second
+    e = tl.program_id(1)
     num_n = tl.cdiv(NO, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n

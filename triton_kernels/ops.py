@@ -558,7 +558,7 @@ def _launch_ragged_k(p, q, out, offs, *, slot=None, top_k=1, cfg, E):
     _, MO, NO = out.shape
     if E == 0 or MO == 0 or NO == 0:
         return out
-    grid = (E, triton.cdiv(MO, cfg.BLOCK_M) * triton.cdiv(NO, cfg.BLOCK_N))
+    grid = (triton.cdiv(MO, cfg.BLOCK_M) * triton.cdiv(NO, cfg.BLOCK_N), E)
     with _ctx(p):
         _gemm.ragged_k_kernel[grid](
             p,
