@@ -28,6 +28,8 @@ __all__ = [
     "moe_ffn",
     "moe_ffn_backward",
     "activation",
+    "gated_activation",
+    "activation_backward",
 ]
 
 
@@ -122,12 +124,28 @@ def topk_gating_backward(
     renormalize: bool,
     routed_scaling_factor: float,
 ) -> torch.Tensor:
-    """d(loss)/d(router_logits) [T, E] (logits' dtype) given d(loss)/d(topk_weights) [T, k]."""
-    with torch.enable_grad():
-        logits = router_logits.detach().to(compute_dtype(router_logits.dtype)).requires_grad_()
-        w = _gather_weights(_scores(logits, scoring), topk_ids, renormalize, routed_scaling_factor)
-        (grad,) = torch.autograd.grad(w, logits, grad_weights.to(w.dtype))
-    return grad.to(router_logits.dtype)
+    """d(loss)/d(router_logits) [T, E] (logits' dtype) given d(loss)/d(topk_weights) [T, k].
+
+    With p = scores[ids] and S = sum(p): w = c * p / S (renormalize) or c * p, so
+    dp = c * (g / S - <g, p> / S^2) or c * g; dp is scattered onto the chosen experts and taken
+    through the scoring: softmax ds -> s * (ds - <ds, s>), sigmoid ds -> ds * s * (1 - s).
+    """
+    cdt = compute_dtype(router_logits.dtype)
+    s = _scores(router_logits.to(cdt), scoring)
+    ids = topk_ids.long()
+    p = s.gather(1, ids)
+    g = grad_weights.to(cdt)
+    if renormalize:
+        total = p.sum(dim=-1, keepdim=True)
+        dp = g / total - (g * p).sum(dim=-1, keepdim=True) / total**2
+    else:
+        dp = g
+    ds = torch.zeros_like(s).scatter_add_(1, ids, dp * routed_scaling_factor)
+    if scoring == "softmax":
+        dl = s * (ds - (ds * s).sum(dim=-1, keepdim=True))
+    else:
+        dl = ds * s * (1 - s)
+    return dl.to(router_logits.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +357,7 @@ def grouped_gemm_backward(
 # --------------------------------------------------------------------------------------------------
 
 
-def activation(
+def gated_activation(
     h: torch.Tensor, activation: str, alpha: float, limit: float, interleaved: bool
 ) -> torch.Tensor:
     """Gated activation of GEMM 1's output ``h`` [..., 2I] -> [..., I].
@@ -348,10 +366,7 @@ def activation(
     ``swiglu``: silu(gate) * up; ``geglu``: gelu_erf(gate) * up; ``swiglu_oai``:
     g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
     """
-    if interleaved:
-        gate, up = h[..., 0::2], h[..., 1::2]
-    else:
-        gate, up = h.chunk(2, dim=-1)
+    gate, up = _gate_up(h, interleaved)
     if activation == "swiglu":
         return F.silu(gate) * up
     if activation == "geglu":
@@ -363,44 +378,64 @@ def activation(
     raise ValueError(f"activation must be 'swiglu', 'geglu' or 'swiglu_oai', got {activation!r}")
 
 
-def _moe_ffn_fp(
-    x,
-    w_gate_up,
-    w_down,
-    topk_weights,
-    topk_ids,
-    gate_up_bias,
-    down_bias,
-    activation_name,
-    alpha,
-    limit,
-    interleaved,
-    cdt,
-):
-    """moe_ffn in the compute dtype; differentiable with torch autograd (used for the backward)."""
-    T, k = topk_ids.shape
-    E = w_gate_up.shape[0]
-    H = w_down.shape[1]
-    flat_ids = topk_ids.reshape(-1).long()
-    y = torch.zeros(T * k, H, dtype=cdt, device=x.device)  # one output row per (token, slot)
+#: public name of the gated activation (the op arguments shadow it inside this module)
+activation = gated_activation
+
+
+def _gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    return h.chunk(2, dim=-1)
+
+
+def activation_backward(
+    h: torch.Tensor,
+    grad: torch.Tensor,
+    activation: str,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+) -> torch.Tensor:
+    """d(loss)/dh [..., 2I] of :func:`gated_activation`, given d(loss)/d(act) [..., I].
+
+    swiglu: d/dgate = up * sig(gate) * (1 + gate * (1 - sig(gate))), d/dup = silu(gate);
+    geglu: d/dgate = up * (Phi(gate) + gate * phi(gate)), d/dup = gelu(gate);
+    swiglu_oai: the clamps pass the gradient where the input lies inside them (bounds included),
+    d/dg = (u + 1) * (sig(alpha g) + alpha g sig(alpha g) (1 - sig(alpha g))),
+    d/du = g * sig(alpha g).
+    """
+    gate, up = _gate_up(h, interleaved)
+    if activation == "swiglu":
+        sg = torch.sigmoid(gate)
+        d_gate = grad * up * sg * (1 + gate * (1 - sg))
+        d_up = grad * gate * sg
+    elif activation == "geglu":
+        cdf = 0.5 * (1 + torch.erf(gate * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * gate * gate) * 0.3989422804014327
+        d_gate = grad * up * (cdf + gate * pdf)
+        d_up = grad * gate * cdf
+    elif activation == "swiglu_oai":
+        g = gate.clamp(max=limit)
+        u = up.clamp(min=-limit, max=limit)
+        sg = torch.sigmoid(alpha * g)
+        d_gate = grad * (u + 1) * (sg + alpha * g * sg * (1 - sg)) * (gate <= limit)
+        d_up = grad * g * sg * ((up >= -limit) & (up <= limit))
+    else:
+        raise ValueError(
+            f"activation must be 'swiglu', 'geglu' or 'swiglu_oai', got {activation!r}"
+        )
+    if interleaved:
+        return torch.stack((d_gate, d_up), dim=-1).flatten(-2)
+    return torch.cat((d_gate, d_up), dim=-1)
+
+
+def _expert_pairs(topk_ids: torch.Tensor, E: int):
+    """(expert, flat pair indices) for every expert that has pairs. Host loop: reference only."""
+    flat = topk_ids.reshape(-1).long()
     for e in range(E):
-        pairs = (flat_ids == e).nonzero().squeeze(1)
-        if pairs.numel() == 0:
-            continue
-        h = x[pairs // k].to(cdt) @ w_gate_up[e].to(cdt).t()
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].to(cdt)
-        a = activation(h, activation_name, alpha, limit, interleaved)
-        o = a @ w_down[e].to(cdt).t()
-        if down_bias is not None:
-            o = o + down_bias[e].to(cdt)
-        y = y.index_put((pairs,), o)
-    y = y.view(T, k, H)
-    w = topk_weights.to(cdt)
-    out = torch.zeros(T, H, dtype=cdt, device=x.device)
-    for s in range(k):  # the sum over slots runs in slot order
-        out = out + w[:, s, None] * y[:, s]
-    return out
+        pairs = (flat == e).nonzero().squeeze(1)
+        if pairs.numel():
+            yield e, pairs
 
 
 def moe_ffn(
@@ -430,20 +465,22 @@ def moe_ffn(
         [T, H] in x's dtype.
     """
     cdt = compute_dtype(x.dtype, w_gate_up.dtype, w_down.dtype)
-    out = _moe_ffn_fp(
-        x,
-        w_gate_up,
-        w_down,
-        topk_weights,
-        topk_ids,
-        gate_up_bias,
-        down_bias,
-        activation,
-        alpha,
-        limit,
-        interleaved,
-        cdt,
-    )
+    T, k = topk_ids.shape
+    H = w_down.shape[1]
+    y = torch.zeros(T * k, H, dtype=cdt, device=x.device)  # one output row per (token, slot)
+    for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
+        h = x[pairs // k].to(cdt) @ w_gate_up[e].to(cdt).t()
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].to(cdt)
+        o = gated_activation(h, activation, alpha, limit, interleaved) @ w_down[e].to(cdt).t()
+        if down_bias is not None:
+            o = o + down_bias[e].to(cdt)
+        y[pairs] = o
+    y = y.view(T, k, H)
+    w = topk_weights.to(cdt)
+    out = torch.zeros(T, H, dtype=cdt, device=x.device)
+    for s in range(k):  # the sum over slots runs in slot order
+        out = out + w[:, s, None] * y[:, s]
     return out.to(x.dtype)
 
 
@@ -462,32 +499,53 @@ def moe_ffn_backward(
     interleaved: bool,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`moe_ffn` w.r.t. (x, w_gate_up, w_down, topk_weights, gate_up_bias,
-    down_bias), each in its input's dtype (empty [0] for a bias that is None)."""
+    down_bias), each in its input's dtype (empty [0] for a bias that is None).
+
+    Per expert e with pairs p (tokens t = p // k, weights w_p), recomputing h, a = act(h), o:
+    go = w_p * G[t]; d w_p = <G[t], o>; dW_down[e] = go^T a; db_down[e] = sum go;
+    dh = act'(h, go W_down[e]); dW_gate_up[e] = dh^T x[t]; db_gate_up[e] = sum dh;
+    dx[t] += dh W_gate_up[e]. Experts without pairs get exactly zero gradients.
+    """
     cdt = compute_dtype(x.dtype, w_gate_up.dtype, w_down.dtype)
-    inputs = [x, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias]
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().to(cdt).requires_grad_() for t in inputs]
-        out = _moe_ffn_fp(
-            leaves[0],
-            leaves[1],
-            leaves[2],
-            leaves[3],
-            topk_ids,
-            leaves[4],
-            leaves[5],
-            activation,
-            alpha,
-            limit,
-            interleaved,
-            cdt,
-        )
-        present = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(out, present, grad_out.to(cdt), allow_unused=True))
-    result = []
-    for orig, leaf in zip(inputs, leaves):
-        if leaf is None:
-            result.append(_empty(x))
-            continue
-        g = next(grads)
-        result.append(torch.zeros_like(orig) if g is None else g.to(orig.dtype))
-    return tuple(result)
+    T, k = topk_ids.shape
+    G = grad_out.to(cdt)
+    w = topk_weights.to(cdt).reshape(-1)
+    dx = torch.zeros(x.shape, dtype=cdt, device=x.device)
+    dwgu = torch.zeros(w_gate_up.shape, dtype=cdt, device=x.device)
+    dwd = torch.zeros(w_down.shape, dtype=cdt, device=x.device)
+    dw = torch.zeros(T * k, dtype=cdt, device=x.device)
+    dbgu = (
+        None
+        if gate_up_bias is None
+        else torch.zeros(gate_up_bias.shape, dtype=cdt, device=x.device)
+    )
+    dbd = None if down_bias is None else torch.zeros(down_bias.shape, dtype=cdt, device=x.device)
+    for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
+        tok = pairs // k
+        xe, wgu, wd = x[tok].to(cdt), w_gate_up[e].to(cdt), w_down[e].to(cdt)
+        h = xe @ wgu.t()
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].to(cdt)
+        a = gated_activation(h, activation, alpha, limit, interleaved)
+        o = a @ wd.t()
+        if down_bias is not None:
+            o = o + down_bias[e].to(cdt)
+        g = G[tok]
+        dw[pairs] = (g * o).sum(dim=-1)
+        go = g * w[pairs, None]
+        dwd[e] = go.t() @ a
+        dh = activation_backward(h, go @ wd, activation, alpha, limit, interleaved)
+        dwgu[e] = dh.t() @ xe
+        dx.index_add_(0, tok, dh @ wgu)
+        if dbd is not None:
+            dbd[e] = go.sum(dim=0)
+        if dbgu is not None:
+            dbgu[e] = dh.sum(dim=0)
+    return (
+        dx.to(x.dtype),
+        dwgu.to(w_gate_up.dtype),
+        dwd.to(w_down.dtype),
+        dw.view(T, k).to(topk_weights.dtype),
+        _empty(x) if dbgu is None else dbgu.to(gate_up_bias.dtype),
+        _empty(x) if dbd is None else dbd.to(down_bias.dtype),
+    )
