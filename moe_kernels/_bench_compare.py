@@ -11,7 +11,8 @@ On the same weights and the same routing, in one run, contenders timed in turns 
   (it also reads the weights of k experts, like a decode step with k distinct experts),
 
 and two machine ceilings measured in the same run: the read bandwidth (a sum over a 1 GiB float32
-tensor) and the dense FLOP rate (``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype, in
+tensor, timed at the start and again as the ``read-ceiling`` contender in the rounds of every
+(shape, T), whose median is the yardstick of that table's ``% read BW``) and the dense FLOP rate (``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype, in
 the fastest of three operand layouts; and, for reference, the same matmul in float32).
 
 Decode sizes (T <= 16 by default) evict the caches before every timed call, as in a real model
@@ -77,7 +78,7 @@ CSV_HEADERS = (
     "samples",
     "speedup_vs_eager",
     "distinct_experts",
-    "active_weight_GBps",
+    "GBps",
     "pct_read_bw",
     "tflops",
     "pct_dense",
@@ -286,7 +287,9 @@ def run(args: argparse.Namespace) -> int:
         d32 = bu.dense_matmul_ceiling(m, k, n, 3, torch.float32, device)
         fp32_rate = d32["rate"]
         print(f"   for comparison, fp32 matmul {m}x{k}x{n}: {fp32_rate / 1e12:.3f} TFLOP/s")
+    read_buf = torch.ones(read_bytes // 4, dtype=torch.float32, device=device)
     ceilings = {
+        "read_buf": read_buf,
         "read_bw": read_bw,
         "dense": dense_rate,
         "dense_layout": dense["layout"],
@@ -397,12 +400,16 @@ def _run_one(
             contenders[b] = lambda xd=xd, bd=bd: torch.matmul(xd, bd)
             ran_as[b] = f"matmul [{T},{shape.hidden}]x[{shape.hidden},{bd.shape[1]}] ({layout})"
 
+    # the read ceiling again, in the same rounds: on a shared machine the bandwidth drifts
+    contenders["read-ceiling"] = ceilings["read_buf"].sum
+    ran_as["read-ceiling"] = f"sum over {ceilings['read_buf'].numel() * 4 >> 20} MiB fp32"
+
     # skip contenders whose call would take longer than --max-call-seconds, predicted from their
     # FLOP rate at the previous token count of this shape
     flops = shape.flops(T)
     skipped: dict[str, str] = {}
     for name in list(contenders):
-        if name in rates and flops / rates[name] > args.max_call_seconds:
+        if name in rates and name != "read-ceiling" and flops / rates[name] > args.max_call_seconds:
             skipped[name] = (
                 f"skipped: ~{flops / rates[name]:.0f} s per call predicted "
                 f"(> --max-call-seconds {args.max_call_seconds:g})"
@@ -416,7 +423,7 @@ def _run_one(
         with torch.inference_mode():
             ref = moe_kernels.moe_ffn(x, wgu, wd, tw, ti, backend="reference")
             for name, fn in contenders.items():
-                if name == "dense-matmul":
+                if name in ("dense-matmul", "read-ceiling"):
                     continue
                 try:
                     errors_rel[name] = bu.rel_error(fn(), ref)
@@ -427,7 +434,7 @@ def _run_one(
 
     repeats = args.repeats or (20 if decode else 5)
     # the accuracy call above already warmed the FFN contenders up
-    warm = {n: f for n, f in live.items() if args.no_check or n == "dense-matmul"}
+    warm = {n: f for n, f in live.items() if args.no_check or n in ("dense-matmul", "read-ceiling")}
     with torch.inference_mode():
         for fn in warm.values():
             fn()
@@ -447,7 +454,10 @@ def _run_one(
     n_distinct = bu.distinct_experts(ti, shape.experts)
     esize = x.element_size()
     active_bytes = n_distinct * shape.expert_bytes(esize)
-    read_bw, dense_rate = ceilings["read_bw"], ceilings["dense"]
+    dense_rate = ceilings["dense"]
+    read_bw = ceilings["read_bw"]
+    if times.get("read-ceiling"):  # measured in these rounds: the fairer yardstick
+        read_bw = ceilings["read_buf"].numel() * 4 / bu.median(times["read-ceiling"])
     eager_med = bu.median(times.get("hf-eager", []))
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
 
@@ -459,13 +469,17 @@ def _run_one(
         rel = errors_rel.get(name, float("nan"))
         if name in backends and (name in exc_msgs or (rel == rel and rel > tol)):
             failures += 1
+        nan = float("nan")
+        row_flops, row_bytes = flops, active_bytes
+        if name == "read-ceiling":
+            row_flops, row_bytes = nan, ceilings["read_buf"].numel() * 4
         row = {
-            "speedup_vs_eager": eager_med / med if med == med else float("nan"),
-            "pct_read_bw": 100.0 * active_bytes / med / read_bw if med == med else float("nan"),
-            "pct_dense": 100.0 * flops / med / dense_rate if med == med else float("nan"),
-            "pct_fp32": 100.0 * flops / med / ceilings["fp32_dense"]
-            if med == med
-            else float("nan"),
+            "speedup_vs_eager": eager_med / med if name != "read-ceiling" else nan,
+            "pct_read_bw": 100.0 * row_bytes / med / read_bw,
+            "pct_dense": 100.0 * row_flops / med / dense_rate,
+            "pct_fp32": 100.0 * row_flops / med / ceilings["fp32_dense"],
+            "tflops": row_flops / med / 1e12,
+            "GBps": row_bytes / med / 1e9,
         }
         tgt_desc, tgt_met = "", ""
         if name == "cpu" and ran_as.get(name) == "cpu" and device.type == "cpu":
@@ -482,7 +496,7 @@ def _run_one(
                 row["pct_read_bw"],
                 row["pct_dense"],
                 row["pct_fp32"],
-                flops / med / 1e12 if med == med else float("nan"),
+                row["tflops"],
                 rel,
                 f"{tgt_desc}: {tgt_met}" if tgt_desc else "",
                 (err[:60] + "...") if len(err) > 60 else err,
@@ -506,9 +520,9 @@ def _run_one(
                 len(times.get(name, [])),
                 row["speedup_vs_eager"],
                 n_distinct,
-                active_bytes / med / 1e9 if med == med else "",
+                row["GBps"],
                 row["pct_read_bw"],
-                flops / med / 1e12 if med == med else "",
+                row["tflops"],
                 row["pct_dense"],
                 rel,
                 evict,

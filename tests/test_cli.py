@@ -146,12 +146,15 @@ def test_full_compare_small(tmp_path, capsys):
     assert rc == 0, text
     rows = _read_csv(out_csv)
     names = {r["contender"] for r in rows}
-    assert set(cmp.BASELINES) <= names
+    assert set(cmp.BASELINES) | {"cpu", "read-ceiling"} <= names
     for r in rows:
         assert int(r["samples"]) == 2, r
         assert float(r["median_ms"]) > 0
         assert (r["evicted"] == "True") == (int(r["T"]) <= 8)
-        if r["contender"] != "dense-matmul":
+        if r["contender"] == "read-ceiling":
+            assert float(r["pct_read_bw"]) == pytest.approx(100.0)
+            assert float(r["GBps"]) == pytest.approx(float(r["read_bw_GBps"]))
+        elif r["contender"] != "dense-matmul":
             # HF experts on the same weights and routing agree with the reference
             assert float(r["rel_err_vs_reference"]) < 2e-2, r
     eager = [r for r in rows if r["contender"] == "hf-eager"]
