@@ -438,6 +438,19 @@ def _expert_pairs(topk_ids: torch.Tensor, E: int):
             yield e, pairs
 
 
+def _expert_forward(x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt):
+    """GEMM 1 -> activation -> GEMM 2 of expert ``e`` for the tokens ``tok``: (x_e, h, a, o)."""
+    xe = x[tok].to(cdt)
+    h = xe @ w_gate_up[e].to(cdt).t()
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[e].to(cdt)
+    a = gated_activation(h, *act_args)
+    o = a @ w_down[e].to(cdt).t()
+    if down_bias is not None:
+        o = o + down_bias[e].to(cdt)
+    return xe, h, a, o
+
+
 def moe_ffn(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -468,13 +481,11 @@ def moe_ffn(
     T, k = topk_ids.shape
     H = w_down.shape[1]
     y = torch.zeros(T * k, H, dtype=cdt, device=x.device)  # one output row per (token, slot)
+    act_args = (activation, alpha, limit, interleaved)
     for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
-        h = x[pairs // k].to(cdt) @ w_gate_up[e].to(cdt).t()
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].to(cdt)
-        o = gated_activation(h, activation, alpha, limit, interleaved) @ w_down[e].to(cdt).t()
-        if down_bias is not None:
-            o = o + down_bias[e].to(cdt)
+        *_, o = _expert_forward(
+            x, w_gate_up, w_down, gate_up_bias, down_bias, e, pairs // k, act_args, cdt
+        )
         y[pairs] = o
     y = y.view(T, k, H)
     w = topk_weights.to(cdt)
@@ -520,21 +531,18 @@ def moe_ffn_backward(
         else torch.zeros(gate_up_bias.shape, dtype=cdt, device=x.device)
     )
     dbd = None if down_bias is None else torch.zeros(down_bias.shape, dtype=cdt, device=x.device)
+    act_args = (activation, alpha, limit, interleaved)
     for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
         tok = pairs // k
-        xe, wgu, wd = x[tok].to(cdt), w_gate_up[e].to(cdt), w_down[e].to(cdt)
-        h = xe @ wgu.t()
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].to(cdt)
-        a = gated_activation(h, activation, alpha, limit, interleaved)
-        o = a @ wd.t()
-        if down_bias is not None:
-            o = o + down_bias[e].to(cdt)
+        xe, h, a, o = _expert_forward(
+            x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt
+        )
+        wgu, wd = w_gate_up[e].to(cdt), w_down[e].to(cdt)
         g = G[tok]
         dw[pairs] = (g * o).sum(dim=-1)
         go = g * w[pairs, None]
         dwd[e] = go.t() @ a
-        dh = activation_backward(h, go @ wd, activation, alpha, limit, interleaved)
+        dh = activation_backward(h, go @ wd, *act_args)
         dwgu[e] = dh.t() @ xe
         dx.index_add_(0, tok, dh @ wgu)
         if dbd is not None:
