@@ -167,7 +167,10 @@ def route(
     flat = topk_ids.reshape(-1).long()
     valid = (flat >= 0) & (flat < E)
     key = torch.where(valid, flat, torch.full_like(flat, E))  # dropped pairs sort last
-    counts = torch.bincount(key, minlength=E + 1)[: E + 1]
+    # a scatter-add histogram: torch.bincount would synchronise with the host on CUDA
+    counts = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
     tokens_per_expert = counts[:E]
     order = torch.sort(key, stable=True).indices  # flat pair ids in expert order
     sorted_key = key[order]
