@@ -85,30 +85,33 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
   const int mr = ks.mr, nr = ks.nr;
   const int64_t lda = ks.kc + 16;  // padding keeps the mr row streams off the same cache sets
   float* tmp = scratch(c_tmp, static_cast<int64_t>(mr) * nr);
-  for (int64_t m0 = 0; m0 < M; m0 += ks.mc) {
-    const int64_t mb = std::min(ks.mc, M - m0);
-    const int64_t mb_pad = (mb + mr - 1) / mr * mr;
-    float* a = scratch(a_buf, mb_pad * lda);
+  // Loop order n (nc) -> k (kc) -> m (mc): each B element is converted and packed exactly once
+  // per call (B is the weight streamed from DRAM), the A rows once per nc column block.
+  const int64_t mc = std::min<int64_t>(ks.mc, (M + mr - 1) / mr * mr);
+  float* a = scratch(a_buf, mc * lda);
+  for (int64_t n0 = 0; n0 < N; n0 += ks.nc) {
+    const int64_t nb = std::min(ks.nc, N - n0);
+    const int64_t nb_pad = (nb + nr - 1) / nr * nr;
     for (int64_t k0 = 0; k0 < K; k0 += ks.kc) {
       const int64_t kc = std::min(ks.kc, K - k0);
       const bool acc = k0 > 0;
-      ks.load_a(mb, kc, A.shifted(m0, k0), a, lda);
-      for (int64_t m = mb; m < mb_pad; ++m) std::fill(a + m * lda, a + m * lda + kc, 0.f);
-      for (int64_t n0 = 0; n0 < N; n0 += ks.nc) {
-        const int64_t nb = std::min(ks.nc, N - n0);
-        const int64_t nb_pad = (nb + nr - 1) / nr * nr;
-        float* b = scratch(b_buf, nb_pad * kc);
-        ks.pack_b(nb, kc, B.shifted(n0, k0), b);
+      float* b = scratch(b_buf, nb_pad * kc);
+      ks.pack_b(nb, kc, B.shifted(n0, k0), b);
+      for (int64_t m0 = 0; m0 < M; m0 += mc) {
+        const int64_t mb = std::min(mc, M - m0);
+        const int64_t mb_pad = (mb + mr - 1) / mr * mr;
+        ks.load_a(mb, kc, A.shifted(m0, k0), a, lda);
+        for (int64_t m = mb; m < mb_pad; ++m) std::fill(a + m * lda, a + m * lda + kc, 0.f);
         for (int64_t jp = 0; jp < nb_pad; jp += nr) {
           const float* bp = b + jp * kc;
           const int64_t nv = std::min<int64_t>(nr, nb - jp);
           for (int64_t ip = 0; ip < mb_pad; ip += mr) {
             const int64_t mv = std::min<int64_t>(mr, mb - ip);
             float* c = C + (m0 + ip) * ldc + n0 + jp;
-            if (mv == mr && nv == nr) {
-              ks.micro(kc, a + ip * lda, lda, bp, c, ldc, acc);
+            if (nv == nr) {
+              ks.micro(kc, a + ip * lda, lda, bp, c, ldc, acc, static_cast<int>(mv));
             } else {
-              ks.micro(kc, a + ip * lda, lda, bp, tmp, nr, false);
+              ks.micro(kc, a + ip * lda, lda, bp, tmp, nr, false, static_cast<int>(mv));
               for (int64_t i = 0; i < mv; ++i)
                 for (int64_t j = 0; j < nv; ++j)
                   c[i * ldc + j] = acc ? c[i * ldc + j] + tmp[i * nr + j] : tmp[i * nr + j];

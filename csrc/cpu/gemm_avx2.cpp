@@ -63,22 +63,23 @@ MOE_AVX2 inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, 
   r7 = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-MOE_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                         int64_t ldc, bool accumulate) {
-  __m256 acc[kMr][2];
+template <int MR>
+MOE_AVX2 void micro_t(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                      int64_t ldc, bool accumulate) {
+  __m256 acc[MR][2];
 #pragma GCC unroll 6
-  for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * kNr), b1 = _mm256_loadu_ps(b + k * kNr + 8);
 #pragma GCC unroll 6
-    for (int i = 0; i < kMr; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
       acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
     }
   }
 #pragma GCC unroll 6
-  for (int i = 0; i < kMr; ++i) {
+  for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
     if (accumulate) {
       acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
@@ -86,6 +87,19 @@ MOE_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b
     }
     _mm256_storeu_ps(ci, acc[i][0]);
     _mm256_storeu_ps(ci + 8, acc[i][1]);
+  }
+}
+
+// Remainder rows get a kernel of their own height instead of a zero-padded full tile.
+MOE_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                         int64_t ldc, bool accumulate, int rows) {
+  switch (rows) {
+    case 6: return micro_t<6>(kc, a, lda, b, c, ldc, accumulate);
+    case 5: return micro_t<5>(kc, a, lda, b, c, ldc, accumulate);
+    case 4: return micro_t<4>(kc, a, lda, b, c, ldc, accumulate);
+    case 3: return micro_t<3>(kc, a, lda, b, c, ldc, accumulate);
+    case 2: return micro_t<2>(kc, a, lda, b, c, ldc, accumulate);
+    default: return micro_t<1>(kc, a, lda, b, c, ldc, accumulate);
   }
 }
 

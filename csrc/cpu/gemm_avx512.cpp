@@ -2,6 +2,8 @@
 // 8x32 register tile: 16 zmm accumulators, 2 B vectors, 1 broadcast.
 #include <immintrin.h>
 
+#include <vector>
+
 #include "cpu/gemm_impl.h"
 
 #define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
@@ -23,8 +25,8 @@ MOE_AVX512 inline __m512 ld16(const char* p) {
   }
 }
 
-MOE_AVX512 void micro_avx512(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                             int64_t ldc, bool accumulate) {
+MOE_AVX512 void micro_full(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                           int64_t ldc, bool accumulate) {
   __m512 acc[kMr][2];
 #pragma GCC unroll 8
   for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -47,6 +49,21 @@ MOE_AVX512 void micro_avx512(int64_t kc, const float* a, int64_t lda, const floa
     _mm512_storeu_ps(ci, acc[i][0]);
     _mm512_storeu_ps(ci + 16, acc[i][1]);
   }
+}
+
+// Fewer rows than the tile: run the full tile on a zero-padded copy of A and keep the rows.
+MOE_AVX512 void micro_avx512(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                             int64_t ldc, bool accumulate, int rows) {
+  if (rows == kMr) return micro_full(kc, a, lda, b, c, ldc, accumulate);
+  thread_local std::vector<float> ap, cp;
+  ap.assign(static_cast<size_t>(kMr) * kc, 0.f);
+  cp.resize(static_cast<size_t>(kMr) * kNr);
+  for (int i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < kc; ++k) ap[i * kc + k] = a[i * lda + k];
+  micro_full(kc, ap.data(), kc, b, cp.data(), kNr, false);
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < kNr; ++j)
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + cp[i * kNr + j] : cp[i * kNr + j];
 }
 
 void pack_b_avx512(int64_t N, int64_t kc, const Operand& B, float* dst) {

@@ -13,9 +13,9 @@ struct KernelSet {
   int64_t mc;   // rows of the fp32 A block kept in L2
   int64_t nc;   // columns of the packed B block kept in L2
   int64_t dot_max_m;  // the dot path serves M <= dot_max_m when B is K-contiguous
-  // c[mr x nr] (+)= a[mr rows, lda] * b[kc][nr].
+  // c[rows x nr] (+)= a[rows, lda] * b[kc][nr] for rows <= mr (only those rows of c are touched).
   void (*micro)(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
-                bool accumulate);
+                bool accumulate, int rows);
   // dst[ceil(N / nr)][kc][nr] = B(n, k) for n < N, k < kc; zeros for n >= N.
   void (*pack_b)(int64_t N, int64_t kc, const Operand& B, float* dst);
   // dst[m * lda + k] = A(m, k) as fp32, m < M, k < kc.

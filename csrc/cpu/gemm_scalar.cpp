@@ -7,15 +7,15 @@ namespace {
 constexpr int kMr = 4, kNr = 16;
 
 void micro_scalar(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
-                  bool accumulate) {
+                  bool accumulate, int rows) {
   float acc[kMr][kNr] = {};
   for (int64_t k = 0; k < kc; ++k) {
-    for (int i = 0; i < kMr; ++i) {
+    for (int i = 0; i < rows; ++i) {
       const float av = a[i * lda + k];
       for (int j = 0; j < kNr; ++j) acc[i][j] += av * b[k * kNr + j];
     }
   }
-  for (int i = 0; i < kMr; ++i)
+  for (int i = 0; i < rows; ++i)
     for (int j = 0; j < kNr; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 

@@ -18,7 +18,7 @@
 namespace moe_kernels::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 96;
+constexpr int64_t kRowBlock = 256;  // rows per task: B is converted once per task
 
 Activation parse_activation(const std::string& s) {
   if (s == "swiglu") return Activation::kSwiglu;
