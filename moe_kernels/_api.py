@@ -127,7 +127,9 @@ def topk_gating(
         backend: ``None`` (automatic) or one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
 
     Returns:
-        ``topk_weights`` [T, k] float32 and ``topk_ids`` [T, k] int32, ordered by descending
+        ``topk_weights`` [T, k] float32 (float64 for float64 logits, which only the reference
+        backend takes, so that it can check itself in float64) and ``topk_ids`` [T, k] int32,
+        ordered by descending
         selection score (ties to the lower expert index). Gradients flow from ``topk_weights``
         to ``router_logits``.
     """
