@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated backends to run (default: every available one); naming an "
         "unavailable backend is an error",
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per backend (default 5)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per backend (default 5; --full: 20 at decode sizes, 5 at prefill)",
+    )
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the results to PATH")
     p.add_argument(
         "--full-size",
