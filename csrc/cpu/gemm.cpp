@@ -2,6 +2,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/gemm_impl.h"
@@ -74,7 +75,11 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
   }
   const KernelSet& ks = kernels();
   thread_local std::vector<float> a_buf, b_buf, c_tmp;
-  if (M <= ks.dot_max_m && B.s1 == 1) {
+  static const int64_t dot_max_m = [&] {
+    const char* s = std::getenv("MOE_KERNELS_CPU_DOT_MAX_M");  // tuning knob
+    return s && *s ? std::atoll(s) : ks.dot_max_m;
+  }();
+  if (M <= dot_max_m && B.s1 == 1) {
     // Few rows: convert A once, stream B straight from memory.
     const int64_t lda = K;
     float* a = scratch(a_buf, M * lda);
