@@ -24,12 +24,14 @@ Example::
 from . import _registry  # noqa: F401  (loads the extensions and registers every op)
 from ._api import grouped_gemm, moe_ffn, permute, route, topk_gating, unpermute
 from ._backends import BackendUnavailableError, available_backends, use_backend
+from .layers import MoE
 from .plan import RoutingPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "MoE",
     "RoutingPlan",
     "available_backends",
     "grouped_gemm",
