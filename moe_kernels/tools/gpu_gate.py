@@ -179,7 +179,9 @@ def record_launches(ops, quick: bool) -> list[Launch]:
                                 M = T * k
                                 a = torch.empty(M, H, dtype=dt, device=meta)
                                 offs = torch.empty(E, dtype=torch.int32, device=meta)
-                                b = wgu.transpose(1, 2) if layout == "hf" else wgu
+                                b = wgu.transpose(
+                                    1, 2
+                                )  # [E, H, 2I]: strided (hf) or contiguous (gpt-oss)
                                 g = torch.empty(M, 2 * isz, dtype=dt, device=meta)
                                 for trans_b in (False, True):
                                     bb = b.transpose(1, 2) if trans_b else b
@@ -435,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="build/gpu_gate.json", help="where to write the results")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--limit", type=int, default=0, help="compile only the first N variants")
+    ap.add_argument(
+        "--coarse",
+        action="store_true",
+        help="one stride/divisibility specialisation per variant (implied by --quick)",
+    )
     ap.add_argument("--kernels", default="", help="comma list of kernel-name prefixes to compile")
     ap.add_argument("--verbose", action="store_true", help="one line per compiled variant")
     args = ap.parse_args(argv)
@@ -443,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     ops = _load_ops()
     launches = record_launches(ops, args.quick)
-    variants = specialise(launches, archs, coarse=args.quick)
+    variants = specialise(launches, archs, coarse=args.quick or args.coarse)
     variants.sort(key=lambda v: (v.arch, v.kernel, v.label()))
     counts: dict[str, int] = {}
     for v in variants:
