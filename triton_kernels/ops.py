@@ -798,13 +798,14 @@ def moe_ffn_backward(
     T, H = x.shape
     dev = x.device
     if T == 0 or topk_ids.shape[1] == 0:
-        return (
-            torch.zeros_like(x),
-            torch.zeros_like(w_gate_up),
-            torch.zeros_like(w_down),
-            torch.zeros_like(topk_weights),
-            torch.zeros_like(gate_up_bias) if gate_up_bias is not None else _empty(x),
-            torch.zeros_like(down_bias) if down_bias is not None else _empty(x),
+        # nothing routed: zero gradients, contiguous like every other output of this op
+        def zeros(t):
+            return (
+                _empty(x) if t is None else torch.zeros(tuple(t.shape), dtype=t.dtype, device=dev)
+            )
+
+        return tuple(
+            zeros(t) for t in (x, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias)
         )
     p = _FfnPlan(x, w_gate_up, w_down, topk_ids, activation, interleaved)
     mdt = x.dtype  # dtype of the re-materialised activations fed to the tensor cores

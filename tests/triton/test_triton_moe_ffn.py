@@ -112,6 +112,11 @@ def test_moe_ffn_all_to_one_expert_and_empty(ops, ref):
     check_close(out.cpu(), exp, gemm_tol(torch.float32), "one expert")
     empty = ops.moe_ffn(x[:0], wgu, wd, w[:0], ids[:0], None, None, "swiglu", 1.702, 7.0, False)
     assert empty.shape == (0, H)
+    grads = ops.moe_ffn_backward(
+        x[:0], x[:0], wgu, wd, w[:0], ids[:0], None, None, "swiglu", 1.702, 7.0, False
+    )
+    for g, t in zip(grads[:4], (x[:0], wgu, wd, w[:0])):
+        assert g.shape == t.shape and g.is_contiguous() and not g.any()
 
 
 BWD_CASES = [
