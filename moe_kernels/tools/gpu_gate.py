@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m moe_kernels.tools.gpu_gate [--quick] [--json PATH] [--arch 80,86,90] [--jobs N]
+    python -m moe_kernels.tools.gpu_gate [--full] [--json PATH] [--arch 80,86,90] [--jobs N]
 
 How the variants are found: the op launchers of :mod:`moe_kernels.triton_kernels.ops` are called on
 ``meta`` tensors of representative shapes (model-shaped hidden/intermediate sizes, decode to
@@ -14,20 +14,24 @@ specialisation) variants the package launches. The configurations come from the 
 launchers use, with the GPU family forced (sm80, sm86 = sm_86/sm_89, sm90).
 
 Each variant is compiled with ``triton.compile`` for its family's target (sm_80, sm_86, sm_90a).
-The cubin is inspected with the ``cuobjdump`` that Triton ships: registers, local memory (spills),
-shared memory, and the tensor-core instructions in the SASS. The gate fails when a variant
+The ``ptxas -v`` report (Triton runs ptxas; a fresh cache makes it run for every variant) gives
+spill stores/loads, and the cubin is inspected with the ``cuobjdump`` that Triton ships: registers,
+stack, local memory, and the tensor-core instructions in the SASS. The gate fails when a variant
 
-* spills (local memory or stack > 0),
+* spills (ptxas spill stores/loads or local memory > 0; a stack frame alone is reported, not a
+  failure),
 * needs more shared memory than its family has (sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB),
 * is a GEMM without tensor-core instructions: ``HMMA`` on sm_80/86 and for sm_90 tiles under 64
   rows, ``HGMMA`` (wgmma) on sm_90 for tiles of 64+ rows with 4+ warps. fp32 variants compiled with
   ``input_precision="ieee"`` (the full-fp32 option) use FMA by design and are exempt.
 
-``--quick`` (CI, a few minutes) keeps every tile configuration but only bf16 and fp32 (tf32), one
-model shape, one weight layout and one activation, the non-GEMM kernels in bf16 on sm_80/sm_90, and
-compiles one representative of the stride/divisibility specialisations of each (kernel, dtypes,
-tiles, mode constants, warps, stages). The full run (tens of minutes on 2 cores) adds fp16,
-full-fp32, the transposed (gpt-oss) weight layout, every activation and every specialisation.
+By default (CI: a few minutes on 2 free cores; ``--quick`` says the same) the gate keeps every
+tile configuration but only bf16 and fp32 (tf32), one model shape, one weight layout and one
+activation, the non-GEMM kernels in bf16 on sm_80/sm_90, and compiles one representative of the
+stride/divisibility specialisations of each (kernel, dtypes, tiles, mode constants, warps,
+stages). ``--full`` (tens of minutes) adds fp16, full fp32, the transposed (gpt-oss) weight
+layout, every activation and every specialisation; ``--full --coarse`` keeps the first four and
+one specialisation each.
 """
 
 from __future__ import annotations
@@ -432,7 +436,12 @@ def _compile_in_worker(payload):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one weight layout and one activation")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="every dtype, layout, activation and specialisation (tens of minutes)",
+    )
+    ap.add_argument("--quick", action="store_true", help="the default: see the module docstring")
     ap.add_argument("--arch", default="80,86,90", help="comma list of 80, 86, 90")
     ap.add_argument("--json", default="build/gpu_gate.json", help="where to write the results")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
@@ -449,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     ops = _load_ops()
+    args.quick = not args.full
     launches = record_launches(ops, args.quick)
     variants = specialise(launches, archs, coarse=args.quick or args.coarse)
     variants.sort(key=lambda v: (v.arch, v.kernel, v.label()))
