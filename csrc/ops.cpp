@@ -2,6 +2,7 @@
 // csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL CUDA).
 // Fake (meta) kernels and autograd are registered in Python (moe_kernels/_registry.py).
 // These strings must match moe_kernels/_schemas.py (checked by tests/test_registry.py).
+#include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
 #include "common/cpu_info.h"
@@ -43,4 +44,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moe_kernels compiled operators (schemas + CPU kernels)";
   m.def("cpu_isa", &moe_kernels::cpu::detected_isa_name,
         "Best CPU instruction set the kernels will use (after MOE_KERNELS_CPU_ISA).");
+  m.def(
+      "cpu_brgemm_usable",
+      [](const std::string& dtype) {
+        const at::ScalarType t = dtype == "bf16"   ? at::kBFloat16
+                                 : dtype == "fp16" ? at::kHalf
+                                                   : at::kFloat;
+        return at::native::cpublas::could_pack(t);
+      },
+      "Whether oneDNN's brgemm (at::native::cpublas) has a packed kernel for dtype "
+      "('bf16', 'fp16' or 'fp32') on this CPU.");
 }

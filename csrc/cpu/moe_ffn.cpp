@@ -10,6 +10,11 @@
 //      weight in the epilogue, fp32 rows in expert-sorted order;
 //   4. per token, the k rows are summed in slot order in fp32 and cast to x's dtype.
 // Tasks are handed out dynamically, so empty experts cost nothing and skewed routing balances.
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "common/activation.h"
@@ -19,6 +24,25 @@ namespace moe_kernels::cpu {
 namespace {
 
 constexpr int64_t kRowBlock = 256;  // rows per task: B is converted once per task
+
+// MOE_KERNELS_CPU_PROFILE=1: per-phase wall times of moe_ffn on stderr (development aid).
+bool profile_on() {
+  static const bool on = [] {
+    const char* s = std::getenv("MOE_KERNELS_CPU_PROFILE");
+    return s && *s && *s != '0';
+  }();
+  return on;
+}
+struct PhaseTimer {
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(const char* what) {
+    if (!profile_on()) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "moe_ffn %-8s %9.3f ms\n", what,
+                 std::chrono::duration<double, std::milli>(now - t).count());
+    t = now;
+  }
+};
 
 Activation parse_activation(const std::string& s) {
   if (s == "swiglu") return Activation::kSwiglu;
@@ -155,16 +179,27 @@ at::Tensor to_f32_contig(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// GEMM 1 over all tasks.  With act == nullptr, writes the pre-activation [R, 2I] (w_gate_up's
-// column order) to pre; with it, writes act(gate, up) [R, I] to h.
-void gemm1(const FfnArgs& a, const Rows& rows, const at::Tensor& x, const at::Tensor& w_gate_up,
-           const float* bias_gu, bool apply_act, float* out) {
-  const int64_t I = a.I;
-  const int64_t nb = pick_col_block(count_row_blocks(rows), I, 64, 8);
-  const std::vector<Task> tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), I,
-                                             kRowBlock, nb);
-  const Operand X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+// GEMM 1 tasks.  apply_act: writes act(gate, up) [R, I] to out; otherwise the pre-activation
+// [R, 2I] in w_gate_up's column order (the backward needs it).
+struct Gemm1Job {
+  const FfnArgs& a;
+  const at::Tensor& w_gate_up;
+  const float* bias_gu;
+  bool apply_act;
+  float* out;
+  Operand X;
+  std::vector<Task> tasks;
+
+  Gemm1Job(const FfnArgs& a_, const Rows& rows, const at::Tensor& x, const at::Tensor& w,
+           const float* bias, bool act, float* o)
+      : a(a_), w_gate_up(w), bias_gu(bias), apply_act(act), out(o) {
+    const int64_t nb = pick_col_block(count_row_blocks(rows), a.I, 64, 8);
+    tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.I, kRowBlock, nb);
+    X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
+  }
+
+  void run(int64_t i) const {
+    const int64_t I = a.I;
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
     thread_local std::vector<float> tile;
@@ -198,17 +233,28 @@ void gemm1(const FfnArgs& a, const Rows& rows, const at::Tensor& x, const at::Te
         }
       }
     }
-  });
-}
+  }
+};
 
-// GEMM 2: y[r, :] = row_scale[r] * (h[r, :] @ w_down[e]^T + b_down[e]) (row_scale null: 1).
-void gemm2(const FfnArgs& a, const Rows& rows, const float* h, const at::Tensor& w_down,
-           const float* bias_d, const float* row_scale, float* y) {
-  const int64_t H = a.H, I = a.I;
-  const int64_t nb = pick_col_block(count_row_blocks(rows), H, 128, 8);
-  const std::vector<Task> tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), H,
-                                             kRowBlock, nb);
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+// GEMM 2 tasks: y[r, :] = row_scale[r] * (h[r, :] @ w_down[e]^T + b_down[e]) (row_scale null: 1).
+struct Gemm2Job {
+  const FfnArgs& a;
+  const float* h;
+  const at::Tensor& w_down;
+  const float* bias_d;
+  const float* row_scale;
+  float* y;
+  std::vector<Task> tasks;
+
+  Gemm2Job(const FfnArgs& a_, const Rows& rows, const float* h_, const at::Tensor& w,
+           const float* bias, const float* scale, float* y_)
+      : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_) {
+    const int64_t nb = pick_col_block(count_row_blocks(rows), a.H, 128, 8);
+    tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.H, kRowBlock, nb);
+  }
+
+  void run(int64_t i) const {
+    const int64_t H = a.H, I = a.I;
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
     const Operand A = operand_f32(h + t.m0 * I, I, 1);
@@ -224,6 +270,40 @@ void gemm2(const FfnArgs& a, const Rows& rows, const float* h, const at::Tensor&
       float* o = y + (t.m0 + m) * H + t.n0;
       for (int64_t j = 0; j < nbt; ++j) o[j] = s * (c[j] + (bd ? bd[j] : 0.f));
     }
+  }
+};
+
+void gemm1(const FfnArgs& a, const Rows& rows, const at::Tensor& x, const at::Tensor& w_gate_up,
+           const float* bias_gu, bool apply_act, float* out) {
+  const Gemm1Job job(a, rows, x, w_gate_up, bias_gu, apply_act, out);
+  parallel_tasks(static_cast<int64_t>(job.tasks.size()), [&](int64_t i, int64_t) { job.run(i); });
+}
+
+void gemm2(const FfnArgs& a, const Rows& rows, const float* h, const at::Tensor& w_down,
+           const float* bias_d, const float* row_scale, float* y) {
+  const Gemm2Job job(a, rows, h, w_down, bias_d, row_scale, y);
+  parallel_tasks(static_cast<int64_t>(job.tasks.size()), [&](int64_t i, int64_t) { job.run(i); });
+}
+
+// GEMM 1 then GEMM 2 in one parallel region: the GEMM 2 tasks of an expert start as soon as that
+// expert's GEMM 1 tasks are done (a per-expert countdown), so there is no barrier between the two
+// GEMMs -- on a machine shared with other processes, a descheduled thread at a barrier stalls all.
+// Both task lists are in expert order, so a GEMM 2 task almost never has to wait.
+void gemm1_gemm2_fused(const Gemm1Job& j1, const Gemm2Job& j2, int64_t E) {
+  const int64_t n1 = static_cast<int64_t>(j1.tasks.size());
+  const int64_t n2 = static_cast<int64_t>(j2.tasks.size());
+  std::vector<std::atomic<int64_t>> pending(E);
+  for (auto& p : pending) p.store(0, std::memory_order_relaxed);
+  for (const Task& t : j1.tasks) pending[t.e].fetch_add(1, std::memory_order_relaxed);
+  parallel_tasks(n1 + n2, [&](int64_t i, int64_t) {
+    if (i < n1) {
+      j1.run(i);
+      pending[j1.tasks[i].e].fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    const Task& t = j2.tasks[i - n1];
+    while (pending[t.e].load(std::memory_order_acquire) != 0) std::this_thread::yield();
+    j2.run(i - n1);
   });
 }
 
@@ -232,7 +312,8 @@ void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* val
   char* op = static_cast<char*>(out.data_ptr());
   const int64_t es = out.element_size();
   const at::ScalarType odt = out.scalar_type();
-  at::parallel_for(0, T, std::max<int64_t>(1, 1024 / std::max<int64_t>(H, 1)),
+  // grain: ~32K adds per chunk, so decode-sized calls run inline (no parallel region to join)
+  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(H * k, 1)),
                    [&](int64_t t0, int64_t t1) {
                      std::vector<float> acc(H);
                      for (int64_t t = t0; t < t1; ++t) {
@@ -257,6 +338,7 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
                               activation, alpha, limit, interleaved);
   at::Tensor out = new_output({a.T, a.H}, x.options());
   if (a.T == 0 || a.H == 0) return out;
+  PhaseTimer timer;
   const Rows rows = sort_rows(topk_ids, a.E, a.k);
   if (rows.R == 0) {
     out.zero_();
@@ -269,11 +351,15 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
   for (int64_t r = 0; r < rows.R; ++r) row_w[r] = twp[rows.pair[r]];
   at::Tensor h = at::empty({rows.R, a.I}, x.options().dtype(at::kFloat));
   at::Tensor y = at::empty({rows.R, a.H}, x.options().dtype(at::kFloat));
-  gemm1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
-        h.data_ptr<float>());
-  gemm2(a, rows, h.data_ptr<float>(), w_down, bd.defined() ? bd.data_ptr<float>() : nullptr,
-        row_w.data(), y.data_ptr<float>());
+  timer.lap("setup");
+  const Gemm1Job j1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
+                    h.data_ptr<float>());
+  const Gemm2Job j2(a, rows, h.data_ptr<float>(), w_down,
+                    bd.defined() ? bd.data_ptr<float>() : nullptr, row_w.data(), y.data_ptr<float>());
+  gemm1_gemm2_fused(j1, j2, a.E);
+  timer.lap("gemms");
   combine(rows, a.T, a.k, a.H, y.data_ptr<float>(), out);
+  timer.lap("combine");
   return out;
 }
 
