@@ -101,7 +101,10 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-def _precision() -> str:
+def _precision(dtype: torch.dtype) -> str:
+    """The fp32 dot precision; 16-bit dots ignore it, so they always get one value (one variant)."""
+    if dtype != torch.float32:
+        return "tf32"
     return "ieee" if _config.interpreting() else _fp32_precision[0]
 
 
@@ -473,6 +476,21 @@ def unpermute_backward(
 # --------------------------------------------------------------------------------------------------
 
 
+def _fma_config(cfg: _config.GemmConfig) -> _config.GemmConfig:
+    """Tiles for full-fp32 (``ieee``) dots, which run on FMA units with both operand tiles in
+    registers: thin K steps and at most 64 (32 for 128-row tiles) columns, so nothing spills.
+    BLOCK_M is kept (it is the routing plan's block size in ``moe_ffn``)."""
+    bm = cfg.BLOCK_M
+    return _config.GemmConfig(
+        BLOCK_M=bm,
+        BLOCK_N=min(cfg.BLOCK_N, 64 if bm <= 64 else 32),
+        BLOCK_K=8,
+        GROUP_M=cfg.GROUP_M,
+        num_warps=4 if bm <= 64 else 8,
+        num_stages=2,
+    )
+
+
 def _launch_mm(
     a,
     b_view,
@@ -500,6 +518,8 @@ def _launch_mm(
     M = out.shape[0]
     if M == 0 or N == 0:
         return out
+    if _precision(b.dtype) == "ieee" and not _config.interpreting():
+        cfg = _fma_config(cfg)
     if padded:
         m_tiles = M // cfg.BLOCK_M
     else:
@@ -541,7 +561,7 @@ def _launch_mm(
             GATHER=gather,
             ACT=act,
             DOT_DTYPE=_dot_dtype(b.dtype),
-            PRECISION=_precision(),
+            PRECISION=_precision(b.dtype),
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N,
             BLOCK_K=cfg.BLOCK_K,
@@ -558,6 +578,8 @@ def _launch_ragged_k(p, q, out, offs, *, slot=None, top_k=1, cfg, E):
     _, MO, NO = out.shape
     if E == 0 or MO == 0 or NO == 0:
         return out
+    if _precision(q.dtype) == "ieee" and not _config.interpreting():
+        cfg = _fma_config(cfg)
     grid = (triton.cdiv(MO, cfg.BLOCK_M) * triton.cdiv(NO, cfg.BLOCK_N), E)
     with _ctx(p):
         _gemm.ragged_k_kernel[grid](
@@ -578,7 +600,7 @@ def _launch_ragged_k(p, q, out, offs, *, slot=None, top_k=1, cfg, E):
             out.stride(2),
             GATHER_Q=slot is not None,
             DOT_DTYPE=_dot_dtype(q.dtype),
-            PRECISION=_precision(),
+            PRECISION=_precision(q.dtype),
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N,
             BLOCK_K=cfg.BLOCK_K,

@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one stride/divisibility specialisation per variant (implied by --quick)",
     )
+    ap.add_argument("--match", default="", help="regular expression over the variant labels")
     ap.add_argument("--kernels", default="", help="comma list of kernel-name prefixes to compile")
     ap.add_argument("--verbose", action="store_true", help="one line per compiled variant")
     args = ap.parse_args(argv)
@@ -469,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels:
         wanted = args.kernels.split(",")
         variants = [v for v in variants if any(v.kernel.startswith(w) for w in wanted)]
+    if args.match:
+        variants = [v for v in variants if re.search(args.match, v.label())]
     if args.limit:
         variants = variants[: args.limit]
     print(
