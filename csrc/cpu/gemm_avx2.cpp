@@ -198,17 +198,24 @@ MOE_AVX2 void load_a_avx2(int64_t M, int64_t kc, const Operand& A, float* dst, i
   }
 }
 
-// NN weight rows x MM token rows, full K.
+// NN weight rows x MM token rows, full K.  pf (or null): rows of the next column group, touched
+// one cache line ahead per 64 bytes so that their DRAM streams are already running when that
+// group starts (the hardware prefetcher needs a few misses per new 4 KiB row to lock on).
 template <DType D, int NN, int MM>
 MOE_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const char* const* bp, float* C,
-                       int64_t ldc) {
+                       int64_t ldc, const char* const* pf) {
   __m256 acc[MM][NN];
 #pragma GCC unroll 8
   for (int i = 0; i < MM; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NN; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t k8 = K / 8 * 8;
+  constexpr int64_t kPerLine = 64 / esize<D>();
   for (int64_t k = 0; k < k8; k += 8) {
+    if (pf != nullptr && (k % kPerLine) == 0) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) _mm_prefetch(pf[j] + k * esize<D>(), _MM_HINT_T1);
+    }
     __m256 bv[NN];
 #pragma GCC unroll 8
     for (int j = 0; j < NN; ++j) bv[j] = ld8<D>(bp[j] + k * esize<D>());
@@ -228,26 +235,34 @@ MOE_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const char* const
   }
 }
 
+// The first pass over a column group streams it from memory (and prefetches the next group);
+// later row pairs re-read it from L1/L2.
 template <DType D, int NN>
 MOE_AVX2 void dot_cols(int64_t M, int64_t K, const float* a, int64_t lda, const char* const* bp,
-                       float* C, int64_t ldc) {
+                       float* C, int64_t ldc, const char* const* pf) {
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) dot_tile<D, NN, 2>(K, a + m * lda, lda, bp, C + m * ldc, ldc);
-  if (m < M) dot_tile<D, NN, 1>(K, a + m * lda, lda, bp, C + m * ldc, ldc);
+  for (; m + 2 <= M; m += 2) {
+    dot_tile<D, NN, 2>(K, a + m * lda, lda, bp, C + m * ldc, ldc, m == 0 ? pf : nullptr);
+  }
+  if (m < M) dot_tile<D, NN, 1>(K, a + m * lda, lda, bp, C + m * ldc, ldc, m == 0 ? pf : nullptr);
 }
 
 template <DType D>
 MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
                     const Operand& B, float* C, int64_t ldc) {
   const char* bp[4];
+  const char* pf[4];
   int64_t n = 0;
   for (; n + 4 <= N; n += 4) {
-    for (int j = 0; j < 4; ++j) bp[j] = row_ptr(B, n + j);
-    dot_cols<D, 4>(M, K, a, lda, bp, C + n, ldc);
+    for (int j = 0; j < 4; ++j) {
+      bp[j] = row_ptr(B, n + j);
+      pf[j] = row_ptr(B, std::min(n + 4 + j, N - 1));
+    }
+    dot_cols<D, 4>(M, K, a, lda, bp, C + n, ldc, pf);
   }
   for (; n < N; ++n) {
     bp[0] = row_ptr(B, n);
-    dot_cols<D, 1>(M, K, a, lda, bp, C + n, ldc);
+    dot_cols<D, 1>(M, K, a, lda, bp, C + n, ldc, nullptr);
   }
 }
 
