@@ -478,12 +478,12 @@ def unpermute_backward(
 
 def _fma_config(cfg: _config.GemmConfig) -> _config.GemmConfig:
     """Tiles for full-fp32 (``ieee``) dots, which run on FMA units with both operand tiles in
-    registers: thin K steps and at most 64 (32 for 128-row tiles) columns, so nothing spills.
+    registers: thin K steps and at most 64 (16 for 128-row tiles) columns, so nothing spills.
     BLOCK_M is kept (it is the routing plan's block size in ``moe_ffn``)."""
     bm = cfg.BLOCK_M
     return _config.GemmConfig(
         BLOCK_M=bm,
-        BLOCK_N=min(cfg.BLOCK_N, 64 if bm <= 64 else 32),
+        BLOCK_N=min(cfg.BLOCK_N, 64 if bm <= 64 else 16),
         BLOCK_K=8,
         GROUP_M=cfg.GROUP_M,
         num_warps=4 if bm <= 64 else 8,
