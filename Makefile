@@ -32,7 +32,7 @@ lint: install
 # moe_kernels/ (which has no compiled extension) is not on sys.path.
 test-py: install
 	cd tests && MOE_KERNELS_REQUIRE_BACKENDS=$(REQUIRE) MOE_KERNELS_TEST_INSTALLED=1 \
-		$(abspath $(BIN))/pytest -q -p no:cacheprovider --ignore=triton .
+		TORCHINDUCTOR_COMPILE_THREADS=1 $(abspath $(BIN))/pytest -q -p no:cacheprovider --ignore=triton .
 
 test-triton: install
 	cd tests && TRITON_INTERPRET=1 MOE_KERNELS_REQUIRE_BACKENDS=reference,triton \

@@ -5,6 +5,7 @@
 
 #include "common/topk.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/ops.h"
 
 namespace moe_kernels::cpu {
 namespace {
@@ -194,7 +195,7 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_weights, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+void register_gating(torch::Library& m) {
   m.impl("topk_gating", &topk_gating_cpu);
   m.impl("topk_gating_backward", &topk_gating_backward_cpu);
 }

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "cpu/expert_common.h"
+#include "cpu/ops.h"
 
 namespace moe_kernels::cpu {
 namespace {
@@ -158,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cpu(const at::Tensor& g
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+void register_grouped_gemm(torch::Library& m) {
   m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("grouped_gemm_backward", &grouped_gemm_backward_cpu);
 }

@@ -19,6 +19,7 @@
 
 #include "common/activation.h"
 #include "cpu/expert_common.h"
+#include "cpu/ops.h"
 
 namespace moe_kernels::cpu {
 namespace {
@@ -568,7 +569,7 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+void register_moe_ffn(torch::Library& m) {
   m.impl("moe_ffn", &moe_ffn_cpu);
   m.impl("moe_ffn_backward", &moe_ffn_backward_cpu);
 }

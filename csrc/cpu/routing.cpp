@@ -3,6 +3,7 @@
 
 #include "common/routing.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/ops.h"
 
 namespace moe_kernels::cpu {
 namespace {
@@ -245,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+void register_routing(torch::Library& m) {
   m.impl("route", &route_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
