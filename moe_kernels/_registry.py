@@ -51,8 +51,11 @@ def _load_triton() -> None:
     global _triton_impls, _triton_status
     try:
         from .triton_kernels import ops as triton_ops
-    except ImportError as exc:
-        _triton_status = (False, f"the Triton kernels could not be imported: {exc}")
+    except Exception as exc:  # no triton, or one this code cannot use: the package still imports
+        _triton_status = (
+            False,
+            f"the Triton kernels could not be imported: {type(exc).__name__}: {exc}",
+        )
         return
     _triton_impls = dict(getattr(triton_ops, "IMPLS", {}))
     status = getattr(triton_ops, "available", None)
