@@ -280,6 +280,7 @@ FFN_CASES = [
     (9, 24, 16, 3, 3, "geglu", True, False, 0.0, None, False),  # k = E
     (150, 40, 36, 6, 2, "swiglu", False, True, 0.0, 3, False),  # all on one expert (split rows)
     (5, 16, 8, 16, 2, "swiglu_oai", False, False, 0.0, None, True),  # most experts empty
+    (30, 264, 72, 2, 1, "swiglu", False, False, 0.0, None, False),  # 12-18 rows/expert, K % 16 = 8
 ]
 
 
