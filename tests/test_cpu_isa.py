@@ -3,7 +3,8 @@
 The ISA is chosen once per process (``MOE_KERNELS_CPU_ISA``), so each path runs
 ``test_cpu_ops.py`` in a subprocess, with ``MOE_KERNELS_DEBUG=1`` so that every output starts
 NaN-filled and an element a kernel forgot to write fails the finite checks there.
-Paths the CPU cannot run are skipped with the reason.
+Paths the CPU cannot run are skipped with the reason; the AVX-512 GEMM kernels (the only
+ISA-specific code) still run on such a CPU, emulated, in ``test_cpu_isa_emulated.py``.
 """
 
 from __future__ import annotations

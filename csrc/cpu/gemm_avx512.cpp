@@ -1,12 +1,21 @@
 // AVX-512 GEMM kernels (also used under "amx": the fp32 micro-kernel runs on AVX-512 units).
 // 8x32 register tile: 16 zmm accumulators, 2 B vectors, 1 broadcast.
+//
+// Built with MOE_KERNELS_SIMDE defined (tests/cpp/gemm_check.cpp does this), the same source
+// compiles against SIMDe's portable implementations of the AVX-512 intrinsics, so that this path
+// is executed and checked on machines without AVX-512.
+#if defined(MOE_KERNELS_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define MOE_AVX512
+#else
 #include <immintrin.h>
+#define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#endif
 
 #include <vector>
 
 #include "cpu/gemm_impl.h"
-
-#define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
 namespace moe_kernels::cpu::gemm_detail {
 namespace {
@@ -23,6 +32,15 @@ MOE_AVX512 inline __m512 ld16(const char* p) {
   } else {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+}
+
+// Sum of the 16 lanes in a fixed order.
+MOE_AVX512 inline float hsum16(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += t[i];
+  return s;
 }
 
 MOE_AVX512 void micro_full(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
@@ -81,7 +99,7 @@ MOE_AVX512 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
       __m512 acc = _mm512_setzero_ps();
       for (int64_t k = 0; k < k16; k += 16)
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + k), ld16<D>(bp + k * es), acc);
-      float s = _mm512_reduce_add_ps(acc);
+      float s = hsum16(acc);
       for (int64_t k = k16; k < K; ++k) s += a[m * lda + k] * load_elem(bp, D, k);
       C[m * ldc + n] = s;
     }
