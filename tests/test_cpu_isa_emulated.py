@@ -5,7 +5,8 @@
 compiled from the source tree with ``MOE_KERNELS_SIMDE`` defined, so the AVX-512 kernels are
 built against SIMDe's portable implementations of the intrinsics (pip package ``cmeel-simde``,
 part of the ``test`` extra) and run here even though this CPU has no AVX-512; the scalar and AVX2
-kernel sets run natively in the same program.  ``test_cpu_isa.py`` covers the full ops on every
+kernel sets run natively in the same program.  ``amx`` is the ISA level of CPUs with
+AVX-512-BF16 (and AMX): the AVX-512 kernels plus the ``vdpbf16ps`` dot kernel for bf16 weights.  ``test_cpu_isa.py`` covers the full ops on every
 ISA the CPU has.
 """
 
@@ -102,7 +103,7 @@ def _cpu_has(*flags: str) -> bool:
     return set(flags) <= set(line.split(":", 1)[-1].split())
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 def test_gemm_kernels(gemm_check, isa):
     if isa == "avx2" and not _cpu_has("avx2", "fma", "f16c"):
         pytest.skip("this CPU lacks AVX2/FMA/F16C (the AVX2 kernels are not emulated)")

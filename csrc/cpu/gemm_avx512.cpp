@@ -13,6 +13,8 @@
 #define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 #endif
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "cpu/gemm_impl.h"
@@ -106,11 +108,126 @@ MOE_AVX512 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
   }
 }
 
+// ---- AVX-512-BF16 dot path (bf16 weights, few token rows: decode) ----------------------------
+//
+// vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes (the products of two bf16
+// are exact in fp32).  The token rows are fp32 here (x converted, or fp32 activations), so each
+// row is split into up to three bf16 rows whose sum is the fp32 value: hi = bf16(x),
+// mid = bf16(x - hi), lo = bf16(x - hi - mid); 3 x 8 significant bits cover fp32's 24, so the
+// result has fp32 accuracy.  A row that is already bf16 (x in a bf16 model) needs one term and
+// costs one instruction per 32 weights; fp32 activations (the down projection) need three, still
+// far below the weight stream's cost in decode.
+#if defined(MOE_KERNELS_SIMDE)
+#define MOE_AVX512BF16
+#else
+#define MOE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
+#endif
+
+inline uint16_t f32_to_bf16_rne(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+constexpr int kSplitTerms = 3;
+
+// dst[(m * 3 + t) * ldd + k]: the t-th bf16 term of a[m, k] (zero where unused); returns the
+// number of terms the rows need (1-3).
+int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uint16_t* dst, int64_t ldd) {
+  int terms = 1;
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* d0 = dst + (m * kSplitTerms) * ldd;
+    uint16_t* d1 = d0 + ldd;
+    uint16_t* d2 = d1 + ldd;
+    for (int64_t k = 0; k < K; ++k) {
+      const float x = a[m * lda + k];
+      const uint16_t h = f32_to_bf16_rne(x);
+      const float r1 = x - bf16_bits_to_f32(h);
+      const uint16_t md = f32_to_bf16_rne(r1);
+      const float r2 = r1 - bf16_bits_to_f32(md);
+      const uint16_t lo = f32_to_bf16_rne(r2);
+      d0[k] = h;
+      d1[k] = md;
+      d2[k] = lo;
+      if ((lo & 0x7fffu) != 0) terms = 3;
+      else if ((md & 0x7fffu) != 0 && terms < 2) terms = 2;
+    }
+  }
+  return terms;
+}
+
+template <int MM>
+MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, int terms,
+                                    const float* a, int64_t lda, const char* const* bp, float* C,
+                                    int64_t ldc, const char* const* pf) {
+  constexpr int NN = 4;
+  __m512 acc[MM][NN];
+  for (int i = 0; i < MM; ++i)
+    for (int j = 0; j < NN; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t k32 = K / 32 * 32;
+  for (int64_t k = 0; k < k32; k += 32) {
+    if (pf != nullptr) {
+      for (int j = 0; j < NN; ++j) _mm_prefetch(pf[j] + k * 2, _MM_HINT_T1);
+    }
+    __m512bh w[NN];
+    for (int j = 0; j < NN; ++j) std::memcpy(&w[j], bp[j] + k * 2, 64);
+    for (int i = 0; i < MM; ++i) {
+      for (int t = 0; t < terms; ++t) {
+        __m512bh xv;
+        std::memcpy(&xv, xs + (i * kSplitTerms + t) * ldx + k, 64);
+        for (int j = 0; j < NN; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, w[j]);
+      }
+    }
+  }
+  for (int i = 0; i < MM; ++i) {
+    for (int j = 0; j < NN; ++j) {
+      float s = hsum16(acc[i][j]);
+      for (int64_t k = k32; k < K; ++k) s += a[i * lda + k] * load_elem(bp[j], DType::kBF16, k);
+      C[i * ldc + j] = s;
+    }
+  }
+}
+
+MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                                const Operand& B, float* C, int64_t ldc) {
+  thread_local std::vector<uint16_t> xs_buf;
+  const int64_t ldx = (K + 31) / 32 * 32;
+  if (static_cast<int64_t>(xs_buf.size()) < M * kSplitTerms * ldx)
+    xs_buf.resize(M * kSplitTerms * ldx);
+  uint16_t* xs = xs_buf.data();
+  const int terms = split_bf16(M, K, a, lda, xs, ldx);
+  const char* bp[4];
+  const char* pf[4];
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    for (int j = 0; j < 4; ++j) {
+      bp[j] = row_ptr(B, n + j);
+      pf[j] = row_ptr(B, std::min(n + 4 + j, N - 1));
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      dot_tile_dpbf16<4>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
+                         C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
+    for (; m < M; ++m)
+      dot_tile_dpbf16<1>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
+                         C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
+  }
+  if (n < N) {  // the last 1-3 columns: the plain AVX-512 kernel
+    Operand rest = B.shifted(n, 0);
+    dot_t<DType::kBF16>(M, N - n, K, a, lda, rest, C + n, ldc);
+  }
+}
+
 MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
                            const Operand& B, float* C, int64_t ldc) {
   switch (B.dt) {
     case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);
-    case DType::kBF16: return dot_t<DType::kBF16>(M, N, K, a, lda, B, C, ldc);
+    case DType::kBF16:
+      // "amx" = the CPU has AVX-512-BF16 (cpu_info.cpp)
+      if (detected_isa() == Isa::kAmx) return dot_bf16_dp(M, N, K, a, lda, B, C, ldc);
+      return dot_t<DType::kBF16>(M, N, K, a, lda, B, C, ldc);
     default: return dot_t<DType::kF16>(M, N, K, a, lda, B, C, ldc);
   }
 }
