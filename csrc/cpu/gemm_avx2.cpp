@@ -350,39 +350,29 @@ MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, const float* a_in, in
   if (static_cast<int64_t>(a_buf.size()) < M * lda) a_buf.resize(M * lda);
   float* a = a_buf.data();
   interleave_even_odd(M, K, a_in, lda, a);
-  const char* bp[4];
-  const char* pf[4];
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
-    for (int j = 0; j < 4; ++j) {
-      bp[j] = row_ptr(B, n + j);
-      pf[j] = row_ptr(B, std::min(n + 4 + j, N - 1));
-    }
-    dot_cols_bf16_eo<4>(M, K, a, lda, bp, C + n, ldc, pf);
-  }
-  for (; n < N; ++n) {
-    bp[0] = row_ptr(B, n);
-    dot_cols_bf16_eo<1>(M, K, a, lda, bp, C + n, ldc, nullptr);
-  }
+  for_row_groups(
+      N, B,
+      [&](int64_t n, const char* const* bp, const char* const* pf) {
+        dot_cols_bf16_eo<4>(M, K, a, lda, bp, C + n, ldc, pf);
+      },
+      [&](int64_t n) {
+        const char* bp = row_ptr(B, n);
+        dot_cols_bf16_eo<1>(M, K, a, lda, &bp, C + n, ldc, nullptr);
+      });
 }
 
 template <DType D>
 MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
                     const Operand& B, float* C, int64_t ldc) {
-  const char* bp[4];
-  const char* pf[4];
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
-    for (int j = 0; j < 4; ++j) {
-      bp[j] = row_ptr(B, n + j);
-      pf[j] = row_ptr(B, std::min(n + 4 + j, N - 1));
-    }
-    dot_cols<D, 4>(M, K, a, lda, bp, C + n, ldc, pf);
-  }
-  for (; n < N; ++n) {
-    bp[0] = row_ptr(B, n);
-    dot_cols<D, 1>(M, K, a, lda, bp, C + n, ldc, nullptr);
-  }
+  for_row_groups(
+      N, B,
+      [&](int64_t n, const char* const* bp, const char* const* pf) {
+        dot_cols<D, 4>(M, K, a, lda, bp, C + n, ldc, pf);
+      },
+      [&](int64_t n) {
+        const char* bp = row_ptr(B, n);
+        dot_cols<D, 1>(M, K, a, lda, &bp, C + n, ldc, nullptr);
+      });
 }
 
 MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,

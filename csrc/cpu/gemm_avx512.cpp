@@ -198,26 +198,19 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, const float* a,
     xs_buf.resize(M * kSplitTerms * ldx);
   uint16_t* xs = xs_buf.data();
   const int terms = split_bf16(M, K, a, lda, xs, ldx);
-  const char* bp[4];
-  const char* pf[4];
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
-    for (int j = 0; j < 4; ++j) {
-      bp[j] = row_ptr(B, n + j);
-      pf[j] = row_ptr(B, std::min(n + 4 + j, N - 1));
-    }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      dot_tile_dpbf16<4>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
-                         C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
-    for (; m < M; ++m)
-      dot_tile_dpbf16<1>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
-                         C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
-  }
-  if (n < N) {  // the last 1-3 columns: the plain AVX-512 kernel
-    Operand rest = B.shifted(n, 0);
-    dot_t<DType::kBF16>(M, N - n, K, a, lda, rest, C + n, ldc);
-  }
+  for_row_groups(
+      N, B,
+      [&](int64_t n, const char* const* bp, const char* const* pf) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+          dot_tile_dpbf16<4>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
+                             C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
+        for (; m < M; ++m)
+          dot_tile_dpbf16<1>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
+                             C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
+      },
+      // the last 1-3 rows: the plain AVX-512 kernel
+      [&](int64_t n) { dot_t<DType::kBF16>(M, 1, K, a, lda, B.shifted(n, 0), C + n, ldc); });
 }
 
 MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,

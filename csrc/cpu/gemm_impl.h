@@ -51,6 +51,24 @@ inline const char* row_ptr(const Operand& op, int64_t i) {
   return static_cast<const char*>(op.p) + r * op.s0 * dtype_size(op.dt);
 }
 
+// The dot kernels' walk over B's rows: group4(n, bp, pf) for each group of four rows n..n+3 (bp:
+// their row pointers; pf: the next group's, to prefetch while this one is read), then
+// single(n) for each remaining row.
+template <class Group4, class Single>
+inline void for_row_groups(int64_t N, const Operand& B, Group4&& group4, Single&& single) {
+  const char* bp[4];
+  const char* pf[4];
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    for (int j = 0; j < 4; ++j) {
+      bp[j] = row_ptr(B, n + j);
+      pf[j] = row_ptr(B, n + 4 + j < N ? n + 4 + j : N - 1);
+    }
+    group4(n, static_cast<const char* const*>(bp), static_cast<const char* const*>(pf));
+  }
+  for (; n < N; ++n) single(n);
+}
+
 // Generic (any strides) versions shared by every ISA for the layouts they do not specialise.
 void pack_b_generic(int64_t N, int64_t kc, const Operand& B, float* dst, int nr);
 void load_a_generic(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda);
