@@ -273,6 +273,22 @@ MOE_AVX2 void dot_cols(int64_t M, int64_t K, const float* a, int64_t lda, const 
 // bytes it reads, starting pf_off bytes in, so that pf_div passes over the same weight rows
 // (token row pairs re-reading them from L1/L2) share the prefetch and DRAM stays busy through
 // all of them, not only through the first.
+// acc[i * S] += the 16 bf16 weights at w[k, k + 16) times token row i's matching elements (even
+// then odd, as stored by interleave_even_odd), for the MM token rows of a (row stride lda).
+template <int MM, int S>
+MOE_AVX2 __attribute__((always_inline)) inline void fma16_bf16_eo(const char* w, int64_t k,
+                                                                const float* a, int64_t lda,
+                                                                __m256i hi_mask, __m256* acc) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 2));
+  const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+#pragma GCC unroll 8
+  for (int i = 0; i < MM; ++i) {
+    acc[i * S] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * lda + k), w_even, acc[i * S]);
+    acc[i * S] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * lda + k + 8), w_odd, acc[i * S]);
+  }
+}
+
 template <int NN, int MM>
 MOE_AVX2 void dot_tile_bf16_eo(int64_t K, const float* a, int64_t lda, const char* const* bp,
                                float* C, int64_t ldc, const char* const* pf, int64_t pf_off,
@@ -290,16 +306,7 @@ MOE_AVX2 void dot_tile_bf16_eo(int64_t K, const float* a, int64_t lda, const cha
       for (int j = 0; j < 4; ++j) _mm_prefetch(pf[j] + pf_off + k * 2 / pf_div, _MM_HINT_T1);
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < NN; ++j) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j] + k * 2));
-      const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-      const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
-#pragma GCC unroll 8
-      for (int i = 0; i < MM; ++i) {
-        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * lda + k), w_even, acc[i][j]);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * lda + k + 8), w_odd, acc[i][j]);
-      }
-    }
+    for (int j = 0; j < NN; ++j) fma16_bf16_eo<MM, NN>(bp[j], k, a, lda, hi_mask, &acc[0][j]);
   }
   for (int i = 0; i < MM; ++i) {
     for (int j = 0; j < NN; ++j) {
@@ -354,20 +361,6 @@ MOE_AVX2 void dot_cols_bf16_eo(int64_t M, int64_t K, const float* a, int64_t lda
 // faster, hence the threshold.
 constexpr int64_t kSeqMaxK = 1024;
 
-// acc[i][q] += the 16 weights at w[k..k+16) times token row i's matching (even/odd) elements.
-template <int MM>
-MOE_AVX2 inline void seq_block(const char* w, int64_t k, const float* a, int64_t lda,
-                               __m256i hi_mask, __m256 (&acc)[MM][4], int q) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 2));
-  const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
-#pragma GCC unroll 2
-  for (int i = 0; i < MM; ++i) {
-    acc[i][q] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * lda + k), w_even, acc[i][q]);
-    acc[i][q] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * lda + k + 8), w_odd, acc[i][q]);
-  }
-}
-
 template <int MM>
 MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t lda,
                                    const Operand& B, float* C, int64_t ldc) {
@@ -385,12 +378,12 @@ MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k64; k += 64) {
-      seq_block<MM>(w, k, a, lda, hi_mask, acc, 0);
-      seq_block<MM>(w, k + 16, a, lda, hi_mask, acc, 1);
-      seq_block<MM>(w, k + 32, a, lda, hi_mask, acc, 2);
-      seq_block<MM>(w, k + 48, a, lda, hi_mask, acc, 3);
+      fma16_bf16_eo<MM, 4>(w, k, a, lda, hi_mask, &acc[0][0]);
+      fma16_bf16_eo<MM, 4>(w, k + 16, a, lda, hi_mask, &acc[0][1]);
+      fma16_bf16_eo<MM, 4>(w, k + 32, a, lda, hi_mask, &acc[0][2]);
+      fma16_bf16_eo<MM, 4>(w, k + 48, a, lda, hi_mask, &acc[0][3]);
     }
-    for (int64_t k = k64; k < k16; k += 16) seq_block<MM>(w, k, a, lda, hi_mask, acc, 0);
+    for (int64_t k = k64; k < k16; k += 16) fma16_bf16_eo<MM, 4>(w, k, a, lda, hi_mask, &acc[0][0]);
     for (int i = 0; i < MM; ++i) {
       float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
                                    _mm256_add_ps(acc[i][2], acc[i][3])));
