@@ -8,6 +8,8 @@ ids).  Index outputs are compared exactly, floats by max relative error.
 # ruff: noqa: E741  (I is the expert intermediate size, as everywhere in the package)
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from naive import (
@@ -114,7 +116,7 @@ GATING_CASES = [
 def test_topk_gating_vs_naive(case, dtype):
     name, E, k, scoring, renorm, use_bias, groups, topk_groups, scale = case
     T = 37
-    seed = hash(name) % 10_000
+    seed = zlib.crc32(name.encode()) % 10_000  # stable across processes (str hash is salted)
     logits = randn(T, E, seed=seed, dtype=dtype, scale=2.0)
     kw = dict(scoring=scoring, renormalize=renorm, routed_scaling_factor=scale)
     if use_bias:
@@ -122,7 +124,9 @@ def test_topk_gating_vs_naive(case, dtype):
     if groups is not None:
         kw["num_expert_groups"] = groups
         kw["topk_groups"] = topk_groups
-    check_gating(logits, k, **kw)
+    # bf16 logits have 8-bit mantissas: among hundreds of experts, exact ties at the k/k+1
+    # boundary are common (37 rows of 384 experts, 200 seeds: a median of 89% of rows tie-free, the lowest 73%)
+    check_gating(logits, k, min_checked=0.6 if dtype == torch.bfloat16 else 0.8, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
