@@ -352,14 +352,16 @@ MOE_AVX2 void dot_cols_bf16_eo(int64_t M, int64_t K, const float* a, int64_t lda
     dot_tile_bf16_eo<NN, 1>(K, a + m * lda, lda, bp, C + m * ldc, ldc, pf, m / 2 * seg, passes);
 }
 
-// Short weight rows (K <= kSeqMaxK: the down projection of fine-grained experts, I = 768-1024)
-// with 1-2 token rows: one weight row at a time, so a column block is read as one sequential
-// stream instead of four interleaved 1.5-2 KiB streams, with the next row prefetched as a row
-// starts.  Four accumulators per token row over consecutive blocks of 16 hide the FMA latency.
-// Measured on the target machine (2 threads, streaming from DRAM): 13-17.5 GB/s where four
-// interleaved rows reach 10-14 at K = 768-1024; at K = 2048 the four-row walk is as fast or
-// faster, hence the threshold.
-constexpr int64_t kSeqMaxK = 1024;
+// Short weight rows with 1-2 token rows (the down projection of fine-grained experts, I = 768-1024,
+// and with one token row also their 2048-wide gate/up rows): one weight row at a time, so a column
+// block is read as one sequential stream instead of four interleaved 1.5-4 KiB streams, with the
+// next row prefetched as a row starts.  Four accumulators per token row over consecutive blocks of
+// 16 hide the FMA latency.  Measured on the target machine (2 threads, from DRAM): a standalone
+// stream reads 13-17.5 GB/s this way where four interleaved rows reach 10-14 at K = 768-1024; in
+// moe_ffn with one token row, K up to 2048 gains 1-9% (Qwen3/OLMoE T = 1) while Mixtral's 4096-
+// and 14336-wide rows lose 17%; with two token rows K = 2048 loses 5% (OLMoE T = 16).
+constexpr int64_t kSeqMaxK1 = 2048;  // one token row
+constexpr int64_t kSeqMaxK2 = 1024;  // two token rows
 
 template <int MM>
 MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t lda,
@@ -399,7 +401,7 @@ MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, const float* a_in, in
   if (static_cast<int64_t>(a_buf.size()) < M * lda) a_buf.resize(M * lda);
   float* a = a_buf.data();
   interleave_even_odd(M, K, a_in, lda, a);
-  if (K <= kSeqMaxK && M <= 2) {
+  if ((M == 1 && K <= kSeqMaxK1) || (M == 2 && K <= kSeqMaxK2)) {
     if (M == 2) return dot_rows_seq_bf16_eo<2>(N, K, a, lda, B, C, ldc);
     return dot_rows_seq_bf16_eo<1>(N, K, a, lda, B, C, ldc);
   }
