@@ -129,9 +129,8 @@ def topk_gating(
     Returns:
         ``topk_weights`` [T, k] float32 (float64 for float64 logits, which only the reference
         backend takes, so that it can check itself in float64) and ``topk_ids`` [T, k] int32,
-        ordered by descending
-        selection score (ties to the lower expert index). Gradients flow from ``topk_weights``
-        to ``router_logits``.
+        ordered by descending selection score (ties to the lower expert index). Gradients flow
+        from ``topk_weights`` to ``router_logits``.
     """
     _tensor("router_logits", router_logits, 2)
     _float("router_logits", router_logits)

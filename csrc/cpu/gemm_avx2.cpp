@@ -230,9 +230,7 @@ MOE_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const char* const
   }
   for (int i = 0; i < MM; ++i) {
     for (int j = 0; j < NN; ++j) {
-      float s = hsum(acc[i][j]);
-      for (int64_t k = k8; k < K; ++k) s += a[i * lda + k] * load_elem(bp[j], D, k);
-      C[i * ldc + j] = s;
+      C[i * ldc + j] = dot_tail(hsum(acc[i][j]), a + i * lda, bp[j], D, k8, K);
     }
   }
 }
@@ -267,12 +265,6 @@ MOE_AVX2 void dot_cols(int64_t M, int64_t K, const float* a, int64_t lda, const 
 // ops per 16 weights where the widening load needs 2 loads + 4 ops.  The sum over k is reordered,
 // which fp32 accumulation of bf16 products tolerates like any other blocking.
 //
-// NN weight rows x MM token rows over the first k16 = K / 16 * 16 elements of K (the caller adds
-// the tail); prefetch as in dot_tile.
-// pf (or null): the next column group's rows; this pass touches one line of them per 64 * pf_div
-// bytes it reads, starting pf_off bytes in, so that pf_div passes over the same weight rows
-// (token row pairs re-reading them from L1/L2) share the prefetch and DRAM stays busy through
-// all of them, not only through the first.
 // acc[i * S] += the 16 bf16 weights at w[k, k + 16) times token row i's matching elements (even
 // then odd, as stored by interleave_even_odd), for the MM token rows of a (row stride lda).
 template <int MM, int S>
@@ -289,6 +281,10 @@ MOE_AVX2 __attribute__((always_inline)) inline void fma16_bf16_eo(const char* w,
   }
 }
 
+// NN weight rows x MM token rows over all of K.  pf (or null): the next column group's rows; this
+// pass touches one line of them per 64 * pf_div bytes it reads, starting pf_off bytes in, so that
+// pf_div passes over the same weight rows (token row pairs re-reading them from L1/L2) share the
+// prefetch and DRAM stays busy through all of them, not only through the first.
 template <int NN, int MM>
 MOE_AVX2 void dot_tile_bf16_eo(int64_t K, const float* a, int64_t lda, const char* const* bp,
                                float* C, int64_t ldc, const char* const* pf, int64_t pf_off,
@@ -310,29 +306,25 @@ MOE_AVX2 void dot_tile_bf16_eo(int64_t K, const float* a, int64_t lda, const cha
   }
   for (int i = 0; i < MM; ++i) {
     for (int j = 0; j < NN; ++j) {
-      float s = hsum(acc[i][j]);
-      for (int64_t k = k16; k < K; ++k) s += a[i * lda + k] * load_elem(bp[j], DType::kBF16, k);
-      C[i * ldc + j] = s;
+      C[i * ldc + j] = dot_tail(hsum(acc[i][j]), a + i * lda, bp[j], DType::kBF16, k16, K);
     }
   }
 }
 
-// dst[m, :] = a[m, :] with each full block of 16 reordered to its 8 even then 8 odd elements (the
+// In place: each full block of 16 of a's rows reordered to its 8 even then 8 odd elements (the
 // tail after K / 16 * 16 unchanged).
-MOE_AVX2 void interleave_even_odd(int64_t M, int64_t K, const float* a, int64_t lda, float* dst) {
+MOE_AVX2 void interleave_even_odd(int64_t M, int64_t K, float* a, int64_t lda) {
   const int64_t k16 = K / 16 * 16;
   for (int64_t m = 0; m < M; ++m) {
-    const float* s = a + m * lda;
-    float* d = dst + m * lda;
+    float* d = a + m * lda;
     for (int64_t k = 0; k < k16; k += 16) {
-      const __m256 lo = _mm256_loadu_ps(s + k), hi = _mm256_loadu_ps(s + k + 8);
+      const __m256 lo = _mm256_loadu_ps(d + k), hi = _mm256_loadu_ps(d + k + 8);
       // per 128-bit lane: (lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6), then the 64-bit pairs reordered
       const __m256 ev = _mm256_shuffle_ps(lo, hi, 0x88), od = _mm256_shuffle_ps(lo, hi, 0xDD);
       _mm256_storeu_ps(d + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
       _mm256_storeu_ps(d + k + 8,
                        _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
     }
-    for (int64_t k = k16; k < K; ++k) d[k] = s[k];
   }
 }
 
@@ -387,20 +379,16 @@ MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t
     }
     for (int64_t k = k64; k < k16; k += 16) fma16_bf16_eo<MM, 4>(w, k, a, lda, hi_mask, &acc[0][0]);
     for (int i = 0; i < MM; ++i) {
-      float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                   _mm256_add_ps(acc[i][2], acc[i][3])));
-      for (int64_t k = k16; k < K; ++k) s += a[i * lda + k] * load_elem(w, DType::kBF16, k);
-      C[i * ldc + n] = s;
+      const float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
+                                         _mm256_add_ps(acc[i][2], acc[i][3])));
+      C[i * ldc + n] = dot_tail(s, a + i * lda, w, DType::kBF16, k16, K);
     }
   }
 }
 
-MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, const float* a_in, int64_t lda,
+MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
                           const Operand& B, float* C, int64_t ldc) {
-  thread_local std::vector<float> a_buf;
-  if (static_cast<int64_t>(a_buf.size()) < M * lda) a_buf.resize(M * lda);
-  float* a = a_buf.data();
-  interleave_even_odd(M, K, a_in, lda, a);
+  interleave_even_odd(M, K, a, lda);
   if ((M == 1 && K <= kSeqMaxK1) || (M == 2 && K <= kSeqMaxK2)) {
     if (M == 2) return dot_rows_seq_bf16_eo<2>(N, K, a, lda, B, C, ldc);
     return dot_rows_seq_bf16_eo<1>(N, K, a, lda, B, C, ldc);
@@ -430,7 +418,7 @@ MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda
       });
 }
 
-MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
                        const Operand& B, float* C, int64_t ldc) {
   switch (B.dt) {
     case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);

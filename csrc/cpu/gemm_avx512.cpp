@@ -101,9 +101,7 @@ MOE_AVX512 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
       __m512 acc = _mm512_setzero_ps();
       for (int64_t k = 0; k < k16; k += 16)
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + k), ld16<D>(bp + k * es), acc);
-      float s = hsum16(acc);
-      for (int64_t k = k16; k < K; ++k) s += a[m * lda + k] * load_elem(bp, D, k);
-      C[m * ldc + n] = s;
+      C[m * ldc + n] = dot_tail(hsum16(acc), a + m * lda, bp, D, k16, K);
     }
   }
 }
@@ -183,9 +181,8 @@ MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, 
   }
   for (int i = 0; i < MM; ++i) {
     for (int j = 0; j < NN; ++j) {
-      float s = hsum16(acc[i][j]);
-      for (int64_t k = k32; k < K; ++k) s += a[i * lda + k] * load_elem(bp[j], DType::kBF16, k);
-      C[i * ldc + j] = s;
+      C[i * ldc + j] =
+          dot_tail(hsum16(acc[i][j]), a + i * lda, bp[j], DType::kBF16, k32, K);
     }
   }
 }
@@ -213,7 +210,7 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, const float* a,
       [&](int64_t n) { dot_t<DType::kBF16>(M, 1, K, a, lda, B.shifted(n, 0), C + n, ldc); });
 }
 
-MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
                            const Operand& B, float* C, int64_t ldc) {
   switch (B.dt) {
     case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);

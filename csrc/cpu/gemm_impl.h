@@ -20,9 +20,10 @@ struct KernelSet {
   void (*pack_b)(int64_t N, int64_t kc, const Operand& B, float* dst);
   // dst[m * lda + k] = A(m, k) as fp32, m < M, k < kc.
   void (*load_a)(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda);
-  // C[M, N] = a[M rows, lda] * B(n, k)^T with B.s1 == 1 (fp32 a).
-  void (*dot)(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Operand& B,
-              float* C, int64_t ldc);
+  // C[M, N] = a[M rows, lda] * B(n, k)^T with B.s1 == 1 (fp32 a).  a is the caller's scratch
+  // copy of the rows: a kernel may reorder it in place (the AVX2 bf16 kernel does).
+  void (*dot)(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B, float* C,
+              int64_t ldc);
 };
 
 const KernelSet& scalar_kernels();
@@ -49,6 +50,13 @@ inline float load_elem(const void* p, DType dt, int64_t i) {
 inline const char* row_ptr(const Operand& op, int64_t i) {
   const int64_t r = op.gather ? op.gather[i] : i;
   return static_cast<const char*>(op.p) + r * op.s0 * dtype_size(op.dt);
+}
+
+// s + a[k0] * w[k0] + ... + a[k1 - 1] * w[k1 - 1], added in that order (w of dtype dt): the K
+// tail a vector loop leaves, or a whole scalar dot product.
+inline float dot_tail(float s, const float* a, const char* w, DType dt, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) s += a[k] * load_elem(w, dt, k);
+  return s;
 }
 
 // The dot kernels' walk over B's rows: group4(n, bp, pf) for each group of four rows n..n+3 (bp:

@@ -23,15 +23,11 @@ void pack_b_scalar(int64_t N, int64_t kc, const Operand& B, float* dst) {
   pack_b_generic(N, kc, B, dst, kNr);
 }
 
-void dot_scalar(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Operand& B,
+void dot_scalar(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
                 float* C, int64_t ldc) {
   for (int64_t n = 0; n < N; ++n) {
     const char* bp = row_ptr(B, n);
-    for (int64_t m = 0; m < M; ++m) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += a[m * lda + k] * load_elem(bp, B.dt, k);
-      C[m * ldc + n] = acc;
-    }
+    for (int64_t m = 0; m < M; ++m) C[m * ldc + n] = dot_tail(0.f, a + m * lda, bp, B.dt, 0, K);
   }
 }
 

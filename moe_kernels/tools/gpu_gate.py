@@ -183,9 +183,8 @@ def record_launches(ops, quick: bool) -> list[Launch]:
                                 M = T * k
                                 a = torch.empty(M, H, dtype=dt, device=meta)
                                 offs = torch.empty(E, dtype=torch.int32, device=meta)
-                                b = wgu.transpose(
-                                    1, 2
-                                )  # [E, H, 2I]: strided (hf) or contiguous (gpt-oss)
+                                # [E, H, 2I]: strided (hf) or contiguous (gpt-oss)
+                                b = wgu.transpose(1, 2)
                                 g = torch.empty(M, 2 * isz, dtype=dt, device=meta)
                                 for trans_b in (False, True):
                                     bb = b.transpose(1, 2) if trans_b else b

@@ -104,7 +104,8 @@ Mat make(std::mt19937_64& rng, DType dt, int64_t rows, int64_t cols, int layout)
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<double> stored(stored_rows * cols);
   for (int64_t i = 0; i < stored_rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) stored[i * cols + j] = store(m.buf, dt, i * m.s0 + j * m.s1, nd(rng));
+    for (int64_t j = 0; j < cols; ++j)
+      stored[i * cols + j] = store(m.buf, dt, i * m.s0 + j * m.s1, nd(rng));
   m.val.resize(rows * cols);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = m.gather.empty() ? i : m.gather[i];
@@ -162,7 +163,8 @@ int main(int argc, char** argv) {
         const float got = C[m * ldc + n];
         if (n >= N) {
           if (got != kOutside) {
-            std::printf("case %d: C[%ld, %ld] outside the output was written\n", c, (long)m, (long)n);
+            std::printf("case %d: C[%ld, %ld] outside the output was written\n", c, (long)m,
+                        (long)n);
             ++failures;
           }
           continue;
