@@ -166,7 +166,8 @@ def topk_gating(
                 f"{topk_groups} kept groups"
             )
     b = select_backend("topk_gating", device, router_logits.dtype, backend)
-    return b.op("topk_gating")(
+    return b.call(
+        "topk_gating",
         router_logits,
         top_k,
         scoring,
@@ -206,7 +207,7 @@ def route(
     if num_rows(T * k, num_experts, bs) > _INT32_MAX:
         raise ValueError("T * top_k (plus block padding) must stay below 2**31 rows")
     b = select_backend("route", topk_ids.device, None, backend)
-    tpe, offs, row_of_slot, slot_of_row, block_expert = b.op("route")(topk_ids, num_experts, bs)
+    tpe, offs, row_of_slot, slot_of_row, block_expert = b.call("route", topk_ids, num_experts, bs)
     return RoutingPlan(
         tokens_per_expert=tpe,
         offs=offs,
@@ -243,7 +244,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, *, backend: str | None = None) -
         raise ValueError(f"x has {x.shape[0]} tokens but the plan has {plan.num_tokens}")
     device = _same_device(x=x, plan=plan.row_of_slot)
     b = select_backend("permute", device, x.dtype, backend)
-    return b.op("permute")(x, plan.row_of_slot, plan.slot_of_row)
+    return b.call("permute", x, plan.row_of_slot, plan.slot_of_row)
 
 
 def unpermute(
@@ -276,7 +277,7 @@ def unpermute(
         _shape("topk_weights", topk_weights, tuple(plan.row_of_slot.shape))
     device = _same_device(y=y, plan=plan.row_of_slot, topk_weights=topk_weights)
     b = select_backend("unpermute", device, y.dtype, backend)
-    return b.op("unpermute")(y, plan.row_of_slot, plan.slot_of_row, topk_weights)
+    return b.call("unpermute", y, plan.row_of_slot, plan.slot_of_row, topk_weights)
 
 
 def grouped_gemm(
@@ -318,7 +319,7 @@ def grouped_gemm(
     device = _same_device(a=a, b=b, offs=offs)
     _check_offs_values(offs, a.shape[0])
     be = select_backend("grouped_gemm", device, a.dtype, backend)
-    return be.op("grouped_gemm")(a, b, offs, bool(trans_b))
+    return be.call("grouped_gemm", a, b, offs, bool(trans_b))
 
 
 def moe_ffn(
@@ -398,7 +399,8 @@ def moe_ffn(
         down_bias=down_bias,
     )
     b = select_backend("moe_ffn", device, dtype, backend)
-    return b.op("moe_ffn")(
+    return b.call(
+        "moe_ffn",
         x,
         w_gate_up,
         w_down,

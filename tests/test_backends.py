@@ -381,3 +381,51 @@ def test_require_backends_fails_the_session():
     if missing:
         reason = moe_kernels.available_backends()[missing[0]][1]
         assert missing[0] in text and reason in text, text
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-call fast path: cached backend choice, kernel called below autograd without grads
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", available_backends_list("cpu"))
+def test_grad_tracking_follows_each_call(backend):
+    """A call whose inputs need no gradient skips the autograd layer; the next call with
+    requires_grad inputs (or the same under no_grad) must still get exactly the usual tracking,
+    whatever the previous calls did."""
+    T, H, I, E, k = 5, 24, 16, 4, 2
+    x = randn(T, H, seed=1)
+    wgu = randn(E, 2 * I, H, seed=2, scale=0.2)
+    wd = randn(E, H, I, seed=3, scale=0.2)
+    tw = torch.rand(T, k, generator=gen(4))
+    ti = torch.randint(0, E, (T, k), generator=gen(5))
+
+    def call(*args):
+        return moe_kernels.moe_ffn(*args, ti, backend=backend)
+
+    plain = call(x, wgu, wd, tw)
+    assert not plain.requires_grad and plain.grad_fn is None
+    xg = x.clone().requires_grad_()
+    tracked = call(xg, wgu, wd, tw)
+    assert tracked.grad_fn is not None
+    assert torch.equal(tracked.detach(), plain)
+    tracked.square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert call(xg, wgu, wd, tw).grad_fn is None
+    again = call(x, wgu, wd, tw.clone().requires_grad_())
+    assert again.grad_fn is not None
+
+
+def test_backend_choice_cache_follows_the_environment(monkeypatch):
+    """The cached choice is keyed on everything it depends on: switching MOE_KERNELS_BACKEND or
+    use_backend between two identical calls switches the backend that runs."""
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+    x = randn(3, 8, seed=6)
+    thunk = lambda b: moe_kernels.topk_gating(x, 2, backend=b)  # noqa: E731
+    auto = {family_of(o) for o in ran(thunk)[0]}
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "reference")
+    assert {family_of(o) for o in ran(thunk)[0]} == {"reference"}
+    monkeypatch.delenv("MOE_KERNELS_BACKEND")
+    assert {family_of(o) for o in ran(thunk)[0]} == auto
+    with moe_kernels.use_backend("reference"):
+        assert {family_of(o) for o in ran(thunk)[0]} == {"reference"}
+    assert {family_of(o) for o in ran(thunk)[0]} == auto
