@@ -61,6 +61,14 @@ float* scratch(std::vector<float>& v, int64_t n) {
 
 }  // namespace
 
+int64_t gemm_dot_max_rows() {
+  static const int64_t m = [] {
+    const char* s = std::getenv("MOE_KERNELS_CPU_DOT_MAX_M");  // tuning knob
+    return s && *s ? std::atoll(s) : kernels().dot_max_m;
+  }();
+  return m;
+}
+
 Isa gemm_isa() {
   const Isa i = detected_isa();
   return i == Isa::kAmx ? Isa::kAvx512 : i;
@@ -75,11 +83,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
   }
   const KernelSet& ks = kernels();
   thread_local std::vector<float> a_buf, b_buf, c_tmp;
-  static const int64_t dot_max_m = [&] {
-    const char* s = std::getenv("MOE_KERNELS_CPU_DOT_MAX_M");  // tuning knob
-    return s && *s ? std::atoll(s) : ks.dot_max_m;
-  }();
-  if (M <= dot_max_m && B.s1 == 1) {
+  if (M <= gemm_dot_max_rows() && B.s1 == 1) {
     // Few rows: convert A once, stream B straight from memory.
     const int64_t lda = K;
     float* a = scratch(a_buf, M * lda);

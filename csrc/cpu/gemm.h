@@ -48,4 +48,8 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
 // The ISA gemm_nt uses in this process (after MOE_KERNELS_CPU_ISA).
 Isa gemm_isa();
 
+// gemm_nt streams a K-contiguous B straight from memory, once per call, when M is at most this
+// (the dot path of decode-sized row counts); above it, B is packed block by block.
+int64_t gemm_dot_max_rows();
+
 }  // namespace moe_kernels::cpu

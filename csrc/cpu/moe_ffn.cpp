@@ -172,6 +172,25 @@ int64_t count_row_blocks(const Rows& rows) {
   return n;
 }
 
+// Column block of the forward GEMM tasks.  When every expert's rows take gemm_nt's dot path
+// (decode: the weights are streamed once, straight from memory), a task covers about 8 MiB of
+// weights: each task boundary breaks the weight stream (the next task's rows are not prefetched,
+// and the two threads' tasks interleave in memory), and with 0.25-1 MiB tasks that cost 5-12% of
+// a decode call (bench/NOTES.md v12).  Otherwise `preferred` columns (the packed path's blocking).
+// Either way there are at least ~4 tasks per thread when the call is large enough.
+int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_t bytes_per_col) {
+  int64_t max_rows = 0;
+  for (size_t e = 0; e < rows.begin.size(); ++e)
+    max_rows = std::max(max_rows, rows.end[e] - rows.begin[e]);
+  if (max_rows <= gemm_dot_max_rows()) {
+    constexpr int64_t kTaskBytes = int64_t{8} << 20;
+    int64_t nb = preferred;
+    while (nb < N && 2 * nb * bytes_per_col <= kTaskBytes) nb *= 2;
+    preferred = nb;
+  }
+  return pick_col_block(count_row_blocks(rows), N, preferred, 8);
+}
+
 // Index in w_gate_up's 2I axis of gate column j and up column j.
 inline int64_t gate_col(const FfnArgs& a, int64_t j) { return a.interleaved ? 2 * j : j; }
 inline int64_t up_col(const FfnArgs& a, int64_t j) { return a.interleaved ? 2 * j + 1 : a.I + j; }
@@ -194,7 +213,8 @@ struct Gemm1Job {
   Gemm1Job(const FfnArgs& a_, const Rows& rows, const at::Tensor& x, const at::Tensor& w,
            const float* bias, bool act, float* o)
       : a(a_), w_gate_up(w), bias_gu(bias), apply_act(act), out(o) {
-    const int64_t nb = pick_col_block(count_row_blocks(rows), a.I, 64, 8);
+    // one column of h reads a gate and an up row of w_gate_up
+    const int64_t nb = forward_col_block(rows, a.I, 64, 2 * a.H * w.element_size());
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.I, kRowBlock, nb);
     X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
   }
@@ -250,7 +270,7 @@ struct Gemm2Job {
   Gemm2Job(const FfnArgs& a_, const Rows& rows, const float* h_, const at::Tensor& w,
            const float* bias, const float* scale, float* y_)
       : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_) {
-    const int64_t nb = pick_col_block(count_row_blocks(rows), a.H, 128, 8);
+    const int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size());
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.H, kRowBlock, nb);
   }
 
