@@ -438,7 +438,7 @@ def _fmt(value: object) -> str:
             return "-"
         if value == float("inf"):
             return "inf"
-        return f"{value:.3g}"
+        return f"{value:.4g}"  # 4 digits: 74.96 next to a ">= 75%" target reads as a miss
     return "" if value is None else str(value)
 
 
