@@ -54,7 +54,7 @@ class _Backend:
         Python autograd wrapper and the overload lookup, ~20-70 us per call)."""
         if self.dispatch_key is None or _needs_grad(args) or torch.compiler.is_compiling():
             return self.op(name)(*args)
-        op = _default_overload(name)
+        op = _default_overload(name + self.suffix)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
 
@@ -80,8 +80,8 @@ def _needs_grad(args: tuple) -> bool:
 
 
 @functools.cache
-def _default_overload(name: str):
-    return getattr(torch.ops.moe_kernels, name).default
+def _default_overload(op_name: str):
+    return getattr(torch.ops.moe_kernels, op_name).default
 
 
 @functools.cache

@@ -125,7 +125,8 @@ def test_topk_gating_vs_naive(case, dtype):
         kw["num_expert_groups"] = groups
         kw["topk_groups"] = topk_groups
     # bf16 logits have 8-bit mantissas: among hundreds of experts, exact ties at the k/k+1
-    # boundary are common (37 rows of 384 experts, 200 seeds: a median of 89% of rows tie-free, the lowest 73%)
+    # boundary are common (37 rows of 384 experts, 200 seeds: a median of 89% of rows tie-free,
+    # the lowest 73%)
     check_gating(logits, k, min_checked=0.6 if dtype == torch.bfloat16 else 0.8, **kw)
 
 

@@ -298,7 +298,7 @@ MOE_AVX2 void dot_tile_bf16_eo(int64_t K, const float* a, int64_t lda, const cha
   const int64_t k16 = K / 16 * 16;
   // Chunks of 32 * pf_div elements, one prefetched line per next row each: the chunk loop keeps
   // the inner loop free of the division a `k % (32 * pf_div)` test costs on every step (measured:
-  // the hot 4 x 2 tile 25-30% faster without it).
+  // the hot 4 x 2 tile 31-50% faster without it, bench/NOTES.md v11).
   const int64_t chunk = 32 * pf_div;
   const char* next[4] = {};
   if (pf != nullptr) {
