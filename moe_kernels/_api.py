@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backends import select_backend
+from ._backends import call_op
 from ._registry import debug_mode, num_rows
 from .plan import RoutingPlan
 
@@ -165,17 +165,21 @@ def topk_gating(
                 f"top_k = {top_k} exceeds the {topk_groups * (E // groups)} experts of the "
                 f"{topk_groups} kept groups"
             )
-    b = select_backend("topk_gating", device, router_logits.dtype, backend)
-    return b.call(
+    return call_op(
         "topk_gating",
-        router_logits,
-        top_k,
-        scoring,
-        bool(renormalize),
-        correction_bias,
-        groups,
-        topk_groups or 0,
-        float(routed_scaling_factor),
+        device,
+        router_logits.dtype,
+        backend,
+        (
+            router_logits,
+            top_k,
+            scoring,
+            bool(renormalize),
+            correction_bias,
+            groups,
+            topk_groups or 0,
+            float(routed_scaling_factor),
+        ),
     )
 
 
@@ -206,8 +210,9 @@ def route(
     T, k = topk_ids.shape
     if num_rows(T * k, num_experts, bs) > _INT32_MAX:
         raise ValueError("T * top_k (plus block padding) must stay below 2**31 rows")
-    b = select_backend("route", topk_ids.device, None, backend)
-    tpe, offs, row_of_slot, slot_of_row, block_expert = b.call("route", topk_ids, num_experts, bs)
+    tpe, offs, row_of_slot, slot_of_row, block_expert = call_op(
+        "route", topk_ids.device, None, backend, (topk_ids, num_experts, bs)
+    )
     return RoutingPlan(
         tokens_per_expert=tpe,
         offs=offs,
@@ -243,8 +248,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, *, backend: str | None = None) -
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the plan has {plan.num_tokens}")
     device = _same_device(x=x, plan=plan.row_of_slot)
-    b = select_backend("permute", device, x.dtype, backend)
-    return b.call("permute", x, plan.row_of_slot, plan.slot_of_row)
+    return call_op("permute", device, x.dtype, backend, (x, plan.row_of_slot, plan.slot_of_row))
 
 
 def unpermute(
@@ -276,8 +280,9 @@ def unpermute(
         _float("topk_weights", topk_weights)
         _shape("topk_weights", topk_weights, tuple(plan.row_of_slot.shape))
     device = _same_device(y=y, plan=plan.row_of_slot, topk_weights=topk_weights)
-    b = select_backend("unpermute", device, y.dtype, backend)
-    return b.call("unpermute", y, plan.row_of_slot, plan.slot_of_row, topk_weights)
+    return call_op(
+        "unpermute", device, y.dtype, backend, (y, plan.row_of_slot, plan.slot_of_row, topk_weights)
+    )
 
 
 def grouped_gemm(
@@ -318,8 +323,7 @@ def grouped_gemm(
         )
     device = _same_device(a=a, b=b, offs=offs)
     _check_offs_values(offs, a.shape[0])
-    be = select_backend("grouped_gemm", device, a.dtype, backend)
-    return be.call("grouped_gemm", a, b, offs, bool(trans_b))
+    return call_op("grouped_gemm", device, a.dtype, backend, (a, b, offs, bool(trans_b)))
 
 
 def moe_ffn(
@@ -360,6 +364,41 @@ def moe_ffn(
     Returns:
         [T, H] in x's dtype. Differentiable in x, both weights, both biases and topk_weights.
     """
+    args = (
+        x,
+        w_gate_up,
+        w_down,
+        topk_weights,
+        topk_ids,
+        gate_up_bias,
+        down_bias,
+        activation,
+        float(alpha),
+        float(limit),
+        bool(interleaved),
+    )
+    if isinstance(x, torch.Tensor):
+        # A backend whose op checks every argument itself runs without the Python checks below
+        # (with caches evicted, as in decode, they cost ~50-90 us of a 5 ms call).  If anything
+        # fails, the Python checks run to raise their typed error (TypeError / ValueError, as on
+        # every other backend); when they find nothing wrong, the op's own error stands.
+        try:
+            out = call_op("moe_ffn", x.device, x.dtype, backend, args, checked=False)
+        except Exception:
+            try:
+                _check_moe_ffn(*args[:8])
+            except (TypeError, ValueError) as typed:
+                raise typed from None
+            raise
+        if out is not NotImplemented:
+            return out
+    device, dtype = _check_moe_ffn(*args[:8])
+    return call_op("moe_ffn", device, dtype, backend, args)
+
+
+def _check_moe_ffn(
+    x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, activation
+) -> tuple[torch.device, torch.dtype]:
     _tensor("x", x, 2)
     _tensor("w_gate_up", w_gate_up, 3)
     _tensor("w_down", w_down, 3)
@@ -398,18 +437,4 @@ def moe_ffn(
         gate_up_bias=gate_up_bias,
         down_bias=down_bias,
     )
-    b = select_backend("moe_ffn", device, dtype, backend)
-    return b.call(
-        "moe_ffn",
-        x,
-        w_gate_up,
-        w_down,
-        topk_weights,
-        topk_ids,
-        gate_up_bias,
-        down_bias,
-        activation,
-        float(alpha),
-        float(limit),
-        bool(interleaved),
-    )
+    return device, dtype

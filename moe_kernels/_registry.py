@@ -148,6 +148,15 @@ def _fake_grouped_gemm_backward(grad_out, a, b, offs, trans_b, need_grad_a, need
     )
 
 
+def _one_device(*tensors) -> None:
+    # A call mixing real tensors with meta ones dispatches to the fake kernel: refuse it as the
+    # real kernels refuse mixed devices (moe_ffn's public function relies on it, see call_op).
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"moe_kernels: all tensors must share a device, got {names}")
+
+
 def _fake_moe_ffn(
     x,
     w_gate_up,
@@ -161,6 +170,7 @@ def _fake_moe_ffn(
     limit,
     interleaved,
 ):
+    _one_device(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias)
     return x.new_empty(x.shape[0], w_down.shape[1])
 
 
@@ -178,6 +188,7 @@ def _fake_moe_ffn_backward(
     limit,
     interleaved,
 ):
+    _one_device(grad_out, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias)
     outs = [x, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias]
     return tuple(_none(x) if t is None else t.new_empty(t.shape) for t in outs)
 

@@ -429,3 +429,30 @@ def test_backend_choice_cache_follows_the_environment(monkeypatch):
     with moe_kernels.use_backend("reference"):
         assert {family_of(o) for o in ran(thunk)[0]} == {"reference"}
     assert {family_of(o) for o in ran(thunk)[0]} == auto
+
+
+def test_moe_ffn_unchecked_call_types_errors_and_keeps_kernel_errors(monkeypatch):
+    """moe_ffn runs a self-checking backend's op before any Python check.  When that call fails,
+    the Python checks decide: a bad argument gets its TypeError/ValueError (no chained kernel
+    error), valid arguments keep the kernel's own error."""
+    from moe_kernels import _api
+
+    calls = []
+
+    def failing_call_op(op, device, dtype, backend, args, *, checked=True):
+        calls.append(checked)
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(_api, "call_op", failing_call_op)
+    T, H, I, E, k = 3, 8, 4, 2, 1
+    x = randn(T, H, seed=7)
+    args = (randn(E, 2 * I, H, seed=8), randn(E, H, I, seed=9))
+    tw, ti = torch.rand(T, k, generator=gen(10)), torch.zeros(T, k, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        moe_kernels.moe_ffn(x, *args, tw, ti)
+    assert calls == [False]
+    with pytest.raises(ValueError, match="x") as info:
+        moe_kernels.moe_ffn(x[0], *args, tw, ti)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(TypeError, match="topk_ids"):
+        moe_kernels.moe_ffn(x, *args, tw, ti.float())
