@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "common/cpu_info.h"
+#include "cpu/gemm.h"
 
 TORCH_LIBRARY(moe_kernels, m) {
   m.def(
@@ -54,4 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Whether oneDNN's brgemm (at::native::cpublas) has a packed kernel for dtype "
       "('bf16', 'fp16' or 'fp32') on this CPU.");
+  m.def("cpu_brgemm_route", &moe_kernels::cpu::brgemm_route_name,
+        "The brgemm route of bf16 weights with many rows (after MOE_KERNELS_CPU_BRGEMM): "
+        "'vnni' (oneDNN's packed kernel, AMX), 'plain' (forced, reference brgemm) or 'off'.");
 }

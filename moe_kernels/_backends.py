@@ -149,6 +149,8 @@ def _availability(name: str) -> tuple[bool, str]:
         from . import _C
 
         isa = _C.cpu_isa()
+        if _C.cpu_brgemm_route() != "off":
+            isa += f", oneDNN brgemm ({_C.cpu_brgemm_route()})"
         if missing:
             return True, f"C++ kernels ({isa}); ops without a CPU kernel fall back: {missing}"
         return True, f"C++ kernels ({isa})"

@@ -39,14 +39,21 @@ NEEDS = {
 }
 
 
-@pytest.mark.parametrize("isa", list(NEEDS))
+@pytest.mark.parametrize("isa", [*NEEDS, "brgemm"])
 def test_isa_path(isa):
+    """``brgemm``: the machine's ISA with bf16 weights of many rows forced onto oneDNN's brgemm
+    (``MOE_KERNELS_CPU_BRGEMM=1``; VNNI-packed where oneDNN has the kernel, the plain layout
+    through torch's reference brgemm elsewhere)."""
     if not moe_kernels.available_backends()["cpu"][0]:
         pytest.skip("the compiled CPU backend is not built")
-    missing = NEEDS[isa] - _cpu_flags()
+    missing = NEEDS.get(isa, set()) - _cpu_flags()
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}: the {isa} path cannot run here")
-    env = dict(os.environ, MOE_KERNELS_CPU_ISA=isa, MOE_KERNELS_DEBUG="1")
+    if isa == "brgemm":
+        env = dict(os.environ, MOE_KERNELS_CPU_BRGEMM="1", MOE_KERNELS_DEBUG="1")
+        env.pop("MOE_KERNELS_CPU_ISA", None)
+    else:
+        env = dict(os.environ, MOE_KERNELS_CPU_ISA=isa, MOE_KERNELS_DEBUG="1")
     cmd = [
         sys.executable,
         "-m",

@@ -406,3 +406,15 @@ def test_isa_env_is_honoured():
     if not want:
         pytest.skip("MOE_KERNELS_CPU_ISA not set (the ISA runner sets it)")
     assert moe_kernels._C.cpu_isa() == want
+
+
+def test_brgemm_route_env_is_honoured():
+    """MOE_KERNELS_CPU_BRGEMM=1 (set by the ISA runner) must put bf16 weights with many rows on
+    oneDNN's brgemm: packed (VNNI) where oneDNN has the kernel, the plain layout elsewhere."""
+    want = os.environ.get("MOE_KERNELS_CPU_BRGEMM")
+    route = moe_kernels._C.cpu_brgemm_route()
+    if want == "1":
+        packs = moe_kernels._C.cpu_brgemm_usable("bf16")
+        assert route == ("vnni" if packs else "plain")
+    elif want == "0" or moe_kernels._C.cpu_isa() != "amx":
+        assert route == "off"

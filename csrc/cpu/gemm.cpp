@@ -59,7 +59,14 @@ float* scratch(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
+GemmRoute& packed_route() {
+  static GemmRoute r = nullptr;
+  return r;
+}
+
 }  // namespace
+
+void set_packed_route(GemmRoute route) { packed_route() = route; }
 
 int64_t gemm_dot_max_rows() {
   static const int64_t m = [] {
@@ -91,6 +98,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     ks.dot(M, N, K, a, lda, B, C, ldc);
     return;
   }
+  if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc)) return;
   const int mr = ks.mr, nr = ks.nr;
   const int64_t lda = ks.kc + 16;  // padding keeps the mr row streams off the same cache sets
   float* tmp = scratch(c_tmp, static_cast<int64_t>(mr) * nr);

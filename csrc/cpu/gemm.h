@@ -14,6 +14,7 @@
 // register-blocked micro-kernel otherwise (B converted once per (row block, K block) into an fp32
 // panel that stays in L1/L2; A rows gathered and converted into an fp32 block in L2).
 #include <cstdint>
+#include <string>
 
 #include "common/cpu_info.h"
 
@@ -44,6 +45,17 @@ struct Operand {
 // C[M, N] (fp32, leading dim ldc) = A[M, K] * B[N, K]^T.  Serial: call it from inside a task.
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
              int64_t ldc);
+
+// A second engine for the calls the packed path would take (more rows than the dot path): it
+// returns false when it does not take the call.  gemm_brgemm.cpp registers oneDNN's brgemm for
+// bf16 weights; builds of the engine without ATen (the emulated kernel check) register none.
+using GemmRoute = bool (*)(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                           float* C, int64_t ldc);
+void set_packed_route(GemmRoute route);
+
+// Which brgemm route gemm_nt takes for bf16 weights in this process (MOE_KERNELS_CPU_BRGEMM):
+// "vnni" (oneDNN's packed kernel, AMX), "plain" (forced without one) or "off".
+std::string brgemm_route_name();
 
 // The ISA gemm_nt uses in this process (after MOE_KERNELS_CPU_ISA).
 Isa gemm_isa();
