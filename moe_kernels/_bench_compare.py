@@ -12,8 +12,9 @@ On the same weights and the same routing, in one run, contenders timed in turns 
 
 and two machine ceilings measured in the same run: the read bandwidth (a sum over a 1 GiB float32
 tensor, timed at the start and again as the ``read-ceiling`` contender in the rounds of every
-(shape, T), whose median is the yardstick of that table's ``% read BW``) and the dense FLOP rate (``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype, in
-the fastest of three operand layouts; and, for reference, the same matmul in float32).
+(shape, T), whose median is the yardstick of that table's ``% read BW``) and the dense FLOP rate
+(``[2048, 2048] x [2048, 6144]`` matmul in the benchmark dtype, in the fastest of three operand
+layouts, the fastest of three calls; and, for reference, the same matmul in float32).
 
 Decode sizes (T <= 16 by default) evict the caches before every timed call, as in a real model
 where each layer's experts arrive from DRAM. Derived columns:
