@@ -283,12 +283,13 @@ def call_op(
     (measured on ``moe_ffn``, ~60-90 us less than select + call with cold caches).
 
     ``checked=False``: ``args`` have not been checked in Python; the op runs only if the chosen
-    backend's op checks them itself (:attr:`_Backend.checks_args`), otherwise nothing runs and
-    ``NotImplemented`` is returned.
+    backend's op checks them itself (:attr:`_Backend.checks_args`) and torch.compile is not
+    tracing, otherwise nothing runs and ``NotImplemented`` is returned.
     """
     if torch.compiler.is_compiling():
-        b = select_backend(op, device, dtype, backend)
-        return b.call(op, *args) if checked or b.checks_args else NotImplemented
+        if not checked:
+            return NotImplemented  # traced once: the Python checks cost nothing per call
+        return select_backend(op, device, dtype, backend).call(op, *args)
     if _ENV_BYTES is not None:
         env = (_ENV_BYTES.get(b"MOE_KERNELS_BACKEND"), _ENV_BYTES.get(b"TRITON_INTERPRET"))
     else:

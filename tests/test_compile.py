@@ -116,3 +116,15 @@ def test_no_graph_breaks_reported():
     explanation = torch._dynamo.explain(make_pipeline(None, 16))(*inputs())
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_moe_ffn_bad_input_is_typed_under_compile():
+    """Traced, moe_ffn keeps its Python checks (they cost nothing per call once compiled): a bad
+    shape is seen while tracing, and raises the same ValueError as in eager mode."""
+    logits, x, w_gu, w_d = inputs()
+    bad_w_d = randn(E, H, I + 1, seed=9)
+    with pytest.raises(Exception, match="w_down must have shape"):
+        torch.compile(make_ffn(None), backend="eager", fullgraph=True)(logits, x, w_gu, bad_w_d)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="w_down must have shape"):
+        torch.compile(make_ffn(None), backend="eager")(logits, x, w_gu, bad_w_d)
