@@ -78,7 +78,15 @@ Route route() {
     } else {
       throw std::invalid_argument("MOE_KERNELS_CPU_BRGEMM: expected auto, 0 or 1, got '" + v + "'");
     }
-    if (want == Route::kVnni && !vnni_self_check()) {
+    bool passed = true;
+    if (want == Route::kVnni) {
+      try {
+        passed = vnni_self_check();
+      } catch (const std::exception&) {  // the route is optional: a failure turns it off
+        passed = false;
+      }
+    }
+    if (!passed) {
       TORCH_WARN("moe_kernels (cpu): oneDNN's packed bf16 brgemm failed its self-check on this ",
                  "CPU; the bf16 GEMMs use moe_kernels' own kernels instead");
       want = Route::kOff;
