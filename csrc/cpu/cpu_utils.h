@@ -39,6 +39,12 @@ inline void check_float(const at::Tensor& t, const char* name) {
               " must be float32, bfloat16 or float16, got ", t.scalar_type(),
               " (float64 runs on the reference backend)");
 }
+// t must have x's dtype (the public API's contract; moe_ffn's Python function relies on the op
+// to check it).
+inline void check_dtype_of_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "moe_kernels (cpu): ", name,
+              " must have x's dtype ", x.scalar_type(), ", got ", t.scalar_type());
+}
 inline void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "moe_kernels (cpu): ",
               name, " must be int32 or int64, got ", t.scalar_type());

@@ -79,10 +79,8 @@ FfnArgs check_ffn(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Te
   check_float(w_down, "w_down");
   check_float(topk_weights, "topk_weights");
   check_index(topk_ids, "topk_ids");
-  // the public API's contract (it may skip its own Python checks when this op makes them)
-  TORCH_CHECK(w_gate_up.scalar_type() == x.scalar_type() && w_down.scalar_type() == x.scalar_type(),
-              "moe_kernels (cpu): x, w_gate_up and w_down must share a dtype, got ", x.scalar_type(),
-              ", ", w_gate_up.scalar_type(), " and ", w_down.scalar_type());
+  check_dtype_of_x(w_gate_up, x, "w_gate_up");
+  check_dtype_of_x(w_down, x, "w_down");
   FfnArgs a;
   a.T = x.size(0);
   a.H = x.size(1);
@@ -103,8 +101,7 @@ FfnArgs check_ffn(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Te
   if (gate_up_bias.has_value()) {
     check_cpu(*gate_up_bias, "gate_up_bias");
     check_float(*gate_up_bias, "gate_up_bias");
-    TORCH_CHECK(gate_up_bias->scalar_type() == x.scalar_type(), "moe_kernels (cpu): gate_up_bias must have x's dtype ",
-                x.scalar_type(), ", got ", gate_up_bias->scalar_type());
+    check_dtype_of_x(*gate_up_bias, x, "gate_up_bias");
     TORCH_CHECK(gate_up_bias->dim() == 2 && gate_up_bias->size(0) == a.E &&
                     gate_up_bias->size(1) == 2 * a.I,
                 "moe_kernels (cpu): gate_up_bias must be [E=", a.E, ", 2I=", 2 * a.I, "], got ",
@@ -113,8 +110,7 @@ FfnArgs check_ffn(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Te
   if (down_bias.has_value()) {
     check_cpu(*down_bias, "down_bias");
     check_float(*down_bias, "down_bias");
-    TORCH_CHECK(down_bias->scalar_type() == x.scalar_type(), "moe_kernels (cpu): down_bias must have x's dtype ",
-                x.scalar_type(), ", got ", down_bias->scalar_type());
+    check_dtype_of_x(*down_bias, x, "down_bias");
     TORCH_CHECK(down_bias->dim() == 2 && down_bias->size(0) == a.E && down_bias->size(1) == a.H,
                 "moe_kernels (cpu): down_bias must be [E=", a.E, ", H=", a.H, "], got ",
                 down_bias->sizes());
