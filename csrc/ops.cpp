@@ -41,8 +41,88 @@ TORCH_LIBRARY(moe_kernels, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace {
+
+// Python types of the typed-call arguments: a schema `str` arrives as std::string.
+template <class T>
+struct PyArg {
+  using type = T;
+};
+template <>
+struct PyArg<c10::string_view> {
+  using type = std::string;
+};
+
+inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool requires_grad(const std::optional<at::Tensor>& t) {
+  return t.has_value() && requires_grad(*t);
+}
+template <class T>
+bool requires_grad(const T&) {
+  return false;
+}
+
+// `_C.typed.<op>(*args)` runs what `torch.ops.moe_kernels.<op>.default(*args)` runs -- below the
+// autograd layer (as under `torch._C._AutoDispatchBelowAutograd()`) when no tensor argument
+// needs a gradient, through it otherwise -- as one typed call of the C++ dispatcher, so
+// everything keyed on dispatch keys (Python dispatch modes, tracing, functorch, the profiler)
+// still sees the op; what it skips is the boxed, schema-driven parsing of the Python arguments,
+// ~70-100 us per call when the caches are cold, as in decode (bench/NOTES.md v15).  The GIL is
+// released while the op runs; TORCH_WARN becomes a Python warning and errors keep their Python
+// types.  moe_kernels/_backends.py calls these when no argument has a __torch_function__
+// override (or a torch function mode is active) and torch.compile is not tracing.
+template <class Sig>
+struct TypedCall;
+template <class R, class... Args>
+struct TypedCall<R(Args...)> {
+  static void def(py::module_& m, const char* op) {
+    const auto handle = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow((std::string("moe_kernels::") + op).c_str(), "")
+                            .typed<R(Args...)>();
+    m.def(
+        op,
+        [handle](typename PyArg<std::decay_t<Args>>::type... args) -> R {
+          HANDLE_TH_ERRORS
+          const bool grad = at::GradMode::is_enabled() && (requires_grad(args) || ...);
+          py::gil_scoped_release no_gil;
+          if (grad) return handle.call(args...);  // through the autograd layer
+          at::AutoDispatchBelowAutograd below;
+          return handle.call(args...);
+          END_HANDLE_TH_ERRORS_PYBIND
+        },
+        (std::string("torch.ops.moe_kernels.") + op +
+         ".default(*args) as one typed C++ dispatcher call (below the autograd layer when no "
+         "tensor argument needs a gradient)")
+            .c_str());
+  }
+};
+
+using OptTensor = std::optional<at::Tensor>;
+using T2 = std::tuple<at::Tensor, at::Tensor>;
+using T5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void def_typed_calls(py::module_& m) {
+  using Tensor = at::Tensor;
+  TypedCall<T2(const Tensor&, int64_t, c10::string_view, bool, const OptTensor&, int64_t, int64_t,
+               double)>::def(m, "topk_gating");
+  TypedCall<T5(const Tensor&, int64_t, int64_t)>::def(m, "route");
+  TypedCall<Tensor(const Tensor&, const Tensor&, const Tensor&)>::def(m, "permute");
+  TypedCall<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&)>::def(
+      m, "unpermute");
+  TypedCall<Tensor(const Tensor&, const Tensor&, const Tensor&, bool)>::def(m, "grouped_gemm");
+  TypedCall<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                   const OptTensor&, const OptTensor&, c10::string_view, double, double,
+                   bool)>::def(m, "moe_ffn");
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moe_kernels compiled operators (schemas + CPU kernels)";
+  py::module_ typed = m.def_submodule("typed",
+                                      "Typed C++ dispatcher calls of the public ops (below the "
+                                      "autograd layer when no gradient is needed).");
+  def_typed_calls(typed);
   m.def("cpu_isa", &moe_kernels::cpu::detected_isa_name,
         "Best CPU instruction set the kernels will use (after MOE_KERNELS_CPU_ISA).");
   m.def(

@@ -456,3 +456,55 @@ def test_moe_ffn_unchecked_call_types_errors_and_keeps_kernel_errors(monkeypatch
     assert info.value.__cause__ is None and info.value.__suppress_context__
     with pytest.raises(TypeError, match="topk_ids"):
         moe_kernels.moe_ffn(x, *args, tw, ti.float())
+
+
+@pytest.mark.skipif("cpu" not in available_backends_list("cpu"), reason="no compiled CPU backend")
+@pytest.mark.parametrize("op", [name for name, _ in all_op_calls()])
+def test_typed_call_path(op, monkeypatch):
+    """Compiled ops run through ``_C.typed.<op>`` (one typed C++ dispatcher call): same result,
+    bit for bit, as the boxed ``torch.ops`` overload; still seen by dispatch modes and the
+    profiler; a torch function mode (which the typed call would not see) takes the boxed path."""
+    from torch.overrides import TorchFunctionMode
+
+    from moe_kernels import _backends
+
+    thunk = dict(all_op_calls())[op]
+    typed_calls = []
+    real = _backends._typed_call
+
+    def counting(name):
+        fn = real(name)
+        assert fn is not None, f"no typed call for {name}"
+
+        def wrapper(*args):
+            typed_calls.append(name)
+            return fn(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(_backends, "_call_cache", {})
+    monkeypatch.setattr(_backends, "_typed_call", counting)
+    ops, typed_out = ran(thunk, "cpu")
+    assert typed_calls == [op] and op in ops
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        thunk("cpu")
+    assert f"moe_kernels::{op}" in {e.name for e in prof.events()}
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            schema = getattr(func, "_schema", None)
+            if schema is not None:
+                self.names.append(schema.name)
+            return func(*args, **(kwargs or {}))
+
+    typed_calls.clear()
+    with Seen() as seen:
+        boxed_out = thunk("cpu")
+    assert typed_calls == [] and f"moe_kernels::{op}" in seen.names
+    assert type(boxed_out) is type(typed_out)
+    assert torch.equal(boxed_out, typed_out)
