@@ -583,9 +583,7 @@ def _dense_operands(x, dense_b, layout):
 def _dense_layout(x, dense_b, device, ceilings) -> str:
     """Fastest layout for ``x @ B`` among those within 4x of the best at the ceiling's size
     (one or two probe calls each; layouts far behind at the ceiling's size are not tried)."""
-    probe = ceilings["dense_probe"]
-    best = max(probe.values())
-    cands = [layout for layout, rate in probe.items() if rate * 4 >= best]
+    cands = bu.close_layouts(ceilings["dense_probe"])
     if len(cands) == 1:
         return cands[0]
     seconds = {}

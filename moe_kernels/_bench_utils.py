@@ -349,6 +349,13 @@ def probe_matmul(m: int, k: int, n: int, layout: str, dtype, device="cpu") -> fl
     return 2.0 * m * k * n / sec
 
 
+def close_layouts(probe: dict[str, float], factor: float = 4.0) -> list[str]:
+    """The layouts whose probe rate is within ``factor`` of the fastest one: the candidates worth
+    timing at full size (a layout's order at 128 rows need not hold at 2048)."""
+    top = max(probe.values())
+    return [layout for layout, rate in probe.items() if rate * factor >= top]
+
+
 def dense_matmul_ceiling(
     m: int = 2048,
     k: int = 2048,
@@ -370,8 +377,7 @@ def dense_matmul_ceiling(
     """
     pm = min(m, 128)
     probe = {layout: probe_matmul(pm, k, n, layout, dtype, device) for layout in layouts}
-    top = max(probe.values())
-    fns = {lay: _matmul_fn(m, k, n, lay, dtype, device) for lay, r in probe.items() if 4 * r >= top}
+    fns = {lay: _matmul_fn(m, k, n, lay, dtype, device) for lay in close_layouts(probe)}
     times, _ = time_alternating(fns, repeats=repeats, device=device)
     best = min(times, key=lambda lay: min(times[lay]))
     sec = min(times[best])
