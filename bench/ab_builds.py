@@ -1,0 +1,170 @@
+"""A/B two builds of moe_kernels on the same machine, alternated call by call in one run.
+
+Each build is a Python interpreter (a virtual environment) that imports its own ``moe_kernels``.
+Both run as long-lived worker processes holding the same inputs (same seeds); the driver asks them
+for one timed ``moe_ffn`` call in turns (A, B, read ceiling, A, B, ...), so that a shared or noisy
+machine slows both alike. Only one process computes at a time. Decode rows evict the caches before
+every call (a buffer of 3x the last-level cache is written), as in a real model where the other
+layers' weights have just streamed through them.
+
+Example (before/after a change, decode rows of the three preset shapes)::
+
+    python bench/ab_builds.py --a /path/to/old/.venv/bin/python --b .venv/bin/python \\
+        --shapes qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b --tokens 1,16 --rounds 15
+
+Prints per (shape, T) the median of each build, B / A, and each build's share of the read
+bandwidth measured in the same rounds (bytes of the distinct active experts' weights / time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+#: H, I, E, k of the preset layer shapes (the models' configs)
+SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "olmoe-1b-7b": (2048, 1024, 64, 8),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+}
+
+WORKER = r"""
+import glob, json, os, sys, time
+import torch
+import moe_kernels as mk
+
+def l3_bytes():
+    sizes = {}
+    for d in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            if int(open(d + "/level").read()) < 3:
+                continue
+            s = open(d + "/size").read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+            sizes[open(d + "/shared_cpu_list").read().strip()] = int(s.rstrip("KMGB")) * mult
+        except (OSError, ValueError):
+            pass
+    return sum(sizes.values()) or (256 << 20)
+
+evict_buf = torch.zeros(max(3 * l3_bytes(), 64 << 20) // 4)
+state = {}
+print(json.dumps({"ready": mk.__file__, "isa": mk.available_backends()["cpu"][1]}), flush=True)
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["cmd"] == "setup":
+        H, I, E, k, T, seed = (msg[n] for n in ("H", "I", "E", "k", "T", "seed"))
+        g = torch.Generator().manual_seed(seed)
+        wgu = torch.empty(E, 2 * I, H, dtype=torch.bfloat16)
+        wd = torch.empty(E, H, I, dtype=torch.bfloat16)
+        for e in range(E):
+            wgu[e].copy_(torch.randn(2 * I, H, generator=g).mul_(H**-0.5))
+            wd[e].copy_(torch.randn(H, I, generator=g).mul_(I**-0.5))
+        x = torch.randn(T, H, generator=g).bfloat16()
+        w, ids = torch.topk(torch.softmax(torch.randn(T, E, generator=g), -1), k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).float()
+        ids = ids.int()
+        state["args"] = (x, wgu, wd, w, ids)
+        distinct = int(torch.unique(ids).numel())
+        state["bytes"] = distinct * 3 * H * I * 2
+        with torch.inference_mode():
+            mk.moe_ffn(*state["args"], backend="cpu")
+        print(json.dumps({"bytes": state["bytes"]}), flush=True)
+    elif msg["cmd"] == "time":
+        with torch.inference_mode():
+            if msg["evict"]:
+                evict_buf.add_(1.0)
+            t0 = time.perf_counter()
+            mk.moe_ffn(*state["args"], backend="cpu")
+            dt = time.perf_counter() - t0
+        print(json.dumps({"s": dt}), flush=True)
+    elif msg["cmd"] == "sum":
+        buf = state.get("sum_buf")
+        if buf is None:
+            buf = state["sum_buf"] = torch.ones((1 << 30) // 4)
+        t0 = time.perf_counter()
+        buf.sum()
+        dt = time.perf_counter() - t0
+        print(json.dumps({"s": dt, "bytes": buf.numel() * 4}), flush=True)
+    elif msg["cmd"] == "drop":
+        state.clear()
+        print(json.dumps({}), flush=True)
+"""
+
+
+class Worker:
+    def __init__(self, python: str, threads: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        # Run from a neutral folder so a source tree's moe_kernels/ never shadows the build.
+        self.proc = subprocess.Popen(
+            [python, "-c", WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd="/",
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args[0]} exited (code {self.proc.poll()})")
+        return json.loads(line)
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--a", required=True, help="Python interpreter of build A (before)")
+    p.add_argument("--b", required=True, help="Python interpreter of build B (after)")
+    p.add_argument("--shapes", default="qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b")
+    p.add_argument("--tokens", default="1,16")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-evict", action="store_true", help="keep the caches warm between calls")
+    args = p.parse_args(argv)
+
+    workers = {"A": Worker(args.a, args.threads), "B": Worker(args.b, args.threads)}
+    for name, w in workers.items():
+        print(f"{name}: {w.info['ready']} ({w.info['isa']})")
+    print(f"{'shape':<15} {'T':>4} {'A ms':>8} {'B ms':>8} {'B/A':>6} {'A %BW':>6} {'B %BW':>6}")
+    for shape in args.shapes.split(","):
+        H, I, E, k = SHAPES[shape]
+        for T in (int(t) for t in args.tokens.split(",")):
+            nbytes = 0
+            for w in workers.values():
+                nbytes = w.ask(cmd="setup", H=H, I=I, E=E, k=k, T=T, seed=0)["bytes"]
+            times: dict[str, list[float]] = {"A": [], "B": [], "sum": []}
+            for _ in range(args.rounds):
+                for name, w in workers.items():
+                    times[name].append(w.ask(cmd="time", evict=not args.no_evict)["s"])
+                r = workers["A"].ask(cmd="sum")
+                times["sum"].append(r["s"] / r["bytes"])  # seconds per byte
+            med = {n: statistics.median(v) for n, v in times.items()}
+            pct = {n: 100 * nbytes * med["sum"] / med[n] for n in ("A", "B")}
+            print(
+                f"{shape:<15} {T:>4} {1e3 * med['A']:>8.2f} {1e3 * med['B']:>8.2f} "
+                f"{med['B'] / med['A']:>6.3f} {pct['A']:>6.1f} {pct['B']:>6.1f}",
+                flush=True,
+            )
+            for w in workers.values():
+                w.ask(cmd="drop")
+    for w in workers.values():
+        w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
