@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._backends import call_op
-from ._registry import debug_mode, num_rows
-from .plan import RoutingPlan
+from ._debug import debug_mode
+from .plan import RoutingPlan, num_rows
 
 __all__ = ["topk_gating", "route", "permute", "unpermute", "grouped_gemm", "moe_ffn"]
 

@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
 from . import reference
 from ._schemas import PY_SUFFIXES, SCHEMAS, schema
+from .plan import num_rows
 
 FORWARD_OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_gemm", "moe_ffn")
 
@@ -98,14 +98,6 @@ def _fake_topk_gating_backward(
     grad_weights, router_logits, topk_ids, scoring, renormalize, routed_scaling_factor
 ):
     return router_logits.new_empty(router_logits.shape)
-
-
-def num_rows(num_pairs: int, num_experts: int, block_size: int) -> int:
-    """Rows of the permuted layout: TK, or round_up(TK + E * (block_size - 1), block_size)."""
-    if block_size <= 0:
-        return num_pairs
-    n = num_pairs + num_experts * (block_size - 1)
-    return (n + block_size - 1) // block_size * block_size
 
 
 def _fake_route(topk_ids, num_experts, block_size):
@@ -333,11 +325,6 @@ def _register_all() -> None:
         for name, fake in _FAKES.items():
             torch.library.register_fake(f"moe_kernels::{name}{suffix}", fake, lib=_lib)
         _register_autograd(suffix)
-
-
-def debug_mode() -> bool:
-    """``MOE_KERNELS_DEBUG=1``: value checks on GPU tensors too, NaN-filled outputs."""
-    return os.environ.get("MOE_KERNELS_DEBUG", "0") not in ("", "0")
 
 
 _register_all()

@@ -6,17 +6,12 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..plan import num_rows as plan_num_rows
 from . import _config, _routing
 from .ops_common import _alloc, _ctx
 
 #: pairs per program of the routing kernels (a power of two); small under the interpreter
 ROUTE_CHUNK = {"gpu": 256, "interpreter": 64}
-
-
-def _num_rows(TK: int, E: int, block_size: int) -> int:
-    if block_size <= 0:
-        return TK
-    return (TK + E * (block_size - 1) + block_size - 1) // block_size * block_size
 
 
 def route(topk_ids, num_experts, block_size):
@@ -32,7 +27,7 @@ def route(topk_ids, num_experts, block_size):
     T, k = topk_ids.shape
     TK = T * k
     dev = topk_ids.device
-    num_rows = _num_rows(TK, E, block_size)
+    num_rows = plan_num_rows(TK, E, block_size)
     i32 = torch.int32
     counts = _alloc((E,), i32, dev)
     offs = _alloc((E,), i32, dev)
