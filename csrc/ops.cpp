@@ -42,9 +42,9 @@ bool requires_grad(const T&) {
 // needs a gradient, through it otherwise -- as one typed call of the C++ dispatcher, so
 // everything keyed on dispatch keys (Python dispatch modes, tracing, functorch, the profiler)
 // still sees the op; what it skips is the boxed, schema-driven parsing of the Python arguments,
-// ~70-100 us per call when the caches are cold, as in decode (bench/NOTES.md v15).  The GIL is
-// released while the op runs; TORCH_WARN becomes a Python warning and errors keep their Python
-// types.  moe_kernels/_backends.py calls these when no argument has a __torch_function__
+// a large part of a cold call's fixed cost (bench/NOTES.md, "Per-call cost of the public ops").
+// The GIL is released while the op runs; TORCH_WARN becomes a Python warning and errors keep their
+// Python types.  moe_kernels/_backends.py calls these when no argument has a __torch_function__
 // override (or a torch function mode is active) and torch.compile is not tracing.
 template <class Sig>
 struct TypedCall;

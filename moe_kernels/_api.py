@@ -379,7 +379,8 @@ def moe_ffn(
     )
     if isinstance(x, torch.Tensor):
         # A backend whose op checks every argument itself runs without the Python checks below
-        # (with caches evicted, as in decode, they cost ~50-90 us of a 5 ms call).  If anything
+        # (with caches evicted, as in decode, they are a measurable part of a call: bench/NOTES.md,
+        # "Per-call cost of the public ops").  If anything
         # fails, the Python checks run to raise their typed error (TypeError / ValueError, as on
         # every other backend); when they find nothing wrong, the op's own error stands.
         try:
