@@ -1,7 +1,8 @@
 """Build of the compiled parts of moe_kernels (package metadata lives in pyproject.toml).
 
-* ``moe_kernels._C`` (always): every operator schema (csrc/ops.cpp) and the CPU kernels
-  (csrc/cpu/*.cpp).
+* ``moe_kernels._C`` (always): the CPU kernels (csrc/cpu/*.cpp) and the module's typed op calls
+  and CPU queries (csrc/ops.cpp). The op schemas are not compiled: moe_kernels/_schemas.py holds
+  them and moe_kernels/_registry.py defines them at import.
 * ``moe_kernels._C_cuda`` (CUDA kernels, csrc/cuda/*.cu): built when torch is a CUDA build and nvcc
   is found, or when ``MOE_KERNELS_BUILD_CUDA=1`` (then failing loudly if impossible);
   ``MOE_KERNELS_BUILD_CUDA=0`` skips it.  Follows ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0a``).

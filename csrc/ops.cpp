@@ -1,45 +1,20 @@
-// Every moe_kernels operator schema, declared once.  Kernels attach per dispatch key:
-// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL CUDA).
-// Fake (meta) kernels and autograd are registered in Python (moe_kernels/_registry.py).
-// These strings must match moe_kernels/_schemas.py (checked by tests/test_registry.py).
+// The Python module moe_kernels._C: typed dispatcher calls of the public ops and CPU queries.
+//
+// No operator schema is written in C++: moe_kernels/_schemas.py is their one source, and
+// moe_kernels/_registry.py defines every `moe_kernels::X` from it when moe_kernels is imported.
+// The kernels (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(moe_kernels, CPU); csrc/cuda: CUDA) register
+// when this library loads, before that definition: the dispatcher holds kernels of a not yet
+// defined op and checks each kernel's signature, inferred from its C++ type, against the schema
+// when the schema arrives (a mismatch fails the definition with a RuntimeError).
+// Fake (meta) kernels and autograd are registered in Python too.
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
+#include <mutex>
+#include <optional>
+
 #include "common/cpu_info.h"
 #include "cpu/gemm.h"
-
-TORCH_LIBRARY(moe_kernels, m) {
-  m.def(
-      "topk_gating(Tensor router_logits, int top_k, str scoring, bool renormalize, "
-      "Tensor? correction_bias, int num_expert_groups, int topk_groups, "
-      "float routed_scaling_factor) -> (Tensor, Tensor)");
-  m.def(
-      "topk_gating_backward(Tensor grad_weights, Tensor router_logits, Tensor topk_ids, "
-      "str scoring, bool renormalize, float routed_scaling_factor) -> Tensor");
-  m.def(
-      "route(Tensor topk_ids, int num_experts, int block_size) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("permute(Tensor x, Tensor row_of_slot, Tensor slot_of_row) -> Tensor");
-  m.def(
-      "unpermute(Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights) "
-      "-> Tensor");
-  m.def(
-      "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_of_slot, Tensor slot_of_row, "
-      "Tensor? topk_weights, bool need_grad_y, bool need_grad_weights) -> (Tensor, Tensor)");
-  m.def("grouped_gemm(Tensor a, Tensor b, Tensor offs, bool trans_b) -> Tensor");
-  m.def(
-      "grouped_gemm_backward(Tensor grad_out, Tensor a, Tensor b, Tensor offs, bool trans_b, "
-      "bool need_grad_a, bool need_grad_b) -> (Tensor, Tensor)");
-  m.def(
-      "moe_ffn(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, "
-      "Tensor topk_ids, Tensor? gate_up_bias, Tensor? down_bias, str activation, float alpha, "
-      "float limit, bool interleaved) -> Tensor");
-  m.def(
-      "moe_ffn_backward(Tensor grad_out, Tensor x, Tensor w_gate_up, Tensor w_down, "
-      "Tensor topk_weights, Tensor topk_ids, Tensor? gate_up_bias, Tensor? down_bias, "
-      "str activation, float alpha, float limit, bool interleaved) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 namespace {
 
@@ -67,22 +42,40 @@ bool requires_grad(const T&) {
 // needs a gradient, through it otherwise -- as one typed call of the C++ dispatcher, so
 // everything keyed on dispatch keys (Python dispatch modes, tracing, functorch, the profiler)
 // still sees the op; what it skips is the boxed, schema-driven parsing of the Python arguments,
-// ~70-100 us per call when the caches are cold, as in decode (bench/NOTES.md v15).  The GIL is
-// released while the op runs; TORCH_WARN becomes a Python warning and errors keep their Python
-// types.  moe_kernels/_backends.py calls these when no argument has a __torch_function__
+// a large part of a cold call's fixed cost (bench/NOTES.md, "Per-call cost of the public ops").
+// The GIL is released while the op runs; TORCH_WARN becomes a Python warning and errors keep their
+// Python types.  moe_kernels/_backends.py calls these when no argument has a __torch_function__
 // override (or a torch function mode is active) and torch.compile is not tracing.
 template <class Sig>
 struct TypedCall;
 template <class R, class... Args>
 struct TypedCall<R(Args...)> {
+  using Handle = c10::TypedOperatorHandle<R(Args...)>;
+
+  // The op's dispatcher handle, looked up at the first call: the schema is defined from Python
+  // after this module loads.  `typed<>()` checks the C++ signature against the schema then.  A
+  // failed lookup (schema not defined yet) throws and is retried at the next call.
+  struct LazyHandle {
+    std::string name;
+    std::once_flag once;
+    std::optional<Handle> handle;
+    const Handle& get() {
+      std::call_once(once, [this] {
+        handle.emplace(
+            c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<R(Args...)>());
+      });
+      return *handle;
+    }
+  };
+
   static void def(py::module_& m, const char* op) {
-    const auto handle = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow((std::string("moe_kernels::") + op).c_str(), "")
-                            .typed<R(Args...)>();
+    auto lazy = std::make_shared<LazyHandle>();
+    lazy->name = std::string("moe_kernels::") + op;
     m.def(
         op,
-        [handle](typename PyArg<std::decay_t<Args>>::type... args) -> R {
+        [lazy](typename PyArg<std::decay_t<Args>>::type... args) -> R {
           HANDLE_TH_ERRORS
+          const Handle& handle = lazy->get();
           const bool grad = at::GradMode::is_enabled() && (requires_grad(args) || ...);
           py::gil_scoped_release no_gil;
           if (grad) return handle.call(args...);  // through the autograd layer
@@ -118,7 +111,7 @@ void def_typed_calls(py::module_& m) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moe_kernels compiled operators (schemas + CPU kernels)";
+  m.doc() = "moe_kernels compiled operators (CPU kernels; schemas: moe_kernels/_schemas.py)";
   py::module_ typed = m.def_submodule("typed",
                                       "Typed C++ dispatcher calls of the public ops (below the "
                                       "autograd layer when no gradient is needed).");

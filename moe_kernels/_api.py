@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._backends import call_op
-from ._registry import debug_mode, num_rows
-from .plan import RoutingPlan
+from ._debug import debug_mode
+from .plan import RoutingPlan, num_rows
 
 __all__ = ["topk_gating", "route", "permute", "unpermute", "grouped_gemm", "moe_ffn"]
 
@@ -379,7 +379,8 @@ def moe_ffn(
     )
     if isinstance(x, torch.Tensor):
         # A backend whose op checks every argument itself runs without the Python checks below
-        # (with caches evicted, as in decode, they cost ~50-90 us of a 5 ms call).  If anything
+        # (with caches evicted, as in decode, they are a measurable part of a call: bench/NOTES.md,
+        # "Per-call cost of the public ops").  If anything
         # fails, the Python checks run to raise their typed error (TypeError / ValueError, as on
         # every other backend); when they find nothing wrong, the op's own error stands.
         try:

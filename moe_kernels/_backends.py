@@ -10,7 +10,6 @@ back: it raises :class:`BackendUnavailableError` saying why.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,20 +51,17 @@ class _Backend:
     def op(self, name: str):
         return getattr(torch.ops.moe_kernels, name + self.suffix)
 
-    def call(self, name: str, *args):
-        """``self.op(name)(*args)``; when no tensor argument needs a gradient, the compiled op's
-        overload goes straight to the kernel below the autograd layer (saves the custom op's
-        Python autograd wrapper and the overload lookup, ~20-70 us per call)."""
-        if self.dispatch_key is None or _needs_grad(args) or torch.compiler.is_compiling():
-            return self.op(name)(*args)
-        op = _default_overload(name + self.suffix)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-
     def has_op(self, name: str) -> bool:
         if self.name == "triton":
-            return name in _triton_impls()
-        return _has_kernel(f"moe_kernels::{name}{self.suffix}", self.dispatch_key)
+            from . import _registry
+
+            return name in _registry.triton_impls()
+        qual = f"moe_kernels::{name}{self.suffix}"
+        if not torch._C._dispatch_has_kernel(qual):
+            return False
+        return self.dispatch_key is None or torch._C._dispatch_has_kernel_for_dispatch_key(
+            qual, self.dispatch_key
+        )
 
     def devices(self) -> tuple[str, ...]:
         if self.name == "reference":
@@ -83,22 +79,6 @@ def _needs_grad(args: tuple) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
-@functools.cache
-def _default_overload(op_name: str):
-    return getattr(torch.ops.moe_kernels, op_name).default
-
-
-@functools.cache
-def _has_kernel(qual: str, dispatch_key: str | None) -> bool:
-    # Kernels are registered when moe_kernels is imported and never removed, so the answer of
-    # the dispatcher is cached (the lookups cost ~10 us per op call otherwise).
-    if not torch._C._dispatch_has_kernel(qual):
-        return False
-    if dispatch_key is None:
-        return True
-    return torch._C._dispatch_has_kernel_for_dispatch_key(qual, dispatch_key)
-
-
 _BACKENDS = {
     "reference": _Backend("reference", "_reference", None, _FLOATS64),
     "cpu": _Backend("cpu", "", "CPU", _FLOATS, checks_args=True),
@@ -107,10 +87,10 @@ _BACKENDS = {
 }
 
 
-# ``os.environ.get`` runs several Python-level Mapping methods; with cold caches (a decode step,
-# where other layers' weights have just streamed through the caches) that costs ~50 us per read,
-# and every call reads two variables.  On POSIX CPython the environment is a dict of bytes
-# underneath (kept in step by ``os.environ[...] = ...`` and ``del``), which is read directly.
+# ``os.environ.get`` runs several Python-level Mapping methods, slow with the cold caches of a
+# decode step (bench/NOTES.md, "Per-call cost of the public ops"), and every call reads two
+# variables.  On POSIX CPython the environment is a dict of bytes underneath (kept in step by
+# ``os.environ[...] = ...`` and ``del``), which is read directly.
 _ENV_BYTES: dict | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
@@ -126,14 +106,6 @@ def _triton_interpret() -> bool:
     return getenv("TRITON_INTERPRET") not in (None, "", "0")
 
 
-@functools.cache
-def _triton_impls() -> dict:
-    from . import _registry
-
-    return _registry.triton_impls()
-
-
-@functools.cache
 def _availability(name: str) -> tuple[bool, str]:
     from . import _registry
 
@@ -235,43 +207,54 @@ def requested_backend(backend: str | None = None) -> str | None:
 def select_backend(
     op: str, device: torch.device, dtype: torch.dtype | None, backend: str | None = None
 ) -> _Backend:
-    """The backend that runs ``op`` on tensors of ``device``/``dtype``.
+    """The backend that runs ``op`` on tensors of ``device``/``dtype`` (what :func:`call_op`
+    runs; raises :class:`BackendUnavailableError` as it would).
 
     Under ``torch.compile`` the choice is made once, while tracing, and baked into the graph.
     """
     return _BACKENDS[_select_name(op, device.type, dtype, backend)]
 
 
-# (op, device type, dtype, requested backend name) -> chosen backend name.  The inputs of the
-# choice are all in the key (the availability of each backend is fixed per process), so a
-# repeated call skips the ~25 us walk through the candidates.
-_choice_cache: dict[tuple, str] = {}
-
-
 @torch.compiler.assume_constant_result
 def _select_name(op: str, device_type: str, dtype: torch.dtype | None, backend: str | None) -> str:
-    name = requested_backend(backend)
-    key = (op, device_type, dtype, name, _triton_interpret())
-    hit = _choice_cache.get(key)
-    if hit is not None:
-        return hit
-    chosen = _choose(op, torch.device(device_type), dtype, name)
-    _choice_cache[key] = chosen
-    return chosen
+    key = (op, device_type, dtype, backend, _forced[-1] if _forced else None, _env_key())
+    hit = _call_cache.get(key)
+    if hit is None:
+        hit = _resolve(key, op, torch.device(device_type), dtype, backend)
+    return hit[0].name
 
 
-# (op, device, dtype, backend argument, use_backend's choice, MOE_KERNELS_BACKEND,
-# TRITON_INTERPRET) -> (backend, its compiled op's default overload or None, its typed C++
-# dispatcher call or None): everything the choice depends on (each backend's
-# availability is fixed per process), read as cheaply as it can be.
+def _env_key() -> tuple:
+    """The environment variables the choice depends on, as cheaply as they can be read."""
+    if _ENV_BYTES is not None:
+        return (_ENV_BYTES.get(b"MOE_KERNELS_BACKEND"), _ENV_BYTES.get(b"TRITON_INTERPRET"))
+    return (os.environ.get("MOE_KERNELS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+
+
+# The one cache of the call path: (op, device, dtype, backend argument, use_backend's choice,
+# MOE_KERNELS_BACKEND, TRITON_INTERPRET) -> (backend, its compiled op's default overload or
+# None, its typed C++ dispatcher call or None). The key holds every input of the choice (each
+# backend's availability and kernels are fixed once moe_kernels is imported), so an entry never
+# goes stale; a repeated call skips the walk over the candidates and every dispatcher lookup.
 _call_cache: dict[tuple, tuple[_Backend, object, object]] = {}
+
+
+def _resolve(key: tuple, op: str, device: torch.device, dtype, backend) -> tuple:
+    """Choose the backend for ``key`` and cache what calling it needs."""
+    b = _BACKENDS[_choose(op, device, dtype, requested_backend(backend))]
+    compiled = b.dispatch_key is not None
+    hit = _call_cache[key] = (
+        b,
+        b.op(op).default if compiled else None,
+        _typed_call(op + b.suffix) if compiled else None,
+    )
+    return hit
 
 
 def _typed_call(op: str):
     """``moe_kernels._C.typed.<op>``, or None: ``torch.ops.moe_kernels.<op>.default`` as
     one typed C++ dispatcher call, below the autograd layer when no tensor argument needs a
-    gradient (decided in C++), without the boxed parsing of the Python arguments (~70-100 us
-    less per call with cold caches)."""
+    gradient (decided in C++), without the boxed parsing of the Python arguments."""
     try:
         from . import _C
     except ImportError:
@@ -288,12 +271,15 @@ def call_op(
     *,
     checked: bool = True,
 ):
-    """``select_backend(op, device, dtype, backend).call(op, *args)``: the path of every public op.
+    """Run ``op`` on the backend :func:`select_backend` names: the one path of every public op.
 
     Its per-call cost matters in decode, where each layer's call starts with cold caches (the
     previous layers' weights have just streamed through them) and every Python function, dict
-    and tensor attribute on the way costs a few microseconds: this path is the short version
-    (measured on ``moe_ffn``, ~60-90 us less than select + call with cold caches).
+    and tensor attribute on the way costs microseconds (bench/NOTES.md, "Per-call cost of the
+    public ops"): one dictionary lookup finds the backend, then a compiled op runs as its typed
+    C++ dispatcher call (or, with a ``__torch_function__`` override or mode active, its boxed
+    overload, below the autograd layer when no tensor argument needs a gradient); a Python
+    family's op runs through ``torch.ops``.
 
     ``checked=False``: ``args`` have not been checked in Python; the op runs only if the chosen
     backend's op checks them itself (:attr:`_Backend.checks_args`) and torch.compile is not
@@ -302,7 +288,8 @@ def call_op(
     if torch.compiler.is_compiling():
         if not checked:
             return NotImplemented  # traced once: the Python checks cost nothing per call
-        return select_backend(op, device, dtype, backend).call(op, *args)
+        return select_backend(op, device, dtype, backend).op(op)(*args)
+    # _env_key(), inlined: no function call on the hot path
     if _ENV_BYTES is not None:
         env = (_ENV_BYTES.get(b"MOE_KERNELS_BACKEND"), _ENV_BYTES.get(b"TRITON_INTERPRET"))
     else:
@@ -310,13 +297,7 @@ def call_op(
     key = (op, device, dtype, backend, _forced[-1] if _forced else None, env)
     hit = _call_cache.get(key)
     if hit is None:
-        b = select_backend(op, device, dtype, backend)
-        compiled = b.dispatch_key is not None
-        hit = _call_cache[key] = (
-            b,
-            _default_overload(op + b.suffix) if compiled else None,
-            _typed_call(op + b.suffix) if compiled else None,
-        )
+        hit = _resolve(key, op, device, dtype, backend)
     b, overload, typed = hit
     if not (checked or b.checks_args):
         return NotImplemented

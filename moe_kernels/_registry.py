@@ -1,9 +1,12 @@
 """Registration of every moe_kernels operator with torch.library.
 
-* loads the compiled extensions (``moe_kernels._C``: schemas + CPU kernels; ``moe_kernels._C_cuda``:
-  CUDA kernels) if they were built, remembering why not otherwise;
-* defines the Python-implemented families ``moe_kernels::X_reference`` (:mod:`moe_kernels.reference`)
-  and ``moe_kernels::X_triton`` (:mod:`moe_kernels.triton_kernels.ops`) from the shared schemas;
+* loads the compiled extensions (``moe_kernels._C``: CPU kernels; ``moe_kernels._C_cuda``: CUDA
+  kernels) if they were built, remembering why not otherwise;
+* defines every op schema from :mod:`moe_kernels._schemas` (their one source): the compiled family
+  ``moe_kernels::X`` (the dispatcher checks the C++ kernels' signatures against it: a mismatch
+  raises RuntimeError at import), then the Python-implemented families
+  ``moe_kernels::X_reference`` (:mod:`moe_kernels.reference`) and ``moe_kernels::X_triton``
+  (:mod:`moe_kernels.triton_kernels.ops`);
 * registers one fake (meta) kernel per op for every family, and autograd for every forward op
   (its backward calls the ``X_backward`` op of the same family).
 """
@@ -11,12 +14,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
 from . import reference
 from ._schemas import PY_SUFFIXES, SCHEMAS, schema
+from .plan import num_rows
 
 FORWARD_OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_gemm", "moe_ffn")
 
@@ -95,14 +98,6 @@ def _fake_topk_gating_backward(
     grad_weights, router_logits, topk_ids, scoring, renormalize, routed_scaling_factor
 ):
     return router_logits.new_empty(router_logits.shape)
-
-
-def num_rows(num_pairs: int, num_experts: int, block_size: int) -> int:
-    """Rows of the permuted layout: TK, or round_up(TK + E * (block_size - 1), block_size)."""
-    if block_size <= 0:
-        return num_pairs
-    n = num_pairs + num_experts * (block_size - 1)
-    return (n + block_size - 1) // block_size * block_size
 
 
 def _fake_route(topk_ids, num_experts, block_size):
@@ -305,14 +300,6 @@ def _register_autograd(suffix: str) -> None:
         )
 
 
-def _has_schema(qualname: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(qualname, "")
-        return True
-    except RuntimeError:
-        return False
-
-
 def _register_family(suffix: str, impls: dict) -> None:
     for name in SCHEMAS:
         _lib.define(schema(name, suffix))
@@ -321,13 +308,16 @@ def _register_family(suffix: str, impls: dict) -> None:
 
 
 def _register_all() -> None:
+    # The compiled family's schemas come from _schemas.py like every other family's (no C++
+    # copy). The extensions register their kernels when they load, before the schemas exist;
+    # defining a schema then checks the C++ kernels' inferred signatures against it and raises
+    # RuntimeError on a mismatch. (The other order would abort the process: the check would run
+    # in the library's static initialisers, where an exception cannot be caught.) Without an
+    # extension the op names still exist (no kernels: the cpu/cuda backends report unavailable).
     _load_extension("_C")
     _load_extension("_C_cuda")
-    if not _has_schema("moe_kernels::moe_ffn"):
-        # Without the compiled extension, still declare the compiled family's schemas so that
-        # the op names exist (they have no kernels: the cpu/cuda backends report unavailable).
-        for name in SCHEMAS:
-            _lib.define(schema(name))
+    for name in SCHEMAS:
+        _lib.define(schema(name))
     _register_family(PY_SUFFIXES["reference"], {name: getattr(reference, name) for name in SCHEMAS})
     _load_triton()
     _register_family(PY_SUFFIXES["triton"], _triton_impls)
@@ -335,11 +325,6 @@ def _register_all() -> None:
         for name, fake in _FAKES.items():
             torch.library.register_fake(f"moe_kernels::{name}{suffix}", fake, lib=_lib)
         _register_autograd(suffix)
-
-
-def debug_mode() -> bool:
-    """``MOE_KERNELS_DEBUG=1``: value checks on GPU tensors too, NaN-filled outputs."""
-    return os.environ.get("MOE_KERNELS_DEBUG", "0") not in ("", "0")
 
 
 _register_all()

@@ -2,13 +2,17 @@
 
 Each public op ``X`` exists once per backend family:
 
-* ``moe_kernels::X``            -- the compiled op (declared in ``csrc/ops.cpp``; CPU kernels in
-  ``csrc/cpu``, CUDA kernels in ``csrc/cuda``), dispatched on the tensors' device;
+* ``moe_kernels::X``            -- the compiled op (CPU kernels in ``csrc/cpu``, CUDA kernels in
+  ``csrc/cuda``), dispatched on the tensors' device;
 * ``moe_kernels::X_reference``  -- the pure-PyTorch specification (``moe_kernels.reference``);
 * ``moe_kernels::X_triton``     -- the Triton kernels (``moe_kernels.triton_kernels``).
 
 All of them share the argument lists below, so autograd formulas and fake (meta) kernels are
-written once.  ``tests/test_registry.py`` checks that the C++ declarations match these strings.
+written once. This module is the only place the schemas are written: :mod:`moe_kernels._registry`
+defines every family from it, the compiled one included (the C++ files only register kernels,
+``TORCH_LIBRARY_IMPL``). The dispatcher checks each C++ kernel's signature, inferred from its
+C++ type, against these strings when both are registered, and ``moe_kernels._C.typed.<op>``
+checks its own C++ signature at its first call.
 
 Conventions:
 

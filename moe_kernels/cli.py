@@ -6,9 +6,11 @@ the reference run ``moe_kernels.moe_ffn`` on the same inputs; the table shows ea
 relative error against the reference (``max |out - ref| / max |ref|``) and its median time.
 The exit code is non-zero when a backend raises or its error exceeds the dtype's tolerance.
 
-``moe-bench --full`` runs the side-by-side comparison of ``bench/bench_moe_ffn.py`` instead (the
-fused backends vs the reference, Hugging Face transformers experts in ``eager`` and ``grouped_mm``
-mode, a dense matmul of equal FLOPs, the read-bandwidth and dense-matmul ceilings) at full size.
+``moe-bench --full`` runs the side-by-side comparison of :mod:`moe_kernels.bench.compare` instead
+(the fused backends vs the reference, Hugging Face transformers experts in ``eager`` and
+``grouped_mm`` mode, a dense matmul of equal FLOPs, the read-bandwidth and dense-matmul ceilings)
+at full size; the source tree's ``bench/bench_moe_ffn.py`` runs the same with the project's speed
+targets.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import sys
 
 import torch
 
-from . import _bench_compare as cmp
-from . import _bench_utils as bu
+from ._tolerances import max_rel_err
+from .bench import compare as cmp
+from .bench import harness as bu
+from .bench.machine import device_description
 
 #: the largest relative error (vs the reference) a backend may show, per dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -118,7 +122,7 @@ def run_default(args: argparse.Namespace) -> int:
         if "reference" not in names:
             names = ["reference", *names]
 
-    print(f"moe-bench: {bu.device_description(device)}; torch {torch.__version__}; {dtype}")
+    print(f"moe-bench: {device_description(device)}; torch {torch.__version__}; {dtype}")
     for n, (ok, why) in avail.items():
         print(f"  backend {n:9s} {'available' if ok else 'unavailable'}: {why}")
 
@@ -222,7 +226,7 @@ def _run_shape(
         try:
             with torch.inference_mode():
                 out = fn()
-            rels[n] = bu.rel_error(out, ref)
+            rels[n] = max_rel_err(out, ref)
         except moe_kernels.BackendUnavailableError as exc:
             # available, but not for moe_ffn with these tensors (e.g. a partial build): only an
             # error when the backend was asked for by name

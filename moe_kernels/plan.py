@@ -7,7 +7,22 @@ import dataclasses
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["RoutingPlan"]
+__all__ = ["RoutingPlan", "num_rows"]
+
+
+def num_rows(num_pairs: int, num_experts: int, block_size: int) -> int:
+    """Rows of the permuted layout of ``num_pairs`` = T * k pairs over ``num_experts`` experts:
+    ``num_pairs`` without padding (``block_size <= 0``), else the upper bound
+    ``round_up(num_pairs + num_experts * (block_size - 1), block_size)`` (each expert's segment
+    padded to a multiple of ``block_size``). Shapes only: no tensor value is read.
+
+    The one Python copy (the registry's fake ``route``, the reference, the public checks and the
+    Triton launcher use it); C++ mirrors it in ``route_num_rows`` (csrc/common/routing.h).
+    """
+    if block_size <= 0:
+        return num_pairs
+    n = num_pairs + num_experts * (block_size - 1)
+    return (n + block_size - 1) // block_size * block_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +56,9 @@ class RoutingPlan:
         block_size: the padding granularity, or None.
 
     ``num_rows`` is ``T * k`` without ``block_size`` and the upper bound
-    ``round_up(T * k + E * (block_size - 1), block_size)`` with it: sizes depend only on T, k, E
-    and block_size, never on the ids, so building a plan needs no host synchronisation.
+    ``round_up(T * k + E * (block_size - 1), block_size)`` with it (:func:`num_rows`): sizes
+    depend only on T, k, E and block_size, never on the ids, so building a plan needs no host
+    synchronisation.
     """
 
     tokens_per_expert: torch.Tensor

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .plan import num_rows as plan_num_rows
+
 __all__ = [
     "compute_dtype",
     "topk_gating",
@@ -178,10 +180,9 @@ def route(
     start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # unpadded segment starts
     if block_size > 0:
         padded = (tokens_per_expert + block_size - 1) // block_size * block_size
-        num_rows = (TK + E * (block_size - 1) + block_size - 1) // block_size * block_size
     else:
         padded = tokens_per_expert
-        num_rows = TK
+    num_rows = plan_num_rows(TK, E, block_size)
     offs = torch.cumsum(padded, 0)
     pstart = offs - padded
     sorted_valid = sorted_key < E

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -11,9 +14,10 @@ import pytest
 import torch
 
 import moe_kernels
-from moe_kernels import _bench_compare as cmp
-from moe_kernels import _bench_utils as bu
-from moe_kernels import cli
+from moe_kernels import _tolerances, cli
+from moe_kernels.bench import compare as cmp
+from moe_kernels.bench import harness as bu
+from moe_kernels.bench import machine
 
 SMALL = ["--shape", "small", "--tokens", "1,5", "--repeats", "1", "--plain"]
 
@@ -160,6 +164,29 @@ def test_full_compare_small(tmp_path, capsys):
     eager = [r for r in rows if r["contender"] == "hf-eager"]
     assert all(abs(float(r["speedup_vs_eager"]) - 1.0) < 1e-9 for r in eager)
     assert "read ceiling" in text and "dense ceiling" in text
+    # the installed CLI has no targets (they belong to the source tree's bench/)
+    assert all(r["target"] == "" and r["target_met"] == "" for r in rows)
+
+
+@pytest.mark.skipif(not moe_kernels.available_backends()["cpu"][0], reason="no cpu backend")
+def test_compare_with_targets(tmp_path, capsys):
+    """Targets passed in reach the cpu row: all met -> yes, one missed -> NO."""
+    out_csv = tmp_path / "cmp.csv"
+    seen = []
+
+    def targets(shape, tokens, decode):
+        seen.append((shape, tokens, decode))
+        met = (">=0% read BW", "pct_read_bw", 0.0)
+        return [met] if tokens == 2 else [met, (">=1e9% read BW", "pct_read_bw", 1e9)]
+
+    argv = ["--shape", "small", "--tokens", "2,3", "--contenders", "reference", "--repeats", "1"]
+    argv += ["--read-mib", "16", "--dense-mnk", "32,64,48", "--no-fp32-ceiling", "--plain"]
+    rc = cmp.main([*argv, "--backends", "cpu", "--csv", str(out_csv)], targets=targets)
+    assert rc == 0, capsys.readouterr().out
+    assert seen == [("small", 2, True), ("small", 3, True)]
+    rows = {int(r["T"]): r for r in _read_csv(out_csv) if r["contender"] == "cpu"}
+    assert rows[2]["target"] == ">=0% read BW" and rows[2]["target_met"] == "yes"
+    assert rows[3]["target"] == ">=0% read BW; >=1e9% read BW" and rows[3]["target_met"] == "NO"
 
 
 def test_bench_script_help():
@@ -207,12 +234,16 @@ def test_make_inputs_routing():
     assert torch.equal(again["w_down"], inp["w_down"]) and torch.equal(again["topk_ids"], ids)
 
 
-def test_rel_error():
+def test_error_column_is_max_rel_err():
+    """Both jobs' error column is the package's one metric (not a copy of it)."""
+    assert cli.max_rel_err is _tolerances.max_rel_err
+    assert cmp.max_rel_err is _tolerances.max_rel_err
     ref = torch.tensor([1.0, -4.0, 2.0])
-    assert bu.rel_error(ref, ref) == 0.0
-    assert bu.rel_error(ref + torch.tensor([0.0, 0.0, 0.4]), ref) == pytest.approx(0.1)
-    assert bu.rel_error(torch.tensor([float("nan"), 0, 0]), ref) == float("inf")
-    assert bu.rel_error(ref[:2], ref) == float("inf")
+    err = _tolerances.max_rel_err
+    assert err(ref, ref) == 0.0
+    assert err(ref + torch.tensor([0.0, 0.0, 0.4]), ref) == pytest.approx(0.1)
+    assert err(torch.tensor([float("nan"), 0, 0]), ref) == float("inf")
+    assert err(ref[:2], ref) == float("inf")
 
 
 def test_time_alternating_order_and_errors():
@@ -232,7 +263,7 @@ def test_time_alternating_order_and_errors():
 
 
 def test_l3_and_evictor():
-    l3 = bu.l3_cache_bytes()
+    l3 = machine.l3_cache_bytes()
     assert l3 >= 1 << 20
     ev = bu.CacheEvictor("cpu")
     assert ev.nbytes >= 3 * l3
@@ -248,8 +279,28 @@ def test_ceilings_tiny():
     assert set(d["probe"]) == set(bu.MATMUL_LAYOUTS)
 
 
+def test_cpu_model_and_flags():
+    model, flags = machine.cpu_model(), machine.cpu_flags()
+    assert isinstance(model, str) and model
+    assert isinstance(flags, frozenset)
+    if os.path.exists("/proc/cpuinfo") and platform.machine() in ("x86_64", "AMD64"):
+        assert {"sse2", "fpu"} <= flags, sorted(flags)[:20]
+        assert model != "unknown CPU"
+
+
+def _bench_script():
+    """The source tree's bench/bench_moe_ffn.py as a module (it owns the project's targets)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "bench", "bench_moe_ffn.py")
+    spec = importlib.util.spec_from_file_location("bench_moe_ffn", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_targets_table():
-    checks = cmp.targets("qwen3-30b-a3b", 2048, decode=False)
+    targets = _bench_script().targets
+    checks = targets("qwen3-30b-a3b", 2048, decode=False)
     assert {d for d, _, _ in checks} == {">=2.0x eager", ">=60% dense"}
     row = {"speedup_vs_eager": 2.1, "pct_dense": 61.0, "pct_read_bw": 0.0}
     assert cmp.target_status(checks, row) == "yes"
@@ -257,6 +308,6 @@ def test_targets_table():
     assert cmp.target_status(checks, row) == "NO"
     row["speedup_vs_eager"] = float("nan")  # eager not timed
     assert cmp.target_status(checks, row) == "n/a"
-    ((desc, key, minimum),) = cmp.targets("mixtral-8x7b", 1, decode=True)
+    ((desc, key, minimum),) = targets("mixtral-8x7b", 1, decode=True)
     assert (desc, key, minimum) == (">=75% read BW", "pct_read_bw", 75.0)
-    assert cmp.targets("small", 512, decode=False) == []
+    assert targets("small", 512, decode=False) == []

@@ -13,7 +13,11 @@ Layers, from the bottom up:
   gradient and the activation backward;
 * ``_config.py`` + ``configs.json`` -- tile configurations per GPU family, kernel kind, dtype and
   rows per expert; ``bench/tune_triton.py`` refreshes them on a GPU;
-* ``ops.py``      -- one launcher per op schema (``IMPLS``), registered by
+* ``ops_common.py`` -- what the launchers share: output allocation (NaN-poisoned in debug mode),
+  argument checks, and the GEMM launch helpers with their weight views;
+* ``ops_gating.py``, ``ops_routing.py``, ``ops_permute.py``, ``ops_gemm.py``, ``ops_moe_ffn.py``
+  -- the launchers, one per op schema, by op family;
+* ``ops.py``      -- the op table ``IMPLS`` collected from them, registered by
   :mod:`moe_kernels._registry` as ``moe_kernels::<op>_triton``.
 
 Numerics and tolerances: gating, routing and reductions are fp32 and bitwise deterministic. GEMMs

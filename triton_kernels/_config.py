@@ -27,7 +27,9 @@ CONFIG_FILE = Path(__file__).with_name("configs.json")
 
 KINDS = ("gemm", "glu", "down", "ragged_k")
 
-#: shared memory a block may use (bytes) per family: sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB
+#: shared memory a block may use (bytes) per family: sm_80 163 KB, sm_86/sm_89 99 KB, sm_90 227 KB;
+#: the tile configurations are sized against it here and moe_kernels.tools.gpu_gate checks the
+#: compiled kernels against it (the one copy)
 SHARED_LIMIT = {"sm80": 166912, "sm86": 101376, "sm90": 232448}
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

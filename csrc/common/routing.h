@@ -4,7 +4,10 @@
 // Unpadded (block_size == 0): num_rows = T*k, expert e owns rows [offs[e-1], offs[e]), offs[-1]=0.
 // Padded: each expert segment is rounded up to a multiple of block_size and
 //   num_rows = round_up(T*k + E*(block_size - 1), block_size)
-// is an upper bound of the padded total that depends only on shapes.
+// is an upper bound of the padded total that depends only on shapes.  route_num_rows mirrors
+// moe_kernels.plan.num_rows, the one Python copy (the op's fake kernel, the reference and the
+// Triton launcher size their outputs with it); opcheck compares the fake's shapes with the
+// kernels' outputs.
 #include <cstdint>
 
 #include "common/host_device.h"

@@ -1,4 +1,4 @@
-"""Helpers shared by ``moe-bench`` and the scripts under ``bench/``.
+"""The benchmark harness shared by ``moe-bench`` and the scripts under ``bench/``.
 
 Nothing here is on an op path: host syncs, Python loops and ``.item()`` are fine.
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import os
-import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+from . import machine
 
 # --------------------------------------------------------------------------------------- shapes
 
@@ -143,78 +142,7 @@ def distinct_experts(topk_ids: torch.Tensor, num_experts: int) -> int:
     return int(torch.unique(ids).numel())
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |out - ref| / max |ref|`` computed in float64 (inf when shapes differ or NaN shows)."""
-    if out.shape != ref.shape:
-        return float("inf")
-    diff = (out.double() - ref.double()).abs().max() if out.numel() else torch.tensor(0.0)
-    scale = ref.double().abs().max() if ref.numel() else torch.tensor(0.0)
-    d, s = float(diff), float(scale)
-    if d != d:  # NaN
-        return float("inf")
-    return d / s if s > 0 else d
-
-
-# ---------------------------------------------------------------------------------- the machine
-
-
-def _parse_size(text: str) -> int:
-    m = re.match(r"\s*([\d.]+)\s*([KMG]?)i?B?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse cache size {text!r}")
-    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
-
-
-def l3_cache_bytes() -> int:
-    """Total last-level cache of the machine in bytes (sum over distinct L3 instances).
-
-    Read from ``/sys/devices/system/cpu/cpu*/cache``; falls back to ``lscpu``, then to 256 MiB.
-    """
-    instances: dict[str, int] = {}
-    for index in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
-        try:
-            with open(os.path.join(index, "level")) as f:
-                level = int(f.read())
-            if level < 3:
-                continue
-            with open(os.path.join(index, "size")) as f:
-                size = _parse_size(f.read())
-            with open(os.path.join(index, "shared_cpu_list")) as f:
-                shared = f.read().strip()
-        except (OSError, ValueError):
-            continue
-        instances[f"{level}:{shared}"] = size
-    if instances:
-        return sum(instances.values())
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        m = re.search(r"^L3 cache:\s*([\d.]+\s*[KMG]i?B?)", out, re.MULTILINE)
-        if m:  # lscpu reports the total over all instances
-            return _parse_size(m.group(1))
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    return 256 << 20
-
-
-def cpu_name() -> str:
-    """The CPU model name (``/proc/cpuinfo``), or ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads, L3 {l3_cache_bytes() >> 20} MiB"
+# ---------------------------------------------------------------------------------- caches
 
 
 class CacheEvictor:
@@ -231,7 +159,7 @@ class CacheEvictor:
             props = torch.cuda.get_device_properties(device)
             nbytes = 2 * getattr(props, "L2_cache_size", 64 << 20)
         else:
-            nbytes = max(factor * l3_cache_bytes(), 64 << 20)
+            nbytes = max(factor * machine.l3_cache_bytes(), 64 << 20)
         self.nbytes = nbytes
         self.device = device
         self._buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)

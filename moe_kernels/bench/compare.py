@@ -26,7 +26,9 @@ where each layer's experts arrive from DRAM. Derived columns:
   (AVX2 only) torch's bf16 matmul is a slow path, below its fp32 rate, so a bf16 kernel that
   widens to fp32 can exceed "100% dense": the fp32 rate is then the meaningful ceiling.
 
-Run ``python bench/bench_moe_ffn.py --help`` or ``moe-bench --full --help``.
+Run ``python bench/bench_moe_ffn.py --help`` or ``moe-bench --full --help``. The project's speed
+targets (the ``target`` column of the ``cpu`` row) belong to the source tree's
+``bench/bench_moe_ffn.py``, which passes them to :func:`run`; ``moe-bench --full`` runs without.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from collections.abc import Callable
 
 import torch
 
-from . import _bench_utils as bu
+from .._tolerances import max_rel_err
+from . import harness as bu
+from .machine import device_description
 
 #: contender names besides the moe_kernels backends
 BASELINES = ("reference", "hf-eager", "hf-grouped_mm", "dense-matmul")
@@ -135,25 +139,9 @@ def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) 
         return b.name, f"{name} unavailable ({exc}); ran {b.name}"
 
 
-def targets(shape: str, tokens: int, decode: bool) -> list[tuple[str, str, float]]:
-    """The CPU backend's speed targets for one (shape, T), as (description, row key, minimum)."""
-    out: list[tuple[str, str, float]] = []
-    if shape == "small":
-        return out
-    if decode:
-        out.append((">=75% read BW", "pct_read_bw", 75.0))
-    need = {
-        ("qwen3-30b-a3b", 512): 2.0,
-        ("qwen3-30b-a3b", 2048): 2.0,
-        ("olmoe-1b-7b", 512): 2.0,
-        ("olmoe-1b-7b", 2048): 1.4,
-        ("mixtral-8x7b", 512): 1.5,
-    }.get((shape, tokens))
-    if need is not None:
-        out.append((f">={need}x eager", "speedup_vs_eager", need))
-    if (shape, tokens) == ("qwen3-30b-a3b", 2048):
-        out.append((">=60% dense", "pct_dense", 60.0))
-    return out
+#: speed targets of one (shape name, T, decode) as (description, row key, minimum), e.g.
+#: ``(">=75% read BW", "pct_read_bw", 75.0)``; the row keys are those of :func:`target_status`.
+Targets = Callable[[str, int, bool], list[tuple[str, str, float]]]
 
 
 def target_status(checks: list[tuple[str, str, float]], row: dict) -> str:
@@ -252,8 +240,11 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the comparison described by ``args``; returns the process exit code."""
+def run(args: argparse.Namespace, targets: Targets | None = None) -> int:
+    """Run the comparison described by ``args``; returns the process exit code.
+
+    ``targets``: the speed targets of the ``cpu`` row per (shape, T) (the project's are in the
+    source tree's ``bench/bench_moe_ffn.py``); without them the target column stays empty."""
     device = torch.device(args.device or default_device())
     dtype = parse_dtype(args.dtype)
     shapes = [bu.get_shape(s) for s in _split(args.shape)] or [
@@ -274,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         baselines = [b for b in baselines if not b.startswith("hf-")]
 
     print(
-        f"device: {bu.device_description(device)}; torch {torch.__version__}; "
+        f"device: {device_description(device)}; torch {torch.__version__}; "
         f"transformers {hf_version or '-'}; dtype {dtype}"
     )
     read_bytes = args.read_mib << 20
@@ -354,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
                 evictor,
                 ceilings,
                 rates,
+                targets,
             )
             failures += n_fail
             csv_rows.extend(rows)
@@ -378,6 +370,7 @@ def _run_one(
     evictor,
     ceilings,
     rates,
+    targets,
 ):
     import moe_kernels
 
@@ -436,7 +429,7 @@ def _run_one(
                 if name in ("dense-matmul", "read-ceiling"):
                     continue
                 try:
-                    errors_rel[name] = bu.rel_error(fn(), ref)
+                    errors_rel[name] = max_rel_err(fn(), ref)
                 except Exception as exc:  # noqa: BLE001 -- reported in the table and exit code
                     exc_msgs[name] = f"{type(exc).__name__}: {exc}"
             del ref
@@ -469,7 +462,9 @@ def _run_one(
     if times.get("read-ceiling"):  # measured in these rounds: the fairer yardstick
         read_bw = ceilings["read_buf"].numel() * 4 / bu.median(times["read-ceiling"])
     eager_med = bu.median(times.get("hf-eager", []))
-    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    from ..cli import TOLERANCE  # the CLI's tolerance per dtype: one table for both jobs
+
+    tol = TOLERANCE[dtype]
 
     table_rows, csv_rows = [], []
     failures = 0
@@ -492,7 +487,7 @@ def _run_one(
             "GBps": row_bytes / med / 1e9,
         }
         tgt_desc, tgt_met = "", ""
-        if name == "cpu" and ran_as.get(name) == "cpu" and device.type == "cpu":
+        if targets and name == "cpu" and ran_as.get(name) == "cpu" and device.type == "cpu":
             checks = targets(shape.name, T, decode)
             if checks:
                 tgt_desc = "; ".join(d for d, _, _ in checks)
@@ -596,9 +591,11 @@ def _dense_layout(x, dense_b, device, ceilings) -> str:
     return min(seconds, key=seconds.get)
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+def main(
+    argv: list[str] | None = None, prog: str | None = None, targets: Targets | None = None
+) -> int:
     args = build_parser(prog).parse_args(argv)
-    return run(args)
+    return run(args, targets)
 
 
 if __name__ == "__main__":
