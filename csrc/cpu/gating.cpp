@@ -67,12 +67,18 @@ void gating_kernel(const at::Tensor& logits, int64_t k, Scoring scoring, bool re
         for (int64_t e = 0; e < E; ++e)
           if (!ok[e / per]) sel[e] = -std::numeric_limits<float>::infinity();
       }
+      // Every index is eligible and k <= E, so the picks are k distinct ids in [0, E) whatever
+      // the scores (NaN, +-inf): see common/topk.h.
       int32_t* out_ids = ids + t * k;
       topk_row(sel.data(), (int)E, (int)k, [](int) { return true; }, out_ids);
+      // w = p / sum(p) * scale in fp32, divided (not multiplied by a reciprocal) as the reference
+      // does, so k = 1 gives exactly scale.
       float sum = 0.f;
       for (int64_t s = 0; s < k; ++s) sum += scores[out_ids[s]];
-      const float mul = renormalize ? scale / sum : scale;
-      for (int64_t s = 0; s < k; ++s) weights[t * k + s] = scores[out_ids[s]] * mul;
+      for (int64_t s = 0; s < k; ++s) {
+        const float p = scores[out_ids[s]];
+        weights[t * k + s] = (renormalize ? p / sum : p) * scale;
+      }
     }
   });
 }
@@ -133,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_kernels (cpu): top_k must be in [1, E=", E, "], got ",
               top_k);
   const Scoring sc = parse_scoring(std::string(scoring));
+  check_finite(routed_scaling_factor, "routed_scaling_factor");
   at::Tensor bias;
   if (correction_bias.has_value()) {
     check_cpu(*correction_bias, "correction_bias");
@@ -179,6 +186,7 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_weights, const at::Te
               topk_ids.sizes(), " must be [T, k] with T = router_logits.size(0) = ",
               router_logits.size(0));
   const Scoring sc = parse_scoring(std::string(scoring));
+  check_finite(routed_scaling_factor, "routed_scaling_factor");
   at::Tensor logits = router_logits.contiguous();
   at::Tensor ids = topk_ids.contiguous();
   at::Tensor gw = grad_weights.to(at::kFloat).contiguous();

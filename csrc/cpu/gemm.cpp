@@ -81,6 +81,10 @@ Isa gemm_isa() {
   return i == Isa::kAmx ? Isa::kAvx512 : i;
 }
 
+void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t ld) {
+  if (M > 0 && K > 0) kernels().load_a(M, K, A, dst, ld);
+}
+
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
              int64_t ldc) {
   if (M <= 0 || N <= 0) return;

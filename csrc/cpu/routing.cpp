@@ -1,9 +1,11 @@
 // route / permute / unpermute (+ backward) on CPU.
+#include <cstring>
 #include <vector>
 
 #include "common/routing.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/ops.h"
+#include "cpu/pair_sort.h"
 
 namespace moe_kernels::cpu {
 namespace {
@@ -29,31 +31,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   int32_t* ros = row_of_slot.data_ptr<int32_t>();
   int32_t* sor = slot_of_row.data_ptr<int32_t>();
   int32_t* be = block_expert.data_ptr<int32_t>();
-  // A stable counting sort; O(T*k + E), memory bound and tiny next to the expert GEMMs.
-  std::vector<int64_t> c(E, 0);
-  for (int64_t i = 0; i < TK; ++i) {
-    const int64_t e = idv[i];
-    if (valid_expert(e, E)) ++c[e];
-  }
-  std::vector<int64_t> start(E);
-  int64_t end = 0;
+  const PairCounts pc = count_pairs(idv, TK, E, block_size);
   for (int64_t e = 0; e < E; ++e) {
-    start[e] = end;
-    end += segment_rows(c[e], block_size);
-    cnt[e] = static_cast<int32_t>(c[e]);
-    off[e] = static_cast<int32_t>(end);
+    cnt[e] = static_cast<int32_t>(pc.count[e]);
+    off[e] = static_cast<int32_t>(pc.start[e] + segment_rows(pc.count[e], block_size));
   }
   std::fill(sor, sor + num_rows, -1);
-  for (int64_t i = 0; i < TK; ++i) {
-    const int64_t e = idv[i];
-    if (!valid_expert(e, E)) {
-      ros[i] = -1;
-      continue;
-    }
-    const int64_t r = start[e]++;
+  place_pairs(idv, TK, E, pc, [&](int64_t i, int64_t r) {
     ros[i] = static_cast<int32_t>(r);
-    sor[r] = static_cast<int32_t>(i);
-  }
+    if (r >= 0) sor[r] = static_cast<int32_t>(i);
+  });
   for (int64_t b = 0, e = 0; b < nblocks; ++b) {
     const int64_t row = b * block_size;
     while (e < E && off[e] <= row) ++e;
@@ -92,11 +79,13 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& row_of_slot,
   at::Tensor out = new_output({R, H}, x.options());
   at::Tensor sor = slot_of_row.contiguous();
   const IndexView sv(sor);
+  // Tests only (set_test_fault("permute")): the last row is left unwritten.
+  const int64_t rows_written = test_fault() == TestFault::kPermuteLastRow && R > 0 ? R - 1 : R;
   AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, x.scalar_type(), "permute", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t s0 = x.stride(0), s1 = x.stride(1);
-    at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
+    at::parallel_for(0, rows_written, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
                      [&](int64_t r0, int64_t r1) {
                        for (int64_t r = r0; r < r1; ++r) {
                          const int64_t slot = sv[r];
@@ -124,6 +113,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_of_slot,
   at::Tensor w;
   if (topk_weights.has_value()) {
     check_cpu(*topk_weights, "topk_weights");
+    check_weights_dtype(*topk_weights, "topk_weights");
     TORCH_CHECK(topk_weights->sizes() == row_of_slot.sizes(), "moe_kernels (cpu): topk_weights ",
                 topk_weights->sizes(), " must match row_of_slot ", row_of_slot.sizes());
     w = topk_weights->to(at::kFloat).contiguous();
@@ -174,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   at::Tensor w;
   if (topk_weights.has_value()) {
     check_cpu(*topk_weights, "topk_weights");
+    check_weights_dtype(*topk_weights, "topk_weights");
     TORCH_CHECK(topk_weights->sizes() == row_of_slot.sizes(), "moe_kernels (cpu): topk_weights ",
                 topk_weights->sizes(), " must match row_of_slot ", row_of_slot.sizes());
     w = topk_weights->to(at::kFloat).contiguous();
