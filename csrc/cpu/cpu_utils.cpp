@@ -22,7 +22,9 @@ bool debug_mode() { return g_debug.load(std::memory_order_relaxed); }
 
 void set_debug_mode(bool on) { g_debug.store(on, std::memory_order_relaxed); }
 
-TestFault test_fault() { return static_cast<TestFault>(g_test_fault.load(std::memory_order_relaxed)); }
+TestFault test_fault() {
+  return static_cast<TestFault>(g_test_fault.load(std::memory_order_relaxed));
+}
 
 void set_test_fault(const std::string& name) {
   TestFault f = TestFault::kNone;

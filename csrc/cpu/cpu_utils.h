@@ -1,10 +1,10 @@
 #pragma once
 // Shared helpers of the CPU kernels: output allocation (NaN-poisoned in debug mode), argument
 // checks, scalar conversions and dynamic task scheduling over torch's thread pool.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -71,8 +71,8 @@ inline void check_weights_dtype(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 inline void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "moe_kernels (cpu): ",
-              name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "moe_kernels (cpu): ", name, " must be int32 or int64, got ", t.scalar_type());
 }
 
 template <typename T>

@@ -10,7 +10,9 @@
 namespace moe_kernels::cpu {
 namespace gemm_detail {
 
-float half_bits_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+float half_bits_to_f32(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
 
 void pack_b_generic(int64_t N, int64_t kc, const Operand& B, float* dst, int nr) {
   for (int64_t n0 = 0; n0 < N; n0 += nr) {

@@ -9,8 +9,8 @@
 // so tokens are gathered straight into GEMM tiles, the gate/up rows of w_gate_up are picked by a
 // gather, and every transposed layout (nn.Linear [N, K], [K, N], transposed views) is just strides.
 //
-// Paths (runtime ISA dispatch, MOE_KERNELS_CPU_ISA): a "dot" kernel for few rows with K-contiguous B
-// (decode: weights stream from DRAM once, converted to fp32 in registers), and a packed
+// Paths (runtime ISA dispatch, MOE_KERNELS_CPU_ISA): a "dot" kernel for few rows with K-contiguous
+// B (decode: weights stream from DRAM once, converted to fp32 in registers), and a packed
 // register-blocked micro-kernel otherwise (B converted once per (row block, K block) into an fp32
 // panel that stays in L1/L2; A rows gathered and converted into an fp32 block in L2).
 #include <cstdint>

@@ -12,9 +12,9 @@
 // Tasks are handed out dynamically, so empty experts cost nothing and skewed routing balances.
 #include <atomic>
 #include <chrono>
-#include <thread>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 #include <vector>
 
 #include "common/activation.h"
@@ -50,8 +50,9 @@ Activation parse_activation(const std::string& s) {
   if (s == "swiglu") return Activation::kSwiglu;
   if (s == "geglu") return Activation::kGeglu;
   if (s == "swiglu_oai") return Activation::kSwigluOai;
-  TORCH_CHECK(false, "moe_kernels (cpu): activation must be 'swiglu', 'geglu' or 'swiglu_oai', got '",
-              s, "'");
+  TORCH_CHECK(false,
+              "moe_kernels (cpu): activation must be 'swiglu', 'geglu' or 'swiglu_oai', got '", s,
+              "'");
 }
 
 struct FfnArgs {
@@ -97,8 +98,8 @@ FfnArgs check_ffn(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Te
   TORCH_CHECK(w_down.size(0) == a.E && w_down.size(1) == a.H && w_down.size(2) == a.I,
               "moe_kernels (cpu): w_down must be [E=", a.E, ", H=", a.H, ", I=", a.I, "], got ",
               w_down.sizes());
-  TORCH_CHECK(topk_ids.size(0) == a.T, "moe_kernels (cpu): topk_ids must be [T=", a.T,
-              ", k], got ", topk_ids.sizes());
+  TORCH_CHECK(topk_ids.size(0) == a.T, "moe_kernels (cpu): topk_ids must be [T=", a.T, ", k], got ",
+              topk_ids.sizes());
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_kernels (cpu): topk_weights ",
               topk_weights.sizes(), " must match topk_ids ", topk_ids.sizes());
   if (gate_up_bias.has_value()) {
@@ -127,10 +128,10 @@ FfnArgs check_ffn(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Te
 // Expert-sorted rows of the kept (token, slot) pairs (route's layout without padding).
 struct Rows {
   int64_t R = 0;
-  std::vector<int64_t> begin, end;  // [E]
-  std::vector<int64_t> token;       // [R] token of each row
-  std::vector<int64_t> pair;        // [R] flat pair index t*k + s
-  std::vector<int64_t> row_of_pair; // [T*k], -1 for dropped pairs
+  std::vector<int64_t> begin, end;   // [E]
+  std::vector<int64_t> token;        // [R] token of each row
+  std::vector<int64_t> pair;         // [R] flat pair index t*k + s
+  std::vector<int64_t> row_of_pair;  // [T*k], -1 for dropped pairs
 };
 
 Rows sort_rows(const at::Tensor& topk_ids, int64_t E, int64_t k) {
@@ -322,7 +323,8 @@ void gemm1_gemm2_fused(const Gemm1Job& j1, const Gemm2Job& j2, int64_t E) {
 
 // out[t, :] = sum_s rows_val[row_of_pair[t*k+s], :] in slot order (fp32), cast to out's dtype,
 // for t < T.  Dropped pairs add nothing (their weight is never read).
-void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* vals, at::Tensor& out) {
+void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* vals,
+             at::Tensor& out) {
   char* op = static_cast<char*>(out.data_ptr());
   const int64_t es = out.element_size();
   const at::ScalarType odt = out.scalar_type();
@@ -369,7 +371,8 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
   const Gemm1Job j1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
                     h.data_ptr<float>());
   const Gemm2Job j2(a, rows, h.data_ptr<float>(), w_down,
-                    bd.defined() ? bd.data_ptr<float>() : nullptr, row_w.data(), y.data_ptr<float>());
+                    bd.defined() ? bd.data_ptr<float>() : nullptr, row_w.data(),
+                    y.data_ptr<float>());
   gemm1_gemm2_fused(j1, j2, a.E);
   timer.lap("gemms");
   // Tests only (set_test_fault("moe_ffn")): the last token row is left unwritten.
@@ -456,8 +459,8 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t j = 0; j < I; ++j)
-          hp[r * I + j] = act_forward(a.act, prep[r * 2 * I + gate_col(a, j)],
-                                      prep[r * 2 * I + up_col(a, j)]);
+          hp[r * I + j] =
+              act_forward(a.act, prep[r * 2 * I + gate_col(a, j)], prep[r * 2 * I + up_col(a, j)]);
     });
     gemm2(a, rows, hp, w_down, bd.defined() ? bd.data_ptr<float>() : nullptr, nullptr,
           yrow.data_ptr<float>());
@@ -505,8 +508,8 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   float* ghp = gh.data_ptr<float>();
   if (R > 0) {
     const int64_t nb = pick_col_block(count_row_blocks(rows), I, 128, 8);
-    const std::vector<Task> tasks = make_tasks(E, rows.begin.data(), rows.end.data(), I,
-                                               kRowBlock, nb);
+    const std::vector<Task> tasks =
+        make_tasks(E, rows.begin.data(), rows.end.data(), I, kRowBlock, nb);
     parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
       const Task& t = tasks[i];
       const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
@@ -552,8 +555,8 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   float* gxp = gxr.data_ptr<float>();
   if (R > 0) {
     const int64_t nb = pick_col_block(count_row_blocks(rows), H, 128, 8);
-    const std::vector<Task> tasks = make_tasks(E, rows.begin.data(), rows.end.data(), H,
-                                               kRowBlock, nb);
+    const std::vector<Task> tasks =
+        make_tasks(E, rows.begin.data(), rows.end.data(), H, kRowBlock, nb);
     parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
       const Task& t = tasks[i];
       const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;

@@ -1,8 +1,9 @@
 // route / permute / unpermute (+ backward) on CPU.
+#include "common/routing.h"
+
 #include <cstring>
 #include <vector>
 
-#include "common/routing.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/ops.h"
 #include "cpu/pair_sort.h"
@@ -104,7 +105,8 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& row_of_slot,
 }
 
 at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_of_slot,
-                         const at::Tensor& slot_of_row, const std::optional<at::Tensor>& topk_weights) {
+                         const at::Tensor& slot_of_row,
+                         const std::optional<at::Tensor>& topk_weights) {
   check_cpu(y, "y");
   check_dim(y, 2, "y");
   check_float(y, "y");
@@ -134,8 +136,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_of_slot,
                          for (int64_t s = 0; s < k; ++s) {
                            const int64_t r = rv[t * k + s];
                            if (r < 0) continue;
-                           TORCH_CHECK(r < R, "moe_kernels (cpu): row_of_slot[", t, ", ", s, "]=", r,
-                                       " out of range [0, ", R, ")");
+                           TORCH_CHECK(r < R, "moe_kernels (cpu): row_of_slot[", t, ", ", s,
+                                       "]=", r, " out of range [0, ", R, ")");
                            const float ws = wp ? wp[t * k + s] : 1.f;
                            const scalar_t* src = yp + r * s0;
                            for (int64_t h = 0; h < H; ++h) acc[h] += ws * to_f32(src[h * s1]);
@@ -172,64 +174,70 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   at::Tensor g = grad_out.contiguous();
   at::Tensor grad_y = at::empty({0}, y.options());
-  at::Tensor grad_w = at::empty({0}, topk_weights.has_value() ? topk_weights->options() : grad_out.options());
+  at::Tensor grad_w =
+      at::empty({0}, topk_weights.has_value() ? topk_weights->options() : grad_out.options());
   at::Tensor sor = slot_of_row.contiguous(), ros = row_of_slot.contiguous();
   const IndexView sv(sor), rv(ros);
   if (need_grad_y) {
     grad_y = new_output({R, H}, y.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute_bwd_y", [&] {
-      using out_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "unpermute_bwd_g", [&] {
-        const scalar_t* gp = g.data_ptr<scalar_t>();
-        out_t* op = grad_y.data_ptr<out_t>();
-        at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
-                         [&](int64_t r0, int64_t r1) {
-                           for (int64_t r = r0; r < r1; ++r) {
-                             const int64_t slot = sv[r];
-                             out_t* dst = op + r * H;
-                             if (slot < 0) {
-                               std::fill(dst, dst + H, out_t(0));
-                               continue;
-                             }
-                             TORCH_CHECK(slot < T * k, "moe_kernels (cpu): slot_of_row[", r, "]=",
-                                         slot, " out of range");
-                             const float ws = wp ? wp[slot] : 1.f;
-                             const scalar_t* src = gp + (slot / k) * H;
-                             for (int64_t h = 0; h < H; ++h)
-                               dst[h] = from_f32<out_t>(ws * to_f32(src[h]));
-                           }
-                         });
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute_bwd_y", [&] {
+          using out_t = scalar_t;
+          AT_DISPATCH_FLOATING_TYPES_AND2(
+              at::kBFloat16, at::kHalf, g.scalar_type(), "unpermute_bwd_g", [&] {
+                const scalar_t* gp = g.data_ptr<scalar_t>();
+                out_t* op = grad_y.data_ptr<out_t>();
+                at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
+                                 [&](int64_t r0, int64_t r1) {
+                                   for (int64_t r = r0; r < r1; ++r) {
+                                     const int64_t slot = sv[r];
+                                     out_t* dst = op + r * H;
+                                     if (slot < 0) {
+                                       std::fill(dst, dst + H, out_t(0));
+                                       continue;
+                                     }
+                                     TORCH_CHECK(slot < T * k, "moe_kernels (cpu): slot_of_row[", r,
+                                                 "]=", slot, " out of range");
+                                     const float ws = wp ? wp[slot] : 1.f;
+                                     const scalar_t* src = gp + (slot / k) * H;
+                                     for (int64_t h = 0; h < H; ++h)
+                                       dst[h] = from_f32<out_t>(ws * to_f32(src[h]));
+                                   }
+                                 });
+              });
+        });
   }
   if (need_grad_weights && w.defined()) {
     at::Tensor gw32 = new_output({T, k}, grad_out.options().dtype(at::kFloat));
     float* gwp = gw32.data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute_bwd_w", [&] {
-      using y_t = scalar_t;
-      const y_t* yp = y.data_ptr<y_t>();
-      const int64_t s0 = y.stride(0), s1 = y.stride(1);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "unpermute_bwd_w2", [&] {
-        const scalar_t* gp = g.data_ptr<scalar_t>();
-        at::parallel_for(0, T * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
-                         [&](int64_t i0, int64_t i1) {
-                           for (int64_t i = i0; i < i1; ++i) {
-                             const int64_t r = rv[i];
-                             if (r < 0) {
-                               gwp[i] = 0.f;
-                               continue;
-                             }
-                             TORCH_CHECK(r < R, "moe_kernels (cpu): row_of_slot entry ", r,
-                                         " out of range [0, ", R, ")");
-                             const scalar_t* go = gp + (i / k) * H;
-                             const y_t* yr = yp + r * s0;
-                             float acc = 0.f;
-                             for (int64_t h = 0; h < H; ++h) acc += to_f32(go[h]) * to_f32(yr[h * s1]);
-                             gwp[i] = acc;
-                           }
-                         });
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute_bwd_w", [&] {
+          using y_t = scalar_t;
+          const y_t* yp = y.data_ptr<y_t>();
+          const int64_t s0 = y.stride(0), s1 = y.stride(1);
+          AT_DISPATCH_FLOATING_TYPES_AND2(
+              at::kBFloat16, at::kHalf, g.scalar_type(), "unpermute_bwd_w2", [&] {
+                const scalar_t* gp = g.data_ptr<scalar_t>();
+                at::parallel_for(0, T * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
+                                 [&](int64_t i0, int64_t i1) {
+                                   for (int64_t i = i0; i < i1; ++i) {
+                                     const int64_t r = rv[i];
+                                     if (r < 0) {
+                                       gwp[i] = 0.f;
+                                       continue;
+                                     }
+                                     TORCH_CHECK(r < R, "moe_kernels (cpu): row_of_slot entry ", r,
+                                                 " out of range [0, ", R, ")");
+                                     const scalar_t* go = gp + (i / k) * H;
+                                     const y_t* yr = yp + r * s0;
+                                     float acc = 0.f;
+                                     for (int64_t h = 0; h < H; ++h)
+                                       acc += to_f32(go[h]) * to_f32(yr[h * s1]);
+                                     gwp[i] = acc;
+                                   }
+                                 });
+              });
+        });
     grad_w = gw32.to(topk_weights->scalar_type());
   }
   return {grad_y, grad_w};
