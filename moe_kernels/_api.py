@@ -59,7 +59,7 @@ def _finite(name: str, v) -> float:
         f = float(v)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}") from None
-    if not math.isfinite(f):
+    if not -math.inf < f < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
         raise ValueError(f"{name} must be finite, got {f}")
     return f
 
