@@ -24,9 +24,13 @@ install: venv
 bench: install
 	cd /tmp && $(abspath $(BIN))/moe-bench
 
+# C++ sources checked against .clang-format (the clang-format pinned in the test extra).
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh tests/cpp/*.cpp)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 # Tests run against the installed package: pytest is started from tests/ so the source tree's
 # moe_kernels/ (which has no compiled extension) is not on sys.path.

@@ -13,7 +13,8 @@
 #include <mutex>
 #include <optional>
 
-#include "common/cpu_info.h"
+#include "cpu/cpu_info.h"
+#include "cpu/cpu_utils.h"
 #include "cpu/gemm.h"
 
 namespace {
@@ -131,4 +132,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_brgemm_route", &moe_kernels::cpu::brgemm_route_name,
         "The brgemm route of bf16 weights with many rows (after MOE_KERNELS_CPU_BRGEMM): "
         "'vnni' (oneDNN's packed kernel, AMX), 'plain' (forced, reference brgemm) or 'off'.");
+  m.def("set_debug_mode", &moe_kernels::cpu::set_debug_mode, py::arg("on"),
+        "Switch the CPU kernels' debug mode (NaN / INT_MIN-poisoned outputs); its initial value "
+        "is MOE_KERNELS_DEBUG's at load.  Use moe_kernels._debug.set_debug_mode, which switches "
+        "every backend.");
+  m.def("debug_mode", &moe_kernels::cpu::debug_mode, "Whether the CPU kernels' debug mode is on.");
+  m.def("_set_test_fault", &moe_kernels::cpu::set_test_fault, py::arg("name"),
+        "Tests only: make one CPU kernel leave part of its output unwritten ('permute': its last "
+        "row; 'moe_ffn': its last token row), to show the poisoned-output checks catch it; '' "
+        "turns it off.");
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._backends import call_op
@@ -50,6 +52,16 @@ def _int(name: str, v, minimum: int) -> int:
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+def _finite(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}") from None
+    if not -math.inf < f < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
+        raise ValueError(f"{name} must be finite, got {f}")
+    return f
 
 
 def _same_device(**tensors: torch.Tensor | None) -> torch.device:
@@ -123,7 +135,7 @@ def topk_gating(
         num_expert_groups: split the E experts into this many contiguous groups (must divide E);
             a group's value is the sum of its two largest selection scores.
         topk_groups: keep only this many best groups (ties to the lower group index).
-        routed_scaling_factor: multiplies the final weights.
+        routed_scaling_factor: multiplies the final weights; must be finite (else ValueError).
         backend: ``None`` (automatic) or one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
 
     Returns:
@@ -131,6 +143,11 @@ def topk_gating(
         backend takes, so that it can check itself in float64) and ``topk_ids`` [T, k] int32,
         ordered by descending selection score (ties to the lower expert index). Gradients flow
         from ``topk_weights`` to ``router_logits``.
+
+    Non-finite values: every backend selects as ``torch.sort(descending=True, stable=True)``
+    orders the fp32 selection scores -- NaN above +inf, ties and NaNs to the lower index (see
+    :func:`moe_kernels.reference.topk_gating`) -- so the ids are always k distinct experts in
+    [0, E); the weights of such rows may be NaN.
     """
     _tensor("router_logits", router_logits, 2)
     _float("router_logits", router_logits)
@@ -142,6 +159,7 @@ def topk_gating(
         raise ValueError(f"top_k = {top_k} exceeds the number of experts E = {E}")
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    routed_scaling_factor = _finite("routed_scaling_factor", routed_scaling_factor)
     if correction_bias is not None:
         _tensor("correction_bias", correction_bias, 1)
         _float("correction_bias", correction_bias)
@@ -306,6 +324,9 @@ def grouped_gemm(
     Returns:
         [M, N] in a's dtype; rows past ``offs[-1]`` are zero. Differentiable in a and b (the
         gradient of b is a ragged-K product; experts with no rows get exactly zero).
+
+    Subnormals: as in :func:`moe_ffn`, bf16 operands on CPUs with AVX-512-BF16 or AMX may have
+    their subnormal values treated as zero by the cpu backend (hardware behaviour).
     """
     _tensor("a", a, 2)
     _tensor("b", b, 3)
@@ -352,17 +373,24 @@ def moe_ffn(
         w_gate_up: [E, 2I, H], Hugging Face's expert layout (nn.Linear out x in); any strides (a
             ``.transpose(1, 2)`` view of gpt-oss's [E, H, 2I] works as it is). Same dtype as x.
         w_down: [E, H, I], any strides. Same dtype as x.
-        topk_weights: [T, k] float routing weights.
+        topk_weights: [T, k] float32 / bfloat16 / float16 / float64 routing weights (read in
+            fp32; a dropped pair's weight is never read, so a NaN there is harmless).
         topk_ids: [T, k] int32/int64 expert ids.
         activation: ``"swiglu"`` silu(gate)·up; ``"geglu"`` gelu_erf(gate)·up; ``"swiglu_oai"``
             (gpt-oss) g = min(gate, limit), u = clamp(up, ±limit), (u + 1)·g·sigmoid(alpha·g).
         gate_up_bias: [E, 2I] or None.  down_bias: [E, H] or None.
-        alpha, limit: parameters of ``"swiglu_oai"``.
+        alpha, limit: parameters of ``"swiglu_oai"``; must be finite (else ValueError) whatever
+            the activation.
         interleaved: gate/up alternate along the 2I axis (gpt-oss) instead of being its halves.
         backend: see :func:`topk_gating`.
 
     Returns:
         [T, H] in x's dtype. Differentiable in x, both weights, both biases and topk_weights.
+
+    Subnormals: on CPUs with AVX-512-BF16 or AMX, the cpu backend multiplies bf16 weights with
+    instructions that treat subnormal inputs (magnitude below ~1.2e-38) as zero (``vdpbf16ps``,
+    the AMX tiles: hardware behaviour), so such values of x, the activations or the weights count
+    as 0 there; every other path keeps them.
     """
     args = (
         x,
@@ -387,18 +415,18 @@ def moe_ffn(
             out = call_op("moe_ffn", x.device, x.dtype, backend, args, checked=False)
         except Exception:
             try:
-                _check_moe_ffn(*args[:8])
+                _check_moe_ffn(*args[:10])
             except (TypeError, ValueError) as typed:
                 raise typed from None
             raise
         if out is not NotImplemented:
             return out
-    device, dtype = _check_moe_ffn(*args[:8])
+    device, dtype = _check_moe_ffn(*args[:10])
     return call_op("moe_ffn", device, dtype, backend, args)
 
 
 def _check_moe_ffn(
-    x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, activation
+    x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, activation, alpha, limit
 ) -> tuple[torch.device, torch.dtype]:
     _tensor("x", x, 2)
     _tensor("w_gate_up", w_gate_up, 3)
@@ -421,6 +449,8 @@ def _check_moe_ffn(
     _shape("topk_weights", topk_weights, tuple(topk_ids.shape))
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    _finite("alpha", alpha)
+    _finite("limit", limit)
     if gate_up_bias is not None:
         _tensor("gate_up_bias", gate_up_bias, 2)
         _same_dtype(x=x, gate_up_bias=gate_up_bias)

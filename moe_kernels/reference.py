@@ -92,6 +92,16 @@ def topk_gating(
     Returns:
         ``(topk_weights [T, k] float32 (float64 for float64 logits), topk_ids [T, k] int32)``,
         ordered by descending selection score; ties go to the lower expert (or group) index.
+
+    Order of the selection (every backend returns these ids): the selection scores (the scores,
+    plus ``correction_bias`` when given, in fp32 -- fp64 for fp64 logits) sorted as
+    ``torch.sort(descending=True, stable=True)`` sorts them: NaN ranks above +inf, ties (and NaN
+    against NaN) go to the lower index, -0.0 ties +0.0. Groups likewise: a group's value is the sum
+    of its two first scores in that order (NaN if either is NaN, so a NaN group ranks first), and
+    experts of dropped groups rank as -inf, after the kept groups' experts of equal value in index
+    order. Hence the ids of a row are always k distinct experts in [0, E), whatever the values
+    (NaN, +-inf, a row of -inf, NaN in the bias); the weights are whatever the scores give (NaN
+    allowed: softmax of a row holding NaN or +inf, or of a row of -inf, is NaN everywhere).
     """
     T, E = router_logits.shape
     scores = _scores(router_logits.to(compute_dtype(router_logits.dtype)), scoring)
@@ -471,7 +481,8 @@ def moe_ffn(
     """The routed expert MLP.
 
     ``out[t] = sum_s w[t, s] * (W_down[e] @ act(W_gate_up[e] @ x[t] + b_gu[e]) + b_down[e])`` with
-    ``e = topk_ids[t, s]``; pairs with ids outside [0, E) are skipped; the sum over s runs in slot
+    ``e = topk_ids[t, s]``; pairs with ids outside [0, E) are skipped (they add nothing whatever
+    their weight, NaN included, and their weight gradient is 0); the sum over s runs in slot
     order in fp32 (fp64 for fp64 inputs).
 
     Args:
@@ -492,7 +503,9 @@ def moe_ffn(
         )
         y[pairs] = o
     y = y.view(T, k, H)
-    w = topk_weights.to(cdt)
+    # a dropped pair contributes nothing, whatever its weight (NaN, inf)
+    kept = (topk_ids >= 0) & (topk_ids < w_gate_up.shape[0])
+    w = torch.where(kept, topk_weights.to(cdt), 0)
     out = torch.zeros(T, H, dtype=cdt, device=x.device)
     for s in range(k):  # the sum over slots runs in slot order
         out = out + w[:, s, None] * y[:, s]

@@ -4,9 +4,12 @@ One program owns ``BLOCK_T`` router rows and keeps each whole row (``BLOCK_E`` =
 >= E columns) in registers, so any E works (60, 160, 384 ...) without a power-of-two fast path.
 All math is fp32 whatever the logits' dtype (a bf16 router flips near-tied experts).
 
-Selection is an iterated arg-max: k rounds, each taking the largest remaining selection score and,
-among equal scores, the lowest expert index. That is exactly a stable descending sort's order, so
-ids match the reference bit for bit (up to true fp32 ties in the scores themselves).
+Selection is an iterated arg-max over an int32 order key of the fp32 selection scores
+(:func:`_order_key`): k rounds, each taking the largest remaining key and, among equal keys, the
+lowest expert index. The key orders values as ``torch.sort(descending=True, stable=True)`` does
+(NaN above +inf, every NaN equal, -0.0 equal to +0.0), so ids match the reference's whatever the
+values (NaN, +-inf, rows of -inf) up to the rounding of the scores themselves, and are always k
+distinct experts in [0, E). Groups are ranked the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +30,29 @@ def _scores(x, valid, SIGMOID: tl.constexpr):
         p = tl.where(valid, p, 0.0)
         s = p / tl.sum(p, axis=1)[:, None]
     return tl.where(valid, s, 0.0)
+
+
+# Key of a position that can never be picked: below every _order_key (the key of -inf is
+# -0x7F800000 - 1).
+_NO_KEY = tl.constexpr(-0x7FFFFFFF)
+
+
+@triton.jit
+def _order_key(v):
+    """int32 key of fp32 values whose order is a stable descending sort's: NaN (any sign and
+    payload) highest, -0.0 == +0.0, otherwise the order of the values."""
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    key = tl.where(v == 0.0, 0, key)
+    return tl.where(v != v, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _pick(key, avail, cols, BLOCK: tl.constexpr):
+    """Per row, the lowest column of the largest ``key`` among ``avail`` columns."""
+    kv = tl.where(avail, key, _NO_KEY)
+    mk = tl.max(kv, axis=1)
+    return tl.min(tl.where(avail & (kv == mk[:, None]), cols[None, :], BLOCK), axis=1)
 
 
 @triton.jit(do_not_specialize=["T", "top_k", "topk_groups"])
@@ -75,41 +101,40 @@ def topk_gating_kernel(
     sel = tl.where(colv, sel, float("-inf"))
 
     if GROUPED:
-        # Group value = sum of the two largest selection scores of each contiguous group (its one
-        # score for single-expert groups); keep the topk_groups best groups, ties to lower index.
+        # Group value = sum of the two first selection scores of each contiguous group in the
+        # key order (its one score for single-expert groups); keep the topk_groups first groups
+        # in the same order (NaN first, ties to the lower group index).
+        key = _order_key(sel)
         gcol = cols // group_size
         garange = tl.arange(0, BLOCK_G)
         gval = tl.full([BLOCK_T, BLOCK_G], float("-inf"), tl.float32)
         for g in range(0, num_groups):
             in_g = (gcol == g)[None, :] & colv
-            v = tl.where(in_g, sel, float("-inf"))
-            m1 = tl.max(v, axis=1)
-            i1 = tl.min(tl.where(in_g & (v == m1[:, None]), cols[None, :], BLOCK_E), axis=1)
+            i1 = _pick(key, in_g, cols, BLOCK_E)
+            hit1 = cols[None, :] == i1[:, None]
+            val = tl.sum(tl.where(hit1, sel, 0.0), axis=1)
             if group_size >= 2:
-                v2 = tl.where(cols[None, :] == i1[:, None], float("-inf"), v)
-                val = m1 + tl.max(v2, axis=1)
-            else:
-                val = m1
+                i2 = _pick(key, in_g & (~hit1), cols, BLOCK_E)
+                val = val + tl.sum(tl.where(cols[None, :] == i2[:, None], sel, 0.0), axis=1)
             gval = tl.where(garange[None, :] == g, val[:, None], gval)
+        gkey = _order_key(gval)
         gtaken = garange[None, :] < 0  # all False, [1, BLOCK_G] broadcast below
         gtaken = gtaken & (rows >= 0)[:, None]
         eligible = colv & (cols < 0)[None, :]
         for _j in range(0, topk_groups):
             gavail = (~gtaken) & (garange < num_groups)[None, :]
-            mg = tl.max(tl.where(gavail, gval, float("-inf")), axis=1)
-            ig = tl.min(tl.where(gavail & (gval == mg[:, None]), garange[None, :], BLOCK_G), axis=1)
+            ig = _pick(gkey, gavail, garange, BLOCK_G)
             gtaken = gtaken | (garange[None, :] == ig[:, None])
             eligible = eligible | (gcol[None, :] == ig[:, None])
         sel = tl.where(eligible, sel, float("-inf"))
 
+    key = _order_key(sel)
     karange = tl.arange(0, BLOCK_K)
     taken = (cols < 0)[None, :] & (rows >= 0)[:, None]
     w_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     id_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for j in range(0, top_k):
-        avail = colv & (~taken)
-        mv = tl.max(tl.where(avail, sel, float("-inf")), axis=1)
-        idx = tl.min(tl.where(avail & (sel == mv[:, None]), cols[None, :], BLOCK_E), axis=1)
+        idx = _pick(key, colv & (~taken), cols, BLOCK_E)
         hit = cols[None, :] == idx[:, None]
         taken = taken | hit
         wj = tl.sum(tl.where(hit, s, 0.0), axis=1)

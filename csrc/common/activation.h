@@ -26,10 +26,8 @@ MOE_HOST_DEVICE MOE_FORCEINLINE float sigmoid_f32(float x) { return 1.0f / (1.0f
 
 MOE_HOST_DEVICE MOE_FORCEINLINE float act_forward(const ActParams& p, float g, float u) {
   switch (p.kind) {
-    case Activation::kSwiglu:
-      return g * sigmoid_f32(g) * u;
-    case Activation::kGeglu:
-      return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
+    case Activation::kSwiglu: return g * sigmoid_f32(g) * u;
+    case Activation::kGeglu: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
     default: {
       const float gc = fminf(g, p.limit);
       const float uc = fminf(fmaxf(u, -p.limit), p.limit);

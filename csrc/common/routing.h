@@ -31,6 +31,8 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int64_t segment_rows(int64_t count, int64_t bloc
 }
 
 // Whether an id names a local expert; anything else means "not routed here" and is dropped.
-MOE_HOST_DEVICE MOE_FORCEINLINE bool valid_expert(int64_t id, int64_t E) { return id >= 0 && id < E; }
+MOE_HOST_DEVICE MOE_FORCEINLINE bool valid_expert(int64_t id, int64_t E) {
+  return id >= 0 && id < E;
+}
 
 }  // namespace moe_kernels

@@ -1,17 +1,22 @@
 #pragma once
 // Top-k selection of one row and expert-group scoring, shared by the CPU and CUDA gating kernels.
 //
-// Order: larger value first, ties to the lower index.  The i-th pick is the best element that
-// comes strictly after the (i-1)-th pick in that total order, so no "already taken" scratch is
-// needed (O(n * k), fine for router widths up to a few hundred experts).
+// Order: the order of a stable descending sort (torch.sort(descending=True, stable=True)): NaN
+// first (any NaN ranks above +inf), then larger values, ties -- and NaN against NaN -- to the lower
+// index (+0.0 and -0.0 tie).  That is a strict total order over (value, index) pairs, so k <= n
+// picks always find k distinct indices in [0, n) whatever the values.  The i-th pick is the best
+// element that comes strictly after the (i-1)-th pick in that order, so no "already taken"
+// scratch is needed (O(n * k), fine for router widths up to a few hundred experts).
 #include <cstdint>
 
 #include "common/host_device.h"
 
 namespace moe_kernels {
 
-// True when (va, ia) precedes (vb, ib): larger value first, ties to the lower index.
+// True when (va, ia) precedes (vb, ib): NaN first, then larger value; ties to the lower index.
 MOE_HOST_DEVICE MOE_FORCEINLINE bool topk_before(float va, int ia, float vb, int ib) {
+  const bool na = va != va, nb = vb != vb;  // NaN tests that need no <cmath> on device
+  if (na || nb) return na && (!nb || ia < ib);
   return va > vb || (va == vb && ia < ib);
 }
 
@@ -34,7 +39,8 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int topk_next(const float* v, int n, float prev_
   return best;
 }
 
-// Writes the k best eligible indices of v[0, n) into out[0, k) in order; -1 past the eligible count.
+// Writes the k best eligible indices of v[0, n) into out[0, k) in order; -1 past the eligible
+// count (never when every index is eligible and k <= n).
 template <typename Eligible>
 MOE_HOST_DEVICE MOE_FORCEINLINE void topk_row(const float* v, int n, int k, Eligible eligible,
                                               int32_t* out) {
@@ -52,8 +58,9 @@ MOE_HOST_DEVICE MOE_FORCEINLINE void topk_row(const float* v, int n, int k, Elig
   }
 }
 
-// Score of one contiguous expert group: the sum of its two largest values (its only value when
-// the group has one expert).
+// Score of one contiguous expert group: the sum of its two first values in the order above (its
+// only value when the group has one expert), as `topk(2).values.sum()` computes it: NaN when
+// either is NaN (a NaN group then ranks first among the groups).
 MOE_HOST_DEVICE MOE_FORCEINLINE float group_score(const float* v, int group_size) {
   if (group_size == 1) return v[0];
   int i0 = 0;

@@ -1,4 +1,4 @@
-#include "../common/cpu_info.h"
+#include "cpu/cpu_info.h"
 
 #include <cstdlib>
 #include <cstring>

@@ -1,21 +1,35 @@
 #pragma once
-// Shared helpers of the CPU kernels: output allocation (NaN-poisoned under MOE_KERNELS_DEBUG=1),
-// argument checks, scalar conversions and dynamic task scheduling over torch's thread pool.
+// Shared helpers of the CPU kernels: output allocation (NaN-poisoned in debug mode), argument
+// checks, scalar conversions and dynamic task scheduling over torch's thread pool.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
 namespace moe_kernels::cpu {
 
-// MOE_KERNELS_DEBUG=1 (read once per process): outputs start NaN-filled (ints: INT_MIN) so a
-// missed write shows up in tests.
+// Debug mode: outputs start NaN-filled (ints: INT_MIN) so a missed write shows up in tests.  The
+// initial value comes from MOE_KERNELS_DEBUG (read once, at load); set_debug_mode switches it at
+// run time (moe_kernels._C.set_debug_mode, called by moe_kernels.set_debug_mode).
 bool debug_mode();
+void set_debug_mode(bool on);
+
+// Test-only fault injection, to show that the poisoned-output tests can fail: the named kernel
+// leaves part of its output unwritten.  kNone in normal use; reading it is one relaxed load.
+enum class TestFault : int {
+  kNone = 0,
+  kPermuteLastRow = 1,   // "permute": permute leaves its last output row unwritten
+  kMoeFfnLastToken = 2,  // "moe_ffn": moe_ffn leaves its last token row unwritten
+};
+TestFault test_fault();
+// name: "" (off), "permute" or "moe_ffn"; anything else raises ValueError.
+void set_test_fault(const std::string& name);
 
 // Output tensor of the given shape; every element must be written by the kernel.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
@@ -45,9 +59,20 @@ inline void check_dtype_of_x(const at::Tensor& t, const at::Tensor& x, const cha
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "moe_kernels (cpu): ", name,
               " must have x's dtype ", x.scalar_type(), ", got ", t.scalar_type());
 }
+// A scalar argument that must be finite (alpha, limit, routed_scaling_factor): ValueError if not.
+inline void check_finite(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v), "moe_kernels (cpu): ", name, " must be finite, got ", v);
+}
+// Routing weights: any float dtype the public API accepts (fp32, bf16, fp16, fp64); the kernels
+// read them as fp32.
+inline void check_weights_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_float_dtype(t.scalar_type()) || t.scalar_type() == at::kDouble,
+              "moe_kernels (cpu): ", name, " must be float32, bfloat16, float16 or float64, got ",
+              t.scalar_type());
+}
 inline void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "moe_kernels (cpu): ",
-              name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "moe_kernels (cpu): ", name, " must be int32 or int64, got ", t.scalar_type());
 }
 
 template <typename T>

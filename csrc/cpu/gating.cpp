@@ -38,8 +38,8 @@ void row_scores(const Dt* logits, int64_t E, Scoring scoring, float* scores) {
 
 template <typename Dt>
 void gating_kernel(const at::Tensor& logits, int64_t k, Scoring scoring, bool renormalize,
-                   const float* bias, int64_t G, int64_t topk_groups, float scale,
-                   float* weights, int32_t* ids) {
+                   const float* bias, int64_t G, int64_t topk_groups, float scale, float* weights,
+                   int32_t* ids) {
   const int64_t T = logits.size(0), E = logits.size(1);
   const Dt* lp = logits.data_ptr<Dt>();
   const int64_t ls = logits.stride(0), le = logits.stride(1);
@@ -67,12 +67,18 @@ void gating_kernel(const at::Tensor& logits, int64_t k, Scoring scoring, bool re
         for (int64_t e = 0; e < E; ++e)
           if (!ok[e / per]) sel[e] = -std::numeric_limits<float>::infinity();
       }
+      // Every index is eligible and k <= E, so the picks are k distinct ids in [0, E) whatever
+      // the scores (NaN, +-inf): see common/topk.h.
       int32_t* out_ids = ids + t * k;
       topk_row(sel.data(), (int)E, (int)k, [](int) { return true; }, out_ids);
+      // w = p / sum(p) * scale in fp32, divided (not multiplied by a reciprocal) as the reference
+      // does, so k = 1 gives exactly scale.
       float sum = 0.f;
       for (int64_t s = 0; s < k; ++s) sum += scores[out_ids[s]];
-      const float mul = renormalize ? scale / sum : scale;
-      for (int64_t s = 0; s < k; ++s) weights[t * k + s] = scores[out_ids[s]] * mul;
+      for (int64_t s = 0; s < k; ++s) {
+        const float p = scores[out_ids[s]];
+        weights[t * k + s] = (renormalize ? p / sum : p) * scale;
+      }
     }
   });
 }
@@ -114,8 +120,7 @@ void gating_backward_kernel(const at::Tensor& grad_w, const at::Tensor& logits,
         for (int64_t e = 0; e < E; ++e) inner += gp32[e] * p[e];
         for (int64_t e = 0; e < E; ++e) gp[t * E + e] = from_f32<Dt>(p[e] * (gp32[e] - inner));
       } else {
-        for (int64_t e = 0; e < E; ++e)
-          gp[t * E + e] = from_f32<Dt>(gp32[e] * p[e] * (1.f - p[e]));
+        for (int64_t e = 0; e < E; ++e) gp[t * E + e] = from_f32<Dt>(gp32[e] * p[e] * (1.f - p[e]));
       }
     }
   });
@@ -133,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_kernels (cpu): top_k must be in [1, E=", E, "], got ",
               top_k);
   const Scoring sc = parse_scoring(std::string(scoring));
+  check_finite(routed_scaling_factor, "routed_scaling_factor");
   at::Tensor bias;
   if (correction_bias.has_value()) {
     check_cpu(*correction_bias, "correction_bias");
@@ -142,8 +148,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
     bias = correction_bias->to(at::kFloat).contiguous();
   }
   if (num_expert_groups > 0) {
-    TORCH_CHECK(E % num_expert_groups == 0, "moe_kernels (cpu): num_expert_groups=",
-                num_expert_groups, " must divide the number of experts E=", E);
+    TORCH_CHECK(E % num_expert_groups == 0,
+                "moe_kernels (cpu): num_expert_groups=", num_expert_groups,
+                " must divide the number of experts E=", E);
     TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_expert_groups,
                 "moe_kernels (cpu): topk_groups must be in [1, num_expert_groups=",
                 num_expert_groups, "], got ", topk_groups);
@@ -152,15 +159,14 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
   at::Tensor weights = new_output({T, top_k}, opts.dtype(at::kFloat));
   at::Tensor ids = new_output({T, top_k}, opts.dtype(at::kInt));
   if (T == 0) return {weights, ids};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, router_logits.scalar_type(), "topk_gating",
-                                  [&] {
-                                    gating_kernel<scalar_t>(
-                                        router_logits, top_k, sc, renormalize,
-                                        bias.defined() ? bias.data_ptr<float>() : nullptr,
-                                        num_expert_groups, topk_groups,
-                                        static_cast<float>(routed_scaling_factor),
-                                        weights.data_ptr<float>(), ids.data_ptr<int32_t>());
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, router_logits.scalar_type(), "topk_gating", [&] {
+        gating_kernel<scalar_t>(router_logits, top_k, sc, renormalize,
+                                bias.defined() ? bias.data_ptr<float>() : nullptr,
+                                num_expert_groups, topk_groups,
+                                static_cast<float>(routed_scaling_factor),
+                                weights.data_ptr<float>(), ids.data_ptr<int32_t>());
+      });
   return {weights, ids};
 }
 
@@ -176,20 +182,20 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_weights, const at::Te
   check_dim(topk_ids, 2, "topk_ids");
   TORCH_CHECK(topk_ids.size(0) == router_logits.size(0) && grad_weights.sizes() == topk_ids.sizes(),
               "moe_kernels (cpu): grad_weights ", grad_weights.sizes(), " and topk_ids ",
-              topk_ids.sizes(), " must be [T, k] with T = router_logits.size(0) = ",
-              router_logits.size(0));
+              topk_ids.sizes(),
+              " must be [T, k] with T = router_logits.size(0) = ", router_logits.size(0));
   const Scoring sc = parse_scoring(std::string(scoring));
+  check_finite(routed_scaling_factor, "routed_scaling_factor");
   at::Tensor logits = router_logits.contiguous();
   at::Tensor ids = topk_ids.contiguous();
   at::Tensor gw = grad_weights.to(at::kFloat).contiguous();
   at::Tensor grad = new_output(logits.sizes(), logits.options());
   if (logits.numel() == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_gating_bwd",
-                                  [&] {
-                                    gating_backward_kernel<scalar_t>(
-                                        gw, logits, ids, sc, renormalize,
-                                        static_cast<float>(routed_scaling_factor), grad);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_gating_bwd", [&] {
+        gating_backward_kernel<scalar_t>(gw, logits, ids, sc, renormalize,
+                                         static_cast<float>(routed_scaling_factor), grad);
+      });
   return grad;
 }
 

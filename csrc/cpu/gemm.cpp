@@ -10,7 +10,9 @@
 namespace moe_kernels::cpu {
 namespace gemm_detail {
 
-float half_bits_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+float half_bits_to_f32(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
 
 void pack_b_generic(int64_t N, int64_t kc, const Operand& B, float* dst, int nr) {
   for (int64_t n0 = 0; n0 < N; n0 += nr) {
@@ -79,6 +81,10 @@ int64_t gemm_dot_max_rows() {
 Isa gemm_isa() {
   const Isa i = detected_isa();
   return i == Isa::kAmx ? Isa::kAvx512 : i;
+}
+
+void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t ld) {
+  if (M > 0 && K > 0) kernels().load_a(M, K, A, dst, ld);
 }
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,

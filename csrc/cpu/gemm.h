@@ -9,14 +9,14 @@
 // so tokens are gathered straight into GEMM tiles, the gate/up rows of w_gate_up are picked by a
 // gather, and every transposed layout (nn.Linear [N, K], [K, N], transposed views) is just strides.
 //
-// Paths (runtime ISA dispatch, MOE_KERNELS_CPU_ISA): a "dot" kernel for few rows with K-contiguous B
-// (decode: weights stream from DRAM once, converted to fp32 in registers), and a packed
+// Paths (runtime ISA dispatch, MOE_KERNELS_CPU_ISA): a "dot" kernel for few rows with K-contiguous
+// B (decode: weights stream from DRAM once, converted to fp32 in registers), and a packed
 // register-blocked micro-kernel otherwise (B converted once per (row block, K block) into an fp32
 // panel that stays in L1/L2; A rows gathered and converted into an fp32 block in L2).
 #include <cstdint>
 #include <string>
 
-#include "common/cpu_info.h"
+#include "cpu/cpu_info.h"
 
 namespace moe_kernels::cpu {
 
@@ -45,6 +45,10 @@ struct Operand {
 // C[M, N] (fp32, leading dim ldc) = A[M, K] * B[N, K]^T.  Serial: call it from inside a task.
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
              int64_t ldc);
+
+// dst[m * ld + k] = A(m, k) as fp32 for m < M, k < K: the row loader of gemm_nt's A operand (row
+// gather, any strides and dtype).  Serial.
+void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t ld);
 
 // A second engine for the calls the packed path would take (more rows than the dot path): it
 // returns false when it does not take the call.  gemm_brgemm.cpp registers oneDNN's brgemm for

@@ -269,8 +269,8 @@ MOE_AVX2 void dot_cols(int64_t M, int64_t K, const float* a, int64_t lda, const 
 // then odd, as stored by interleave_even_odd), for the MM token rows of a (row stride lda).
 template <int MM, int S>
 MOE_AVX2 __attribute__((always_inline)) inline void fma16_bf16_eo(const char* w, int64_t k,
-                                                                const float* a, int64_t lda,
-                                                                __m256i hi_mask, __m256* acc) {
+                                                                  const float* a, int64_t lda,
+                                                                  __m256i hi_mask, __m256* acc) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 2));
   const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
@@ -393,15 +393,15 @@ MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t
     }
     for (int64_t k = k64; k < k16; k += 16) fma16_bf16_eo<MM, 4>(w, k, a, lda, hi_mask, &acc[0][0]);
     for (int i = 0; i < MM; ++i) {
-      const float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                         _mm256_add_ps(acc[i][2], acc[i][3])));
+      const float s = hsum(
+          _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
       C[i * ldc + n] = dot_tail(s, a + i * lda, w, DType::kBF16, k16, K);
     }
   }
 }
 
-MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
-                          const Operand& B, float* C, int64_t ldc) {
+MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
+                          float* C, int64_t ldc) {
   interleave_even_odd(M, K, a, lda);
   if ((M == 1 && K <= kSeqMaxK1) || (M == 2 && K <= kSeqMaxK2)) {
     if (M == 2) return dot_rows_seq_bf16_eo<2>(N, K, a, lda, B, C, ldc);
@@ -419,8 +419,8 @@ MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, float* a, int64_t lda
 }
 
 template <DType D>
-MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
-                    const Operand& B, float* C, int64_t ldc) {
+MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Operand& B,
+                    float* C, int64_t ldc) {
   for_row_groups(
       N, B,
       [&](int64_t n, const char* const* bp, const char* const* pf) {
@@ -432,8 +432,8 @@ MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda
       });
 }
 
-MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
-                       const Operand& B, float* C, int64_t ldc) {
+MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
+                       float* C, int64_t ldc) {
   switch (B.dt) {
     case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);
     case DType::kBF16: return dot_bf16_eo(M, N, K, a, lda, B, C, ldc);
@@ -449,8 +449,8 @@ const KernelSet& avx2_kernels() {
   // dot path up to 16 rows: below that, transposing a weight block into the packed layout costs
   // more than re-widening it from L1 for every pair of rows (measured: 43 vs 22 GFLOP/s at 16 rows,
   // even at 32 rows).
-  static const KernelSet ks{kMr, kNr, 256, 96, 256, 16,
-                            &micro_avx2, &pack_b_avx2, &load_a_avx2, &dot_avx2};
+  static const KernelSet ks{kMr, kNr,         256,          96,           256,
+                            16,  &micro_avx2, &pack_b_avx2, &load_a_avx2, &dot_avx2};
   return ks;
 }
 

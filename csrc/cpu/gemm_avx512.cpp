@@ -149,8 +149,10 @@ int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uint16_t* dst,
       d0[k] = h;
       d1[k] = md;
       d2[k] = lo;
-      if ((lo & 0x7fffu) != 0) terms = 3;
-      else if ((md & 0x7fffu) != 0 && terms < 2) terms = 2;
+      if ((lo & 0x7fffu) != 0)
+        terms = 3;
+      else if ((md & 0x7fffu) != 0 && terms < 2)
+        terms = 2;
     }
   }
   return terms;
@@ -181,8 +183,7 @@ MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, 
   }
   for (int i = 0; i < MM; ++i) {
     for (int j = 0; j < NN; ++j) {
-      C[i * ldc + j] =
-          dot_tail(hsum16(acc[i][j]), a + i * lda, bp[j], DType::kBF16, k32, K);
+      C[i * ldc + j] = dot_tail(hsum16(acc[i][j]), a + i * lda, bp[j], DType::kBF16, k32, K);
     }
   }
 }
@@ -210,8 +211,8 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, const float* a,
       [&](int64_t n) { dot_t<DType::kBF16>(M, 1, K, a, lda, B.shifted(n, 0), C + n, ldc); });
 }
 
-MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
-                           const Operand& B, float* C, int64_t ldc) {
+MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
+                           float* C, int64_t ldc) {
   switch (B.dt) {
     case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);
     case DType::kBF16:
@@ -225,8 +226,8 @@ MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t ld
 }  // namespace
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet ks{kMr, kNr, 256, 96, 256, 4,
-                            &micro_avx512, &pack_b_avx512, &load_a_generic, &dot_avx512};
+  static const KernelSet ks{
+      kMr, kNr, 256, 96, 256, 4, &micro_avx512, &pack_b_avx512, &load_a_generic, &dot_avx512};
   return ks;
 }
 

@@ -8,10 +8,10 @@
 namespace moe_kernels::cpu::gemm_detail {
 
 struct KernelSet {
-  int mr, nr;   // register tile of the packed micro-kernel
-  int64_t kc;   // K block: an fp32 B micro-panel kc x nr stays in L1
-  int64_t mc;   // rows of the fp32 A block kept in L2
-  int64_t nc;   // columns of the packed B block kept in L2
+  int mr, nr;         // register tile of the packed micro-kernel
+  int64_t kc;         // K block: an fp32 B micro-panel kc x nr stays in L1
+  int64_t mc;         // rows of the fp32 A block kept in L2
+  int64_t nc;         // columns of the packed B block kept in L2
   int64_t dot_max_m;  // the dot path serves M <= dot_max_m when B is K-contiguous
   // c[rows x nr] (+)= a[rows, lda] * b[kc][nr] for rows <= mr (only those rows of c are touched).
   void (*micro)(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,

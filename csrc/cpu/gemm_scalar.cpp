@@ -16,15 +16,16 @@ void micro_scalar(int64_t kc, const float* a, int64_t lda, const float* b, float
     }
   }
   for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < kNr; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+    for (int j = 0; j < kNr; ++j)
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
 void pack_b_scalar(int64_t N, int64_t kc, const Operand& B, float* dst) {
   pack_b_generic(N, kc, B, dst, kNr);
 }
 
-void dot_scalar(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
-                float* C, int64_t ldc) {
+void dot_scalar(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B, float* C,
+                int64_t ldc) {
   for (int64_t n = 0; n < N; ++n) {
     const char* bp = row_ptr(B, n);
     for (int64_t m = 0; m < M; ++m) C[m * ldc + n] = dot_tail(0.f, a + m * lda, bp, B.dt, 0, K);
@@ -34,8 +35,8 @@ void dot_scalar(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Op
 }  // namespace
 
 const KernelSet& scalar_kernels() {
-  static const KernelSet ks{kMr, kNr, 256, 96, 128, 4,
-                            &micro_scalar, &pack_b_scalar, &load_a_generic, &dot_scalar};
+  static const KernelSet ks{
+      kMr, kNr, 256, 96, 128, 4, &micro_scalar, &pack_b_scalar, &load_a_generic, &dot_scalar};
   return ks;
 }
 

@@ -118,7 +118,8 @@ void weight_grad(const at::Tensor& P, const at::Tensor& Q, const std::vector<int
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cpu(const at::Tensor& grad_out,
-                                                             const at::Tensor& a, const at::Tensor& b,
+                                                             const at::Tensor& a,
+                                                             const at::Tensor& b,
                                                              const at::Tensor& offs, bool trans_b,
                                                              bool need_grad_a, bool need_grad_b) {
   check_gg(a, b, offs, trans_b);

@@ -1,4 +1,4 @@
-// The single CPU registration block of moe_kernels (schemas: csrc/ops.cpp).
+// The single CPU registration block of moe_kernels (schemas: moe_kernels/_schemas.py).
 #include "cpu/ops.h"
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {

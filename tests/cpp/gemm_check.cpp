@@ -8,6 +8,8 @@
 // AVX-512 kernels against SIMDe, so every kernel set runs on any x86-64 machine.  Exit status 0
 // when every element of every case is within the fp32 accumulation bound of the float64 result,
 // every output element was written and nothing outside the output was touched.
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -15,8 +17,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <c10/util/Half.h>
 
 #include "cpu/gemm.h"
 
@@ -95,9 +95,18 @@ Mat make(std::mt19937_64& rng, DType dt, int64_t rows, int64_t cols, int layout)
     for (int64_t i = 0; i < rows; ++i) m.gather.push_back(pick(rng));  // repeats allowed
   }
   switch (layout) {
-    case 1: m.s0 = 1; m.s1 = stored_rows + pad(rng); break;
-    case 2: m.s0 = 2 * cols + 3; m.s1 = 2; break;
-    default: m.s0 = cols + pad(rng); m.s1 = 1; break;
+    case 1:
+      m.s0 = 1;
+      m.s1 = stored_rows + pad(rng);
+      break;
+    case 2:
+      m.s0 = 2 * cols + 3;
+      m.s1 = 2;
+      break;
+    default:
+      m.s0 = cols + pad(rng);
+      m.s1 = 1;
+      break;
   }
   const int64_t extent = (stored_rows - 1) * m.s0 + (cols - 1) * m.s1 + 1;
   m.buf.assign(extent * esize(dt), 0);
@@ -125,10 +134,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string isa = argv[1];
-  if (isa == "scalar") moe_kernels::cpu::g_isa = Isa::kScalar;
-  else if (isa == "avx2") moe_kernels::cpu::g_isa = Isa::kAvx2;
-  else if (isa == "avx512") moe_kernels::cpu::g_isa = Isa::kAvx512;
-  else if (isa == "amx") moe_kernels::cpu::g_isa = Isa::kAmx;  // AVX-512 + the AVX-512-BF16 dot
+  if (isa == "scalar")
+    moe_kernels::cpu::g_isa = Isa::kScalar;
+  else if (isa == "avx2")
+    moe_kernels::cpu::g_isa = Isa::kAvx2;
+  else if (isa == "avx512")
+    moe_kernels::cpu::g_isa = Isa::kAvx512;
+  else if (isa == "amx")
+    moe_kernels::cpu::g_isa = Isa::kAmx;  // AVX-512 + the AVX-512-BF16 dot
   else {
     std::fprintf(stderr, "unknown ISA '%s'\n", isa.c_str());
     return 2;
