@@ -1,46 +1,29 @@
-"""64-bit indexing: element offsets past 2**31 (opt-in, needs ~6 GiB of RAM).
+"""64-bit indexing: element offsets past 2**31 (needs ~6 GiB of RAM; part of ``make test``).
 
 Kernels that compute ``row * H + col`` in 32-bit wrap around once T*k*H (or M*K) passes 2**31 and
 read or write the wrong rows.  These tests build tensors just past that bound and check the rows
-at the far end, where a wrapped offset lands.  They are skipped unless
-``MOE_KERNELS_TEST_LARGE=1`` (CI machines have 24 GiB shared by parallel jobs); they run for every
-usable non-reference backend (the reference is plain torch indexing).
+at the far end, where a wrapped offset lands.  They run for every backend under test but the
+reference (plain torch indexing) and the interpreted Triton (far too slow at this size).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from testutil import available_backends_list
+from testutil import backends, device_of, fits
 
 import moe_kernels
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("MOE_KERNELS_TEST_LARGE", "0") in ("", "0"),
-        reason="set MOE_KERNELS_TEST_LARGE=1 (needs ~6 GiB RAM)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
-BACKENDS = [b for b in available_backends_list("cpu") if b != "reference"]
-if torch.cuda.is_available():
-    BACKENDS += [f"{b}@cuda" for b in available_backends_list("cuda") if b != "reference"]
+BACKENDS = [b for b in backends(reference=False) if fits(b, False)]
 
 T, K, H = 32768, 8, 8208  # T * K * H = 2_151_677_952 > 2**31
 
 
-def _split(backend):
-    name, _, dev = backend.partition("@")
-    return name, dev or "cpu"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permute_unpermute_past_2_pow_31(backend):
-    name, dev = _split(backend)
-    assert T * K * H > 2**31
+    name, dev = backend, device_of(backend)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 4, (T, K), generator=g, dtype=torch.int32).to(dev)
     plan = moe_kernels.route(ids, 4, backend=name)
@@ -61,7 +44,7 @@ def test_permute_unpermute_past_2_pow_31(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grouped_gemm_past_2_pow_31(backend):
-    name, dev = _split(backend)
+    name, dev = backend, device_of(backend)
     M, Kd, N = 262_160, 8208, 8  # M * Kd > 2**31
     g = torch.Generator().manual_seed(1)
     a = torch.randn(M, Kd, generator=g, dtype=torch.bfloat16).to(dev)
