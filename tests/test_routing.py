@@ -17,7 +17,16 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from naive import naive_route, round_up
-from testutil import backend_cases, backends, device_of, fits, gen, op, reference_only
+from testutil import (
+    backend_cases,
+    backends,
+    device_of,
+    fits,
+    gen,
+    op,
+    random_ids,
+    reference_only,
+)
 from torch.utils import _pytree as pytree
 
 import moe_kernels
@@ -285,8 +294,6 @@ CASES = [
 def case_ids(case, seed):
     T, k, E, _, (kind, a, b), _ = case
     if kind == "router":
-        from testutil import random_ids
-
         return random_ids(T, k, E, seed, drop=a, one_expert=b)
     return torch.randint(a, b, (T, k), generator=gen(seed), dtype=torch.int32)
 

@@ -20,7 +20,14 @@ import os
 import pytest
 import torch
 
-from moe_kernels._tolerances import GPU_FP32_TOL, TWO_X_FLOOR, max_rel_err, within_2x
+from moe_kernels._tolerances import (
+    GPU_FP32_TOL,
+    GRAD_FACTOR,
+    KERNEL_TOL,
+    TWO_X_FLOOR,
+    max_rel_err,
+    within_2x,
+)
 
 __all__ = ["max_rel_err"]  # re-exported: the one error metric
 
@@ -123,22 +130,36 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     assert err <= tol, f"{what}: max relative error {err:.3e} > {tol:.1e}"
 
 
-def check_vs_reference(actual, torch_same_dtype, exact, dtype, what: str = "") -> None:
+def check_vs_reference(
+    actual, torch_same_dtype, exact, dtype, what: str = "", *, budget: float | None = None
+) -> None:
     """A backend's float output against the reference, by the "2x PyTorch's own error" rule:
     its error against ``exact`` (the reference in float64) is at most twice that of
     ``torch_same_dtype`` (the reference run in ``dtype``), or twice the noise floor of
-    :data:`~moe_kernels._tolerances.TWO_X_FLOOR` (fp32 on a GPU: TF32's).  Also: same shape
-    and dtype as the reference, every element finite (so a poisoned element never written
-    fails)."""
+    :data:`~moe_kernels._tolerances.TWO_X_FLOOR` (fp32 on a GPU: TF32's).  With ``budget``:
+    the error against ``exact`` is at most ``budget`` instead (see :func:`kernel_budget`).
+    Always: same shape and dtype as the reference, every element finite (so a poisoned element
+    never written fails)."""
     actual = actual.detach()
     assert tuple(actual.shape) == tuple(exact.shape), (what, actual.shape, exact.shape)
     assert actual.dtype == torch_same_dtype.dtype, (what, actual.dtype, torch_same_dtype.dtype)
     assert torch.isfinite(actual).all(), f"{what}: non-finite output (an unwritten element?)"
+    if budget is not None:
+        err = max_rel_err(actual, exact)
+        assert err <= budget, f"{what}: max relative error {err:.3e} > {budget:.1e}"
+        return
     floor = TWO_X_FLOOR[dtype]
     if dtype == torch.float32 and actual.device.type == "cuda":
         floor = GPU_FP32_TOL / 2
     ok, e, e_torch = within_2x(actual, torch_same_dtype, exact, floor)
     assert ok, f"{what}: error {e:.3g} vs PyTorch's {e_torch:.3g} in {dtype}"
+
+
+def kernel_budget(dtype, device_type: str, *, grad: bool = False) -> float:
+    """The fixed error budget of :data:`~moe_kernels._tolerances.KERNEL_TOL` for outputs computed
+    from ``dtype`` inputs (TF32's for fp32 on a GPU), doubled for gradients."""
+    tol = GPU_FP32_TOL if dtype == torch.float32 and device_type == "cuda" else KERNEL_TOL[dtype]
+    return tol * (GRAD_FACTOR if grad else 1)
 
 
 def to64(*ts):
