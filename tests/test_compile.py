@@ -124,8 +124,11 @@ def test_moe_ffn_bad_input_is_typed_under_compile():
     shape is seen while tracing, and raises the same ValueError as in eager mode."""
     logits, x, w_gu, w_d = inputs()
     bad_w_d = randn(E, H, I + 1, seed=9)
-    with pytest.raises(Exception, match="w_down must have shape"):
+    # fullgraph: dynamo reports the ValueError observed while tracing as Unsupported, the
+    # ValueError (with its message) as the cause
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="w_down must have shape") as info:
         torch.compile(make_ffn(None), backend="eager", fullgraph=True)(logits, x, w_gu, bad_w_d)
+    assert "ValueError" in repr(info.value.__cause__)
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="w_down must have shape"):
         torch.compile(make_ffn(None), backend="eager")(logits, x, w_gu, bad_w_d)
