@@ -1,6 +1,7 @@
 """The poisoned tests can fail: with a Triton launcher broken on purpose (every kernel launch drops
 its last program along the first grid axis, so the rows that program owns are never written),
-the op modules' backend tests must fail on the poisoned (NaN-filled) outputs.
+the op modules' backend tests must fail on the poisoned (NaN-filled) outputs.  (With the real
+launcher the same tests pass: they are part of this run.)
 
 Runs in the Triton process (``make test-triton``); the compiled backend's equivalent, with a fault
 hook in the C++ kernels, is test_poison.py.
@@ -55,12 +56,6 @@ def broken_launcher(monkeypatch):
 def _case(module, tiny_index):
     """The first (or given) tiny case of a module's backend table."""
     return [c for c in module.CASES if c[-1]][tiny_index]
-
-
-def test_healthy_launcher_passes(debug_mode):
-    """The same tests as below, with the real launcher: they pass."""
-    test_permute.test_backend_vs_reference("triton", _case(test_permute, 0), torch.float32, None)
-    test_moe_ffn.test_backend_vs_reference("triton", _case(test_moe_ffn, 0), torch.float32, None)
 
 
 def test_permute_test_fails_on_a_dropped_program(debug_mode, broken_launcher):
