@@ -53,11 +53,11 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.fl
 #: rounded to ``dtype``), against the exact result: the error of GEMM 1 is amplified by the
 #: activation's slope (up to ~2 for SwiGLU / GeGLU / gpt-oss's clamped variant) and summed again
 #: by GEMM 2, and the output's largest value can be several times below the intermediate's.
-#: float64 / float32: 10x the single-op :data:`TOL`; bfloat16: ~8 u (3e-2); float16: ~30 u
-#: (1.5e-2: the same bound as bf16's in absolute terms, fp16's narrow range makes the
-#: intermediate's relative error less uniform).  Two independent computations of the same layer
+#: float64 / float32: 10x the single-op :data:`TOL`; bfloat16 / float16: ~8 u (3e-2 / 4e-3),
+#: where the rounding of the intermediate and the output dominate (the reference measures ~1 u
+#: against the float64 loops on the test shapes).  Two independent computations of the same layer
 #: (a backend and the reference, both in ``dtype``) are at most 2x this apart.
-FFN_TOL = {torch.float64: 1e-11, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1.5e-2}
+FFN_TOL = {torch.float64: 1e-11, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 #: two fp32 computations of the same small layer or graph that differ only in the order of their
 #: sums (eager against compiled, the fused layer against a naive loop, a model's experts against

@@ -21,6 +21,15 @@ BACKENDS = [b for b in backends(reference=False) if fits(b, False)]
 T, K, H = 32768, 8, 8208  # T * K * H = 2_151_677_952 > 2**31
 
 
+def big_randn(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    """[rows, cols] bf16 random rows repeating with a prime period of 1021 rows (drawing 2**31
+    normal numbers costs more than the kernels under test).  A 32-bit offset wrapped by 2**32
+    elements lands 2**32 / cols rows away, not a multiple of the period (cols here has odd
+    factors): it reads a different row."""
+    base = torch.randn(1021, cols, generator=g, dtype=torch.bfloat16)
+    return base.repeat(-(-rows // 1021), 1)[:rows]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permute_unpermute_past_2_pow_31(backend):
     name, dev = backend, device_of(backend)
@@ -33,7 +42,7 @@ def test_permute_unpermute_past_2_pow_31(backend):
     rows = torch.arange(T * K - 64, T * K, device=dev)  # the far end: offsets past 2**31
     assert torch.equal(y[rows], x[sor[rows] // K])
     del y
-    y = torch.randn(T * K, H, generator=g, dtype=torch.bfloat16).to(dev)
+    y = big_randn(T * K, H, g).to(dev)
     w = torch.rand(T, K, generator=g).to(dev)
     out = moe_kernels.unpermute(y, plan, w, backend=name)
     tokens = torch.arange(T - 8, T, device=dev)
@@ -48,7 +57,7 @@ def test_grouped_gemm_past_2_pow_31(backend):
     name, dev = backend, device_of(backend)
     M, Kd, N = 262_160, 8208, 8  # M * Kd > 2**31
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(M, Kd, generator=g, dtype=torch.bfloat16).to(dev)
+    a = big_randn(M, Kd, g).to(dev)
     b = torch.randn(2, Kd, N, generator=g, dtype=torch.bfloat16).to(dev)
     offs = torch.tensor([M // 2, M], dtype=torch.int32, device=dev)
     out = moe_kernels.grouped_gemm(a, b, offs, backend=name)
