@@ -17,6 +17,7 @@ from testutil import (
     backends,
     check_vs_reference,
     device_of,
+    fits,
     gen,
     op,
     randn,
@@ -152,6 +153,7 @@ def random_offs(used, E, g, empty=(), one=None):
 
 
 # (M, K, N, offs: a list of segment ends or (rows used, E, empty experts, one expert), tiny)  why
+# tiny: True runs under the Triton interpreter, "fwd" runs its forward only there
 CASES = [
     (40, 37, 45, (40, 4, (), None), False),  # K, N not multiples of 8/16
     (300, 64, 96, (290, 6, (1, 4), None), False),  # rows past offs[-1], empty experts, packed
@@ -160,7 +162,7 @@ CASES = [
     (3, 24, 40, (3, 8, (), None), False),  # few rows: dot path, most experts empty
     (50, 40, 48, [10, 10, 30, 33, 45], True),  # an empty expert, a 3-row expert, rows past end
     (40, 40, 48, [0, 17, 17, 40], True),  # leading empty expert, segments crossing tiles
-    (20, 40, 48, [20], True),  # E = 1
+    (20, 40, 48, [20], "fwd"),  # E = 1 (forward only under the interpreter)
     (5, 40, 48, [0, 0, 0], True),  # every expert empty: zero output, zero weight gradients
 ]
 
@@ -181,7 +183,7 @@ def _case_id(c):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b_EKN", "b_ENK"])
-@pytest.mark.parametrize("backend,case", backend_cases(CASES, lambda c: c[4], _case_id))
+@pytest.mark.parametrize("backend,case", backend_cases(CASES, lambda c: bool(c[4]), _case_id))
 def test_backend_vs_reference(backend, case, trans_b, dtype, debug_mode):
     M, K, N = case[:3]
     dev = device_of(backend)
@@ -200,6 +202,8 @@ def test_backend_vs_reference(backend, case, trans_b, dtype, debug_mode):
     check_vs_reference(out, ref.grouped_gemm(a, b, offs, trans_b), exact, dtype, "out")
     assert torch.equal(out[used:], torch.zeros_like(out[used:])), "rows past offs[-1] not zero"
 
+    if not (case[4] is True or fits(backend, False)):
+        return  # interpreter time: this row's backward runs on the other backends only
     go = torch.randn(M, N, generator=g).to(dtype)
     go[used:] = float("nan")
     dgo = go.to(dev)

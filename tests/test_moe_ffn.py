@@ -19,6 +19,7 @@ from testutil import (
     backends,
     check_vs_reference,
     device_of,
+    fits,
     gen,
     kernel_budget,
     op,
@@ -315,6 +316,8 @@ def test_backend_vs_reference(backend, case, dtype, debug_mode):
     exact = ref.moe_ffn(x64, wgu64, wd64, tw64, ids, bgu64, bd64, *params)
     check_vs_reference(out, rout, exact, dtype, "out", budget=_budget(backend, dtype, dev))
 
+    if not (fits(backend, False) or dtype == torch.float32 or case == CASES[8]):
+        return  # interpreter time: bf16 / fp16 backward on the first tiny row only there
     go = torch.randn(out.shape, generator=gen(5)).to(dtype)
     bwd = op("moe_ffn_backward", backend)
     grads = [g.cpu() for g in bwd(go.to(dev), *_to(dev, tensors), *params)]
