@@ -1,9 +1,10 @@
 """Every CPU instruction-set path of the compiled kernels, each in its own process.
 
-The ISA is chosen once per process (``MOE_KERNELS_CPU_ISA``), so each path runs the op modules'
-backend tests (``-k backend``: every case against the reference, poisoned) restricted to the cpu
-backend (``MOE_KERNELS_TEST_BACKENDS=cpu``) in a subprocess, with ``MOE_KERNELS_DEBUG=1`` so that
-every output starts NaN-filled and an element a kernel forgot to write fails the finite checks.
+The ISA is chosen once per process (``MOE_KERNELS_CPU_ISA``), so each path runs the op modules
+restricted to the cpu backend (``MOE_KERNELS_TEST_BACKENDS=cpu``) in a subprocess: every case
+against the reference and the exact-zero / empty / dropped-pair tests (:data:`SELECT`; the
+Hypothesis properties run once, in the main process), with ``MOE_KERNELS_DEBUG=1`` so that every
+output starts NaN-filled and an element a kernel forgot to write fails the finite checks.
 The subprocess also runs ``test_cpu_isa_env.py``, which checks the process took the path asked
 for.
 Paths the CPU cannot run are skipped with the reason; the AVX-512 GEMM kernels (the only
@@ -22,7 +23,8 @@ from testutil import cpu_flags
 import moe_kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-#: the op modules; ``-k backend`` keeps their tests that run a non-reference backend
+#: the op modules, and the tests of theirs each ISA path runs (``pytest -k``)
+SELECT = "backend or zero_grad or empty or dropped"
 OP_MODULES = ("test_gating.py", "test_routing.py", "test_permute.py", "test_grouped_gemm.py",
               "test_moe_ffn.py")  # fmt: skip
 
@@ -60,7 +62,7 @@ def test_isa_path(isa):
         "-p",
         "no:cacheprovider",
         "-k",
-        "backend",
+        SELECT,
         *[os.path.join(HERE, m) for m in OP_MODULES],
         os.path.join(HERE, "test_cpu_isa_env.py"),
     ]
