@@ -6,8 +6,9 @@
 * ``MOE_KERNELS_TEST_INSTALLED=1``: the session fails at start if ``moe_kernels`` was imported from
   the source tree instead of the installed package.
 * ``@pytest.mark.gpu`` tests are skipped when no CUDA device is present.
-* The ``debug_mode`` fixture sets ``MOE_KERNELS_DEBUG=1`` (outputs NaN-filled, so a missed write
-  shows up).  Helpers shared by the test modules live in ``testutil.py``, not here: a
+* The ``debug_mode`` fixture turns debug mode on (outputs NaN-filled, so a missed write shows up).
+* ``MOE_KERNELS_TEST_BACKENDS=name,name``: run the op modules on these backends only (see
+  ``testutil.backends``).  Helpers shared by the test modules live in ``testutil.py``, not here: a
   ``conftest`` module cannot be imported by name once another folder has its own conftest.py.
 """
 
@@ -104,6 +105,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def debug_mode(monkeypatch):
-    """MOE_KERNELS_DEBUG=1: outputs are allocated NaN-filled so a missed write shows up."""
+    """Debug mode on for the test (``moe_kernels._debug.set_debug_mode``): the compiled and Triton
+    backends allocate every output NaN-filled (integers: a negative sentinel), so an element a
+    kernel fails to write shows up.  The reference never allocates poisoned buffers: only tests
+    of the other backends take this fixture.  The variable is set too for launchers that read
+    ``MOE_KERNELS_DEBUG`` per call rather than the shared switch."""
+    from moe_kernels import _debug
+
+    before = _debug.debug_mode()
     monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
-    yield
+    _debug.set_debug_mode(True)
+    try:
+        yield
+    finally:
+        _debug.set_debug_mode(before)

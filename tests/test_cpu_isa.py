@@ -1,8 +1,12 @@
 """Every CPU instruction-set path of the compiled kernels, each in its own process.
 
-The ISA is chosen once per process (``MOE_KERNELS_CPU_ISA``), so each path runs
-``test_cpu_ops.py`` in a subprocess, with ``MOE_KERNELS_DEBUG=1`` so that every output starts
-NaN-filled and an element a kernel forgot to write fails the finite checks there.
+The ISA is chosen once per process (``MOE_KERNELS_CPU_ISA``), so each path runs the op modules
+restricted to the cpu backend (``MOE_KERNELS_TEST_BACKENDS=cpu``) in a subprocess: every case
+against the reference and the exact-zero / empty / dropped-pair tests (:data:`SELECT`; the
+Hypothesis properties run once, in the main process), with ``MOE_KERNELS_DEBUG=1`` so that every
+output starts NaN-filled and an element a kernel forgot to write fails the finite checks.
+The subprocess also runs ``test_cpu_isa_env.py``, which checks the process took the path asked
+for.
 Paths the CPU cannot run are skipped with the reason; the AVX-512 GEMM kernels (the only
 ISA-specific code) still run on such a CPU, emulated, in ``test_cpu_isa_emulated.py``.
 """
@@ -14,21 +18,16 @@ import subprocess
 import sys
 
 import pytest
+from testutil import cpu_flags
 
 import moe_kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+#: the op modules, and the tests of theirs each ISA path runs (``pytest -k``)
+SELECT = "backend or zero_grad or empty or dropped"
+GEMM_MODULES = ("test_grouped_gemm.py", "test_moe_ffn.py")
+OP_MODULES = ("test_gating.py", "test_routing.py", "test_permute.py", "test_grouped_gemm.py",
+              "test_moe_ffn.py")  # fmt: skip
 
 
 NEEDS = {
@@ -46,14 +45,15 @@ def test_isa_path(isa):
     through torch's reference brgemm elsewhere)."""
     if not moe_kernels.available_backends()["cpu"][0]:
         pytest.skip("the compiled CPU backend is not built")
-    missing = NEEDS.get(isa, set()) - _cpu_flags()
+    missing = NEEDS.get(isa, set()) - cpu_flags()
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}: the {isa} path cannot run here")
+    env = dict(os.environ, MOE_KERNELS_DEBUG="1", MOE_KERNELS_TEST_BACKENDS="cpu")
     if isa == "brgemm":
-        env = dict(os.environ, MOE_KERNELS_CPU_BRGEMM="1", MOE_KERNELS_DEBUG="1")
+        env["MOE_KERNELS_CPU_BRGEMM"] = "1"
         env.pop("MOE_KERNELS_CPU_ISA", None)
     else:
-        env = dict(os.environ, MOE_KERNELS_CPU_ISA=isa, MOE_KERNELS_DEBUG="1")
+        env["MOE_KERNELS_CPU_ISA"] = isa
     cmd = [
         sys.executable,
         "-m",
@@ -62,7 +62,11 @@ def test_isa_path(isa):
         "-x",
         "-p",
         "no:cacheprovider",
-        os.path.join(HERE, "test_cpu_ops.py"),
+        "-k",
+        SELECT,
+        # the brgemm route changes the GEMMs only
+        *[os.path.join(HERE, m) for m in (GEMM_MODULES if isa == "brgemm" else OP_MODULES)],
+        os.path.join(HERE, "test_cpu_isa_env.py"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{isa} path failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"

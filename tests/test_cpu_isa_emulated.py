@@ -19,6 +19,7 @@ import subprocess
 import sysconfig
 
 import pytest
+from testutil import cpu_has
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -41,12 +42,7 @@ def _simde_include() -> str | None:
 
 def _host_flags() -> list[str]:
     # SIMDe emulates AVX-512 with the host's AVX2 when the compiler may use it (much faster).
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+    return ["-mavx2", "-mfma", "-mf16c"] if cpu_has("avx2", "fma", "f16c") else []
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,18 +90,9 @@ def gemm_check(tmp_path_factory) -> str:
     return _build(str(tmp_path_factory.mktemp("gemm_check")))
 
 
-def _cpu_has(*flags: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return set(flags) <= set(line.split(":", 1)[-1].split())
-
-
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 def test_gemm_kernels(gemm_check, isa):
-    if isa == "avx2" and not _cpu_has("avx2", "fma", "f16c"):
+    if isa == "avx2" and not cpu_has("avx2", "fma", "f16c"):
         pytest.skip("this CPU lacks AVX2/FMA/F16C (the AVX2 kernels are not emulated)")
     proc = subprocess.run([gemm_check, isa, "400"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{isa}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"

@@ -1,8 +1,10 @@
 """Bad input raises the documented error, with a message naming the argument.
 
-ValueError for shapes and values, TypeError for dtypes (a C++ TORCH_CHECK surfacing as
-RuntimeError is also accepted by the spec).  Every case runs on every usable CPU backend, so a
-backend that crashes or returns garbage on bad input fails here.  T = 0 is valid input.
+ValueError for shapes and values, TypeError for dtypes, exactly those types (the public API checks
+in Python before any kernel runs).  Every case runs on every backend under test that takes CPU
+tensors, so a backend that crashes or returns garbage on bad input fails here.  T = 0 is valid
+input.  The ops of ``torch.ops.moe_kernels`` called directly (below the public checks) keep their
+own checks: tested at the end.
 """
 
 # ruff: noqa: E741  (I is the expert intermediate size, as everywhere in the package)
@@ -10,14 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testutil import available_backends_list
+from testutil import backends, device_of, op, randn
 
 import moe_kernels
 
-BACKENDS = available_backends_list("cpu")
+BACKENDS = [b for b in backends() if device_of(b) == "cpu"]
 
-VALUE = (ValueError, RuntimeError)
-TYPE = (TypeError, RuntimeError)
+VALUE = ValueError
+TYPE = TypeError
 
 
 def named(words: str) -> str:
@@ -149,7 +151,7 @@ def test_permute_bad_input(backend):
         moe_kernels.permute(torch.ones(5, 3, dtype=torch.int32), plan, backend=backend)
     with pytest.raises(VALUE, match=named("x|row_of_slot|slot_of_row")):
         moe_kernels.permute(torch.empty(5, 3, device="meta"), plan, backend=backend)
-    with pytest.raises((TypeError, ValueError), match=named("plan")):
+    with pytest.raises(TYPE, match=named("plan")):
         moe_kernels.permute(_rand(5, 3), (plan.row_of_slot, plan.slot_of_row), backend=backend)
 
 
@@ -329,3 +331,38 @@ def test_errors_name_their_argument_in_full():
     with pytest.raises(ValueError) as info:
         moe_kernels.topk_gating(_rand(4, 8), 9, backend="reference")
     assert "top_k" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels' own checks (torch.ops.moe_kernels called directly, below the public API)
+# ----------------------------------------------------------------------------------------------
+#: the error a compiled kernel's TORCH_CHECK raises (gating's checks: test_gating.py)
+COMPILED_ERROR = RuntimeError
+KERNEL_BACKENDS = [b for b in BACKENDS if b not in ("reference",)]
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "triton"])
+def test_kernel_checks_grouped_gemm(backend):
+    gg = op("grouped_gemm", backend)
+    a, b = randn(10, 8, seed=2), randn(2, 8, 4, seed=3)
+    with pytest.raises(COMPILED_ERROR, match="offs"):
+        gg(a, b, torch.tensor([6, 4], dtype=torch.int32), False)
+    with pytest.raises(COMPILED_ERROR, match="offs"):
+        gg(a, b, torch.tensor([4, 11], dtype=torch.int32), False)
+    with pytest.raises(COMPILED_ERROR, match="offs"):
+        gg(a, b, torch.tensor([10], dtype=torch.int32), False)
+    with pytest.raises(COMPILED_ERROR, match="K"):
+        gg(a, randn(2, 7, 4, seed=4), torch.tensor([4, 10], dtype=torch.int32), False)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "triton"])
+def test_kernel_checks_moe_ffn(backend):
+    ffn = op("moe_ffn", backend)
+    x, wgu, wd = randn(3, 16, seed=5), randn(2, 8, 16, seed=6), randn(2, 16, 4, seed=7)
+    ids, tw = torch.full((3, 1), -1, dtype=torch.int32), torch.rand(3, 1)
+    with pytest.raises(COMPILED_ERROR, match="activation"):
+        ffn(x, wgu, wd, tw, ids, None, None, "relu", 1.702, 7.0, False)
+    with pytest.raises(COMPILED_ERROR, match="w_down"):
+        ffn(x, wgu, randn(2, 16, 5, seed=8), tw, ids, None, None, "swiglu", 1.702, 7.0, False)
+    with pytest.raises(COMPILED_ERROR, match="float32, bfloat16 or float16"):
+        ffn(x.double(), wgu, wd, tw, ids, None, None, "swiglu", 1.702, 7.0, False)

@@ -1,27 +1,136 @@
-"""Property tests (Hypothesis) of route / permute / unpermute on every usable CPU backend.
+"""route and RoutingPlan: the reference against the naive loop (``naive.py``), Hypothesis
+properties on every backend, and every other backend's plan against the reference's (bitwise).
 
 Properties checked on random routings, including the awkward ones (T = 0, E = 1, k = E, every pair
-to one expert, empty experts, ids out of range, block_size 1 .. 128):
-counts equal bincount, offs are the (padded) cumulative ends, row_of_slot and slot_of_row are
-inverse, stable order within an expert, padding rows are -1, block_expert names each block's
-expert, permute is an exact gather with zero padding, unpermute(permute(x)) round-trips, outputs
-are bitwise deterministic.
+to one expert, empty experts, ids out of range, block_size 1 .. 128): counts equal bincount, offs
+are the (padded) cumulative ends, row_of_slot and slot_of_row are inverse, stable order within an
+expert, padding rows are -1, block_expert names each block's expert, outputs are deterministic.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from naive import round_up
-from testutil import available_backends_list
+from naive import naive_route, round_up
+from testutil import (
+    backend_cases,
+    backends,
+    device_of,
+    fits,
+    gen,
+    op,
+    random_ids,
+    reference_only,
+)
+from torch.utils import _pytree as pytree
 
 import moe_kernels
+from moe_kernels import reference as ref
 
-BACKENDS = available_backends_list("cpu")
+REF = "reference"
+PLAN_FIELDS = ("tokens_per_expert", "offs", "row_of_slot", "slot_of_row")
 
+
+def router_ids(T, k, E, seed, drop=0.0):
+    """Distinct-per-token ids (like a router) with a fraction replaced by out-of-range ids."""
+    g = gen(seed)
+    if T == 0:
+        return torch.empty(0, k, dtype=torch.int32)
+    if k <= E:
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).reshape(T, k)
+    else:
+        ids = torch.randint(0, E, (T, k), generator=g)
+    if drop:
+        mask = torch.rand(T, k, generator=g) < drop
+        bad = torch.where(torch.rand(T, k, generator=g) < 0.5, -1, E + 3)
+        ids = torch.where(mask, bad, ids)
+    return ids.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference against the naive loop
+# ----------------------------------------------------------------------------------------------
+def check_plan(plan, T, k, E, block_size, ids):
+    nv = naive_route(ids, E, block_size)
+    assert plan.num_rows == nv["num_rows"]
+    for field in PLAN_FIELDS:
+        got = getattr(plan, field)
+        assert got.dtype == torch.int32, (field, got.dtype)
+        assert got.device == ids.device, field
+        assert torch.equal(got.cpu().long(), nv[field]), field
+    if block_size:
+        assert plan.block_expert.dtype == torch.int32
+        assert torch.equal(plan.block_expert.cpu().long(), nv["block_expert"])
+    else:
+        be = plan.block_expert
+        assert be is None or be.numel() == 0
+
+
+NAIVE_CASES = [
+    # (T, k, E, block_size, drop fraction)
+    (13, 2, 8, None, 0.0),
+    (13, 2, 8, 4, 0.0),
+    (300, 8, 60, None, 0.0),
+    (300, 8, 60, 16, 0.1),  # expert parallelism: some ids belong to other ranks
+    (64, 8, 384, 64, 0.0),  # most experts empty
+    (7, 5, 5, 1, 0.0),  # k = E
+    (9, 1, 1, 3, 0.0),  # E = 1
+    (17, 3, 6, 128, 0.3),
+    (0, 4, 16, None, 0.0),  # T = 0
+    (0, 4, 16, 8, 0.0),
+]
+
+
+@reference_only
+@pytest.mark.parametrize("T,k,E,block_size,drop", NAIVE_CASES)
+def test_reference_vs_naive(T, k, E, block_size, drop):
+    ids = router_ids(T, k, E, seed=T * 31 + E, drop=drop)
+    plan = moe_kernels.route(ids, E, block_size=block_size, backend=REF)
+    check_plan(plan, T, k, E, block_size, ids)
+
+
+@reference_only
+def test_reference_int64_ids():
+    ids = router_ids(11, 3, 7, seed=1).to(torch.int64)
+    plan = moe_kernels.route(ids, 7, backend=REF)
+    check_plan(plan, 11, 3, 7, None, ids)
+
+
+@reference_only
+def test_reference_all_to_one_expert():
+    ids = torch.full((23, 2), 4, dtype=torch.int32)
+    ids[:, 1] = 4  # duplicated slots to the same expert are still distinct pairs
+    plan = moe_kernels.route(ids, 6, block_size=8, backend=REF)
+    check_plan(plan, 23, 2, 6, 8, ids)
+
+
+@reference_only
+def test_routing_plan_is_frozen_pytree():
+    ids = torch.tensor([[0, 2], [1, 2], [2, 0]], dtype=torch.int32)
+    plan = moe_kernels.route(ids, 3, block_size=2, backend=REF)
+    assert isinstance(plan, moe_kernels.RoutingPlan)
+    assert dataclasses.is_dataclass(plan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.offs = plan.offs  # type: ignore[misc]
+    leaves, spec = pytree.tree_flatten(plan)
+    assert any(leaf is plan.row_of_slot for leaf in leaves)
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    assert isinstance(rebuilt, moe_kernels.RoutingPlan)
+    assert torch.equal(rebuilt.slot_of_row, plan.slot_of_row)
+    assert rebuilt.num_rows == plan.num_rows
+    assert type(plan).__doc__, "RoutingPlan needs a docstring"
+    for name in PLAN_FIELDS:
+        assert name in type(plan).__doc__, f"RoutingPlan docstring does not document {name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Hypothesis properties, every backend (the Triton interpreter runs the case table below instead)
+# ----------------------------------------------------------------------------------------------
 SETTINGS = settings(
     max_examples=40,
     deadline=None,
@@ -65,7 +174,7 @@ def check_plan_properties(plan, ids, E, block_size):
     bs = block_size or 0
     num_rows = T * k if not bs else round_up(T * k + E * (bs - 1), bs)
     assert plan.num_rows == num_rows
-    for name in ("tokens_per_expert", "offs", "row_of_slot", "slot_of_row"):
+    for name in PLAN_FIELDS:
         assert getattr(plan, name).dtype == torch.int32, name
     tpe = plan.tokens_per_expert.long()
     offs = plan.offs.long()
@@ -125,8 +234,16 @@ EXAMPLES = [
     (_i32([[-1, 9], [8, -7]]), 8, 4),  # every pair dropped
 ]
 
+#: backends for the Hypothesis tests: every one but the interpreted Triton (too slow there)
+PROPERTY_BACKENDS = [b for b in backends() if fits(b, False)]
 
-@pytest.mark.parametrize("backend", BACKENDS)
+
+def _plan_on(backend, ids, E, block_size):
+    plan = moe_kernels.route(ids.to(device_of(backend)), E, block_size=block_size, backend=backend)
+    return pytree.tree_map(lambda t: t.cpu() if torch.is_tensor(t) else t, plan)
+
+
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 @SETTINGS
 @given(r=routings())
 @example(r=EXAMPLES[0])
@@ -136,105 +253,76 @@ EXAMPLES = [
 @example(r=EXAMPLES[4])
 @example(r=EXAMPLES[5])
 @example(r=EXAMPLES[6])
-def test_route_properties(backend, r):
+def test_properties(backend, r):
     ids, E, block_size = r
-    plan = moe_kernels.route(ids, E, block_size=block_size, backend=backend)
+    plan = _plan_on(backend, ids, E, block_size)
     check_plan_properties(plan, ids, E, block_size)
-    again = moe_kernels.route(ids, E, block_size=block_size, backend=backend)
-    for name in ("tokens_per_expert", "offs", "row_of_slot", "slot_of_row"):
+    again = _plan_on(backend, ids, E, block_size)
+    for name in PLAN_FIELDS:
         assert torch.equal(getattr(plan, name), getattr(again, name))
     # int64 ids give the same plan
-    plan64 = moe_kernels.route(ids.long(), E, block_size=block_size, backend=backend)
+    plan64 = _plan_on(backend, ids.long(), E, block_size)
     assert torch.equal(plan64.row_of_slot, plan.row_of_slot)
     assert torch.equal(plan64.slot_of_row, plan.slot_of_row)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@SETTINGS
-@given(
-    r=routings(),
-    H=st.sampled_from([1, 3, 8, 33]),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
-    seed=st.integers(0, 1000),
+# ----------------------------------------------------------------------------------------------
+# every backend's plan equals the reference's, bitwise
+# ----------------------------------------------------------------------------------------------
+# (T, k, E, block_size, ids, tiny)   why; ids: ("router", drop, one expert) draws distinct ids
+# per token, ("uniform", low, high) draws each id uniformly (duplicates, out of range)
+CASES = [
+    (7, 2, 8, 0, ("router", 0.0, None), True),
+    (300, 4, 60, 16, ("router", 0.1, None), False),  # padded, dropped ids, many empty blocks
+    (1, 3, 3, 4, ("router", 0.0, None), True),  # T = 1, k = E
+    (13, 1, 1, 0, ("router", 0.2, None), True),  # E = 1 with drops
+    (50, 2, 16, 8, ("router", 0.0, 5), True),  # all tokens on one expert
+    (0, 2, 4, 4, ("router", 0.0, None), True),  # T = 0
+    (13, 2, 5, 0, ("uniform", 0, 5), True),  # unpadded, T not a multiple of anything
+    (13, 2, 5, 16, ("uniform", 0, 5), True),  # padded layout for the GEMM
+    (50, 3, 7, 16, ("uniform", -2, 9), True),  # several chunks; ids out of range dropped
+    (9, 4, 4, 8, ("uniform", 0, 4), True),  # k = E (ids random: duplicates, empty experts)
+    (20, 1, 3, 0, ("uniform", 0, 1), True),  # all tokens to one expert, k = 1
+    (6, 2, 1, 4, ("uniform", 0, 1), True),  # E = 1
+    (0, 2, 6, 16, ("uniform", 0, 6), True),  # T = 0: no rows
+    (17, 2, 60, 0, ("uniform", 0, 60), True),  # E not a power of two, most experts empty
+    (257, 8, 60, 0, ("uniform", -1, 61), False),  # many tokens, ids out of range both sides
+    (257, 8, 60, 4, ("uniform", -1, 61), False),
+]
+
+
+def case_ids(case, seed):
+    T, k, E, _, (kind, a, b), _ = case
+    if kind == "router":
+        return random_ids(T, k, E, seed, drop=a, one_expert=b)
+    return torch.randint(a, b, (T, k), generator=gen(seed), dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "backend,case",
+    backend_cases(CASES, lambda c: c[5], lambda c: "T{}-k{}-E{}-bs{}-{}".format(*c[:4], c[4][0])),
 )
-@example(r=EXAMPLES[0], H=3, dtype=torch.float32, seed=0)
-@example(r=EXAMPLES[3], H=8, dtype=torch.bfloat16, seed=1)
-@example(r=EXAMPLES[4], H=1, dtype=torch.float32, seed=2)
-@example(r=EXAMPLES[5], H=33, dtype=torch.float32, seed=3)
-@example(r=EXAMPLES[6], H=8, dtype=torch.float32, seed=4)
-def test_permute_unpermute_properties(backend, r, H, dtype, seed, monkeypatch):
-    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")  # outputs NaN-filled: a missed write shows
-    ids, E, block_size = r
-    T, k = ids.shape
-    if dtype == torch.float64 and backend != "reference":
-        dtype = torch.float32  # float64 is a reference-only dtype
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(T, H, generator=g) + 0.5).to(dtype)
-    plan = moe_kernels.route(ids, E, block_size=block_size, backend="reference")
-    y = moe_kernels.permute(x, plan, backend=backend)
-    assert y.shape == (plan.num_rows, H) and y.dtype == dtype
-    sor = plan.slot_of_row.long()
-    used = sor >= 0
-    # exact gather, zeros elsewhere
-    assert torch.equal(y[used], x[sor[used] // k])
-    assert torch.equal(y[~used], torch.zeros_like(y[~used]))
-
-    # round trip with one-hot weights on each token's first kept slot: exactly x (or 0)
-    ros = plan.row_of_slot.long()
-    kept = ros >= 0
-    first = torch.zeros(T, k, dtype=torch.bool)
-    if T:
-        idx = torch.where(kept.any(1), kept.int().argmax(1), torch.zeros(T, dtype=torch.long))
-        first[torch.arange(T), idx] = True
-        first &= kept
-    w = first.float()
-    back = moe_kernels.unpermute(y, plan, w, backend=backend)
-    assert back.dtype == dtype and back.shape == (T, H)
-    expect = torch.where(kept.any(1, keepdim=True), x, torch.zeros_like(x))
-    assert torch.equal(back, expect), "unpermute(permute(x)) with one-hot weights != x"
-
-    # no weights: each token gets (its number of kept slots) * x, up to one rounding
-    back1 = moe_kernels.unpermute(y, plan, backend=backend)
-    nkept = kept.sum(1, keepdim=True).to(torch.float64)
-    ref = x.double() * nkept
-    tol = torch.finfo(dtype).eps * nkept * ref.abs() + 1e-300
-    assert ((back1.double() - ref).abs() <= tol).all()
-    # bitwise deterministic
-    assert torch.equal(back1, moe_kernels.unpermute(y, plan, backend=backend))
+def test_backend_vs_reference(backend, case, debug_mode):
+    T, k, E, bs = case[:4]
+    ids = case_ids(case, seed=T + 17 * k + E)
+    got = op("route", backend)(ids.to(device_of(backend)), E, bs)
+    want = ref.route(ids, E, bs)
+    names = (*PLAN_FIELDS, "block_expert")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == torch.int32, name
+        assert torch.equal(a.cpu(), b), f"{name}: {a.cpu().tolist()} != {b.tolist()}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("block_size", [None, 4])
-def test_backends_agree_with_reference_plan(backend, block_size):
-    """Every backend's plan is identical (bitwise) to the reference's."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(-1, 61, (257, 8), generator=g, dtype=torch.int32)
-    ref = moe_kernels.route(ids, 60, block_size=block_size, backend="reference")
-    got = moe_kernels.route(ids, 60, block_size=block_size, backend=backend)
-    assert got.num_rows == ref.num_rows
-    for name in ("tokens_per_expert", "offs", "row_of_slot", "slot_of_row"):
-        assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    if block_size:
-        assert torch.equal(got.block_expert, ref.block_expert)
+@pytest.mark.skipif("triton" not in backends(), reason="triton is not under test here")
+def test_triton_many_chunks_int64_ids(monkeypatch):
+    """Small chunks so several chunks hold pairs of the same expert (the cross-chunk scan)."""
+    from moe_kernels.triton_kernels import ops as triton_ops
 
-
-def test_routing_plan_is_frozen_pytree():
-    import dataclasses
-
-    from torch.utils import _pytree as pytree
-
-    ids = torch.tensor([[0, 2], [1, 2], [2, 0]], dtype=torch.int32)
-    plan = moe_kernels.route(ids, 3, block_size=2, backend="reference")
-    assert isinstance(plan, moe_kernels.RoutingPlan)
-    assert dataclasses.is_dataclass(plan)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.offs = plan.offs  # type: ignore[misc]
-    leaves, spec = pytree.tree_flatten(plan)
-    assert any(leaf is plan.row_of_slot for leaf in leaves)
-    rebuilt = pytree.tree_unflatten(leaves, spec)
-    assert isinstance(rebuilt, moe_kernels.RoutingPlan)
-    assert torch.equal(rebuilt.slot_of_row, plan.slot_of_row)
-    assert rebuilt.num_rows == plan.num_rows
-    for name in ("tokens_per_expert", "offs", "row_of_slot", "slot_of_row"):
-        assert type(plan).__doc__, "RoutingPlan needs a docstring"
-        assert name in type(plan).__doc__, f"RoutingPlan docstring does not document {name}"
+    monkeypatch.setitem(triton_ops.ROUTE_CHUNK, "interpreter", 16)
+    monkeypatch.setitem(triton_ops.ROUTE_CHUNK, "gpu", 16)
+    ids = torch.randint(0, 3, (40, 2), generator=gen(4))
+    ids[5, 1] = 2**40  # out of range even for int32: dropped, not wrapped
+    for bs in (0, 8):
+        got = op("route", "triton")(ids.to(device_of("triton")), 3, bs)
+        for a, b in zip(got, ref.route(ids, 3, bs), strict=True):
+            assert torch.equal(a.cpu(), b)

@@ -1,16 +1,44 @@
-"""GPU-only checks (``gpu`` marker; skipped without a CUDA device): model-sized shapes, bf16 on
-tensor cores, full-fp32 mode and 64-bit addressing."""
+"""GPU-only checks of the Triton kernels (``gpu`` marker; skipped without a CUDA device):
+model-sized shapes, bf16 on tensor cores, full-fp32 mode and 64-bit addressing.  The op modules
+run every case table on the Triton backend too (on CUDA tensors where a GPU is present)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from triton_helpers import INTERPRET, check_close, gemm_tol
+from testutil import INTERPRET, assert_rel_close, backends
+
+from moe_kernels import reference
+from moe_kernels._tolerances import GPU_FP32_TOL, GRAD_FACTOR, KERNEL_TOL
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        INTERPRET or not torch.cuda.is_available() or "triton" not in backends(),
+        reason="needs a CUDA device and the Triton backend",
+    ),
 ]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from moe_kernels.triton_kernels import ops as triton_ops
+
+    return triton_ops
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference
+
+
+def gemm_tol(dtype):
+    return GPU_FP32_TOL if dtype == torch.float32 else KERNEL_TOL[dtype]
+
+
+def check_close(actual, expected, tol, what=""):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an element never written?)"
+    assert_rel_close(actual, expected, tol, what)
 
 
 def _c64(t):
@@ -49,7 +77,7 @@ def test_moe_ffn_model_shape(ops, ref, dtype, T):
         False,
     )
     for name, a, e in zip(("dx", "dwgu", "dwd", "dw"), got[:4], exp[:4]):
-        check_close(a.cpu(), e, 2 * gemm_tol(dtype), name)
+        check_close(a.cpu(), e, GRAD_FACTOR * gemm_tol(dtype), name)
 
 
 def test_fp32_full_precision(ops, ref):
@@ -60,10 +88,12 @@ def test_fp32_full_precision(ops, ref):
     exp = ref.grouped_gemm(_c64(a), _c64(b), offs.cpu(), False)
     ops.set_fp32_precision("ieee")
     try:
-        check_close(ops.grouped_gemm(a, b, offs, False).cpu(), exp, 1e-5, "ieee")
+        check_close(
+            ops.grouped_gemm(a, b, offs, False).cpu(), exp, KERNEL_TOL[torch.float32], "ieee"
+        )
     finally:
         ops.set_fp32_precision("tf32")
-    check_close(ops.grouped_gemm(a, b, offs, False).cpu(), exp, 5e-3, "tf32")
+    check_close(ops.grouped_gemm(a, b, offs, False).cpu(), exp, GPU_FP32_TOL, "tf32")
 
 
 def test_route_large(ops, ref):

@@ -1,4 +1,5 @@
-"""``torch.library.opcheck`` on every registered op of every backend family.
+"""Registration: every op family's schemas equal ``moe_kernels._schemas``, the kernels exist, and
+``torch.library.opcheck`` passes on every registered op of every backend family.
 
 Families: ``moe_kernels::X`` (compiled, CPU / CUDA kernels), ``moe_kernels::X_reference``,
 ``moe_kernels::X_triton``; ops: every schema of ``moe_kernels._schemas`` including the backward
@@ -148,7 +149,46 @@ KNOWN_OPS = (
 
 
 def test_every_schema_has_opcheck_inputs():
-    assert set(SCHEMAS) == set(KNOWN_OPS), "a new op needs inputs in tests/test_opcheck.py"
+    assert set(SCHEMAS) == set(KNOWN_OPS), "a new op needs inputs in tests/test_registry.py"
+
+
+def _registered_schema(qual: str):
+    ns, name = qual.split("::")
+    return getattr(getattr(torch.ops, ns), name).default._schema
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_schemas_match_schemas_module(family):
+    """Each family's registered schema (the compiled family's comes from csrc/ops.cpp) is the one
+    written in moe_kernels/_schemas.py: a drift between the two fails here."""
+    if family == "compiled" and not moe_kernels.available_backends()["cpu"][0]:
+        pytest.skip("the compiled extension is not built")
+    if family == "triton" and not moe_kernels.available_backends()["triton"][0]:
+        pytest.skip("the Triton kernels are not available")
+    for op, (args, returns) in SCHEMAS.items():
+        qual = f"moe_kernels::{op}{FAMILIES[family]}"
+        want = torch._C.parse_schema(f"{qual}{args} -> {returns}")
+        got = _registered_schema(qual)
+        assert str(got) == str(want), f"{qual}: registered {got}, _schemas.py says {want}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_op_has_its_kernels(family):
+    """compiled: a CPU kernel for every op (and a CUDA one where the CUDA backend is built);
+    reference and triton: a kernel for every op."""
+    avail = moe_kernels.available_backends()
+    for op in SCHEMAS:
+        qual = f"moe_kernels::{op}{FAMILIES[family]}"
+        if family == "compiled":
+            if not avail["cpu"][0]:
+                pytest.skip("the compiled CPU backend is not built")
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU"), qual
+            if avail["cuda"][0]:
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"), qual
+        elif family == "triton" and not avail["triton"][0]:
+            pytest.skip("the Triton kernels are not available")
+        else:
+            assert torch._C._dispatch_has_kernel(qual), qual
 
 
 def _devices():
