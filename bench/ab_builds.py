@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {w.info['ready']} ({w.info['isa']})")
     print(f"{'shape':<15} {'T':>4} {'A ms':>8} {'B ms':>8} {'B/A':>6} {'A %BW':>6} {'B %BW':>6}")
     for shape in args.shapes.split(","):
-        H, I, E, k = SHAPES[shape]
+        H, I, E, k = SHAPES[shape]  # noqa: E741 (the layer symbols H, I, E, k)
         for T in (int(t) for t in args.tokens.split(",")):
             nbytes = 0
             for w in workers.values():

@@ -19,6 +19,9 @@ __all__ = [
     "GATING_TOL",
     "GRAD_FACTOR",
     "KERNEL_TOL",
+    "ROUNDING_TOL",
+    "SAME_DTYPE_GRAD_TOL",
+    "SAME_DTYPE_TOL",
     "GPU_FP32_TOL",
     "LAYER_TOL",
     "TOL",
@@ -98,6 +101,23 @@ GRAD_FACTOR = 2
 #: :data:`FFN_TOL` scaled for reductions ~10x longer than the tests' (errors of blocked fp32
 #: sums grow like sqrt(K) in practice): float32 1e-4, float16 1e-2, bfloat16 5e-2.
 LAYER_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+#: a tiny layer (H = 32, I = 16, a few tokens, as in tests/test_values.py) run by a backend and by
+#: the reference in the same dtype.  float32: both sum H- and I-term fp32 products in different
+#: orders, plus the activation's exp: a few u (1.2e-7 each) times the terms, 2e-5 as :data:`TOL`;
+#: bfloat16: both round the output (and the intermediate) at the same points, so they differ by at
+#: most one bf16 ulp of the largest value, 2 u = 7.8e-3 -> 8e-3.
+SAME_DTYPE_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3}
+
+#: gradients of that layer: with bf16 inputs a backend may round the activation's gradient to
+#: bf16 (the GEMM's operand dtype) before the product with ``w_gate_up``, while the reference
+#: keeps it in fp32: two chained bf16 roundings through an I-term sum, as :data:`KERNEL_TOL`.
+SAME_DTYPE_GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+#: a value computed in fp32 and rounded once to ``dtype`` (a weight gradient returned in
+#: ``topk_weights``' dtype): 2 u of that dtype (bf16 7.8e-3, fp16 9.8e-4), rounded up.
+ROUNDING_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

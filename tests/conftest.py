@@ -108,12 +108,10 @@ def debug_mode(monkeypatch):
     """Debug mode on for the test (``moe_kernels._debug.set_debug_mode``): the compiled and Triton
     backends allocate every output NaN-filled (integers: a negative sentinel), so an element a
     kernel fails to write shows up.  The reference never allocates poisoned buffers: only tests
-    of the other backends take this fixture.  The variable is set too for launchers that read
-    ``MOE_KERNELS_DEBUG`` per call rather than the shared switch."""
+    of the other backends take this fixture."""
     from moe_kernels import _debug
 
     before = _debug.debug_mode()
-    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
     _debug.set_debug_mode(True)
     try:
         yield

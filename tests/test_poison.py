@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testutil import assert_rel_close, available_backends_list, randn
+from testutil import assert_rel_close, backends, randn
 
 import moe_kernels as mk
 from moe_kernels._debug import debug_mode, set_debug_mode
+from moe_kernels._tolerances import SAME_DTYPE_TOL
 
-pytestmark = pytest.mark.skipif(
-    "cpu" not in available_backends_list("cpu"), reason="the cpu backend is not available"
-)
+pytestmark = pytest.mark.skipif("cpu" not in backends(), reason="the cpu backend is not available")
 
 T, E, K, H, I = 9, 6, 2, 32, 16  # noqa: E741
-TOL = 2e-5  # fp32: a few ulps of H- and I-term fp32 dot products (see test_values.py)
+TOL = SAME_DTYPE_TOL[torch.float32]  # reason in moe_kernels/_tolerances.py
 
 
 @pytest.fixture

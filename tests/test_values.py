@@ -18,27 +18,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testutil import available_backends_list, randn
+from testutil import backends, randn
 
 import moe_kernels as mk
-from moe_kernels._tolerances import max_rel_err
+from moe_kernels._tolerances import (
+    GATING_TOL,
+    ROUNDING_TOL,
+    SAME_DTYPE_GRAD_TOL,
+    SAME_DTYPE_TOL,
+    max_rel_err,
+)
 
-BACKENDS = available_backends_list("cpu")
+BACKENDS = backends()
 NAN, INF = float("nan"), float("inf")
 T, E, H, I = 12, 8, 32, 16  # noqa: E741
 
-# Tolerances of max_rel_err against the reference, with the reason for each size.
-# fp32 outputs: H = 32 (GEMM 1) and I = 16 (GEMM 2) fp32 products summed in another order than the
-# reference's, plus the activation's exp: a few ulps of fp32 (1.2e-7 each) times the terms.
-# bf16 outputs: the final rounding to bf16 (2^-8 = 3.9e-3 relative) plus the same fp32 error;
-# the reference rounds at the same point, so two roundings at most differ by one bf16 ulp.
-TOL_OUT = {torch.float32: 2e-5, torch.bfloat16: 8e-3}
-# Gradients with bf16 inputs: a backend may round intermediates (the activation's gradient before
-# the GEMM with w_gate_up) to bf16 as the GEMM's operand dtype: two chained bf16 roundings
-# through an I-term sum, as the op tests allow.
-TOL_GRAD = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
-# Gating weights are fp32 scores (exp or sigmoid, then a division): a few ulps.
-TOL_WEIGHTS = 1e-6
+# Tolerances (reasons in moe_kernels/_tolerances.py): outputs and gradients of the same tiny
+# layer computed by a backend and the reference in the same dtype; gating weights.
+TOL_OUT = SAME_DTYPE_TOL
+TOL_GRAD = SAME_DTYPE_GRAD_TOL
+TOL_WEIGHTS = GATING_TOL
 
 
 def _special_logits(dtype: torch.dtype) -> torch.Tensor:
@@ -152,7 +151,7 @@ def test_moe_ffn_topk_weights_dtypes(backend, x_dtype, w_dtype):
     assert max_rel_err(out, ref) <= tol
     assert max_rel_err(gx, gx_ref) <= TOL_GRAD[x_dtype]
     # the weight gradient is an H-term dot product rounded to topk_weights' dtype
-    tol_w = max(tol, {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(w_dtype, 0.0))
+    tol_w = max(tol, ROUNDING_TOL.get(w_dtype, 0.0))
     assert max_rel_err(gw, gw_ref) <= tol_w
 
 
@@ -175,7 +174,7 @@ def test_unpermute_topk_weights_dtypes(backend, w_dtype):
     # fp64 weights: the reference sums in fp64, the kernels in fp32 (k = 3 terms)
     assert max_rel_err(out, ref) <= TOL_OUT[torch.float32]
     assert max_rel_err(gy, gy_ref) <= TOL_OUT[torch.float32]
-    tol_w = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(w_dtype, TOL_OUT[torch.float32])
+    tol_w = ROUNDING_TOL.get(w_dtype, TOL_OUT[torch.float32])
     assert max_rel_err(gw, gw_ref) <= tol_w
 
 

@@ -22,14 +22,14 @@ Layers, from the bottom up:
 
 Numerics and tolerances: gating, routing and reductions are fp32 and bitwise deterministic. GEMMs
 accumulate in fp32. fp16/bf16 results match a float64 reference to about twice PyTorch's own
-rounding error in that dtype (tests: 4e-3 / 3e-2 of the output's max magnitude). fp32 GEMMs use
-TF32 tensor cores on a GPU by default (about 1e-3 relative; tests allow 5e-3);
-``ops.set_fp32_precision("ieee")`` or ``MOE_KERNELS_TRITON_FP32=ieee`` gives full fp32 (1e-5).
+rounding error in that dtype (the tolerances and their reasons: ``moe_kernels._tolerances``).
+fp32 GEMMs use TF32 tensor cores on a GPU by default; ``ops.set_fp32_precision("ieee")`` or
+``MOE_KERNELS_TRITON_FP32=ieee`` gives full fp32.
 Inside ``moe_ffn`` the activation rows fed to GEMM 2 are rounded to the input dtype (as a PyTorch
 bf16 layer would), the per-slot outputs and their sum stay fp32.
 
-Verification without a GPU: ``TRITON_INTERPRET=1 pytest tests/triton`` runs every kernel in
-Triton's interpreter against the reference, and ``python -m moe_kernels.tools.gpu_gate`` compiles
+Verification without a GPU: ``make test-triton`` runs the op test modules (``tests/test_<op>.py``)
+with only this backend selected, every kernel in Triton's interpreter against the reference, and ``python -m moe_kernels.tools.gpu_gate`` compiles
 every shipped variant for sm_80 / sm_86 / sm_90 and checks spills, shared memory and tensor-core
 instructions.
 """
