@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 #: H, I, E, k of the preset layer shapes (the models' configs)
 SHAPES = {
@@ -134,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-evict", action="store_true", help="keep the caches warm between calls")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.2,
+        help="seconds to wait before each timed call, so that the last thread pool stops spinning",
+    )
     args = p.parse_args(argv)
 
     workers = {"A": Worker(args.a, args.threads), "B": Worker(args.b, args.threads)}
@@ -147,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             for w in workers.values():
                 nbytes = w.ask(cmd="setup", H=H, I=I, E=E, k=k, T=T, seed=0)["bytes"]
             times: dict[str, list[float]] = {"A": [], "B": [], "sum": []}
-            for _ in range(args.rounds):
-                for name, w in workers.items():
-                    times[name].append(w.ask(cmd="time", evict=not args.no_evict)["s"])
+            for rnd in range(args.rounds):
+                order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
+                for name in order:
+                    time.sleep(args.settle)
+                    times[name].append(workers[name].ask(cmd="time", evict=not args.no_evict)["s"])
+                time.sleep(args.settle)
                 r = workers["A"].ask(cmd="sum")
                 times["sum"].append(r["s"] / r["bytes"])  # seconds per byte
             med = {n: statistics.median(v) for n, v in times.items()}

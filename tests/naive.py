@@ -113,13 +113,21 @@ def naive_topk_gating(
 # ----------------------------------------------------------------------------------------------
 # route
 # ----------------------------------------------------------------------------------------------
+def naive_num_rows(T: int, k: int, E: int, block_size: int | None) -> int:
+    """Rows of the permuted layout, written from the routing algebra independently of
+    ``moe_kernels.plan.num_rows``: the T k pairs, or with padding each expert's segment rounded up
+    to ``block_size`` in the worst case (E - 1 padding rows each), the total rounded up too."""
+    bs = block_size or 0
+    return T * k if bs == 0 else round_up(T * k + E * (bs - 1), bs)
+
+
 def naive_route(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> dict:
     """Expert by expert, scan every (token, slot) pair in flat order and hand out rows."""
     T, k = topk_ids.shape
     ids = topk_ids.detach().cpu().tolist()
     E = num_experts
     bs = block_size or 0
-    num_rows = T * k if bs == 0 else round_up(T * k + E * (bs - 1), bs)
+    num_rows = naive_num_rows(T, k, E, bs)
     counts = [0] * E
     offs = [0] * E
     row_of_slot = [[-1] * k for _ in range(T)]

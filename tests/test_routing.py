@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from naive import naive_route, round_up
+from naive import naive_num_rows, naive_route
 from testutil import (
     backend_cases,
     backends,
@@ -172,7 +172,7 @@ def check_plan_properties(plan, ids, E, block_size):
     T, k = ids.shape
     counts = expected_counts(ids, E)
     bs = block_size or 0
-    num_rows = T * k if not bs else round_up(T * k + E * (bs - 1), bs)
+    num_rows = naive_num_rows(T, k, E, bs)
     assert plan.num_rows == num_rows
     for name in PLAN_FIELDS:
         assert getattr(plan, name).dtype == torch.int32, name

@@ -170,17 +170,12 @@ def cpu(*ts):
     return [None if t is None else t.detach().cpu() for t in ts]
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The ``flags`` of /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    """The CPU's feature flags (``moe_kernels.bench.machine.cpu_flags``: the one /proc/cpuinfo
+    parser)."""
+    from moe_kernels.bench.machine import cpu_flags as flags
+
+    return flags()
 
 
 def cpu_has(*flags: str) -> bool:

@@ -342,9 +342,9 @@ MOE_AVX2 void interleave_even_odd(int64_t M, int64_t K, float* a, int64_t lda) {
   }
 }
 
-// Token rows two at a time under four weight rows (8 accumulators): measured on this kernel's
-// target (Zen 3, one core, weights in L1/L2), 4 x 2 reaches 61-73 GFLOP/s where 2 x 4 reaches
-// 42-47, so blocks of more rows re-read the four weight rows from L1/L2 once per row pair.
+// Token rows two at a time under four weight rows (8 accumulators): the 4 x 2 tile measured
+// faster than 2 x 4 (bench/NOTES.md v6-v7), so blocks of more rows re-read the four weight rows
+// from L1/L2 once per row pair.
 template <int NN>
 MOE_AVX2 void dot_cols_bf16_eo(int64_t M, int64_t K, const float* a, int64_t lda,
                                const char* const* bp, float* C, int64_t ldc,
@@ -362,10 +362,8 @@ MOE_AVX2 void dot_cols_bf16_eo(int64_t M, int64_t K, const float* a, int64_t lda
 // and with one token row also their 2048-wide gate/up rows): one weight row at a time, so a column
 // block is read as one sequential stream instead of four interleaved 1.5-4 KiB streams, with the
 // next row prefetched as a row starts.  Four accumulators per token row over consecutive blocks of
-// 16 hide the FMA latency.  Measured on the target machine (2 threads, from DRAM): a standalone
-// stream reads 13-17.5 GB/s this way where four interleaved rows reach 10-14 at K = 768-1024; in
-// moe_ffn with one token row, K up to 2048 gains 1-9% (Qwen3/OLMoE T = 1) while Mixtral's 4096-
-// and 14336-wide rows lose 17%; with two token rows K = 2048 loses 5% (OLMoE T = 16).
+// 16 hide the FMA latency.  The row-width limits below are where one sequential stream measured
+// faster than four interleaved ones, per token-row count (bench/NOTES.md v9-v10).
 constexpr int64_t kSeqMaxK1 = 2048;  // one token row
 constexpr int64_t kSeqMaxK2 = 1024;  // two token rows
 
@@ -447,8 +445,7 @@ const KernelSet& avx2_kernels() {
   // kc 256: a 256 x 16 fp32 B micro-panel is 16 KiB (half of L1d); mc 96 x kc A block 100 KiB and
   // an nc 256 B block 256 KiB share a 512 KiB-1 MiB L2.
   // dot path up to 16 rows: below that, transposing a weight block into the packed layout costs
-  // more than re-widening it from L1 for every pair of rows (measured: 43 vs 22 GFLOP/s at 16 rows,
-  // even at 32 rows).
+  // more than re-widening it from L1 for every pair of rows (bench/NOTES.md v3).
   static const KernelSet ks{kMr, kNr,         256,          96,           256,
                             16,  &micro_avx2, &pack_b_avx2, &load_a_avx2, &dot_avx2};
   return ks;

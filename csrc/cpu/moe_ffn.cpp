@@ -168,9 +168,9 @@ int64_t count_row_blocks(const Rows& rows) {
 // Column block of the forward GEMM tasks.  When every expert's rows take gemm_nt's dot path
 // (decode: the weights are streamed once, straight from memory), a task covers about 8 MiB of
 // weights: each task boundary breaks the weight stream (the next task's rows are not prefetched,
-// and the two threads' tasks interleave in memory), and with 0.25-1 MiB tasks that cost 5-12% of
-// a decode call (bench/NOTES.md v12).  Otherwise `preferred` columns (the packed path's blocking).
-// Either way there are at least ~4 tasks per thread when the call is large enough.
+// and the two threads' tasks interleave in memory), which costs a decode call measurably with
+// tasks of 1 MiB or less (bench/NOTES.md v12).  Otherwise `preferred` columns (the packed path's
+// blocking). Either way there are at least ~4 tasks per thread when the call is large enough.
 int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_t bytes_per_col) {
   int64_t max_rows = 0;
   for (size_t e = 0; e < rows.begin.size(); ++e)
