@@ -97,8 +97,9 @@ for line in sys.stdin:
 
 
 class Worker:
-    def __init__(self, python: str, threads: int):
+    def __init__(self, python: str, threads: int, extra_env: list[str]):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env.update(kv.split("=", 1) for kv in extra_env)
         # Run from a neutral folder so a source tree's moe_kernels/ never shadows the build.
         self.proc = subprocess.Popen(
             [python, "-c", WORKER],
@@ -130,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--a", required=True, help="Python interpreter of build A (before)")
     p.add_argument("--b", required=True, help="Python interpreter of build B (after)")
+    p.add_argument(
+        "--a-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of build A's worker (repeatable), e.g. MOE_KERNELS_CPU_ISA=avx2: "
+        "with --a and --b the same interpreter, this compares settings of one build",
+    )
+    p.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--shapes", default="qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b")
     p.add_argument("--tokens", default="1,16")
     p.add_argument("--rounds", type=int, default=15)
@@ -143,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    workers = {"A": Worker(args.a, args.threads), "B": Worker(args.b, args.threads)}
+    workers = {
+        "A": Worker(args.a, args.threads, args.a_env),
+        "B": Worker(args.b, args.threads, args.b_env),
+    }
     for name, w in workers.items():
-        print(f"{name}: {w.info['ready']} ({w.info['isa']})")
+        env = " ".join(args.a_env if name == "A" else args.b_env)
+        print(f"{name}: {w.info['ready']} ({w.info['isa']}) {env}")
     print(f"{'shape':<15} {'T':>4} {'A ms':>8} {'B ms':>8} {'B/A':>6} {'A %BW':>6} {'B %BW':>6}")
     for shape in args.shapes.split(","):
         H, I, E, k = SHAPES[shape]  # noqa: E741 (the layer symbols H, I, E, k)

@@ -188,7 +188,7 @@ MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, 
   }
 }
 
-MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
                                 const Operand& B, float* C, int64_t ldc) {
   thread_local std::vector<uint16_t> xs_buf;
   const int64_t ldx = (K + 31) / 32 * 32;
@@ -211,23 +211,32 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, const float* a,
       [&](int64_t n) { dot_t<DType::kBF16>(M, 1, K, a, lda, B.shifted(n, 0), C + n, ldc); });
 }
 
+// Rows per call up to which bf16 weights take the vdpbf16ps kernel.  It splits the fp32 rows into
+// bf16 terms on every call (gemm_nt's decode tasks each call it), and fp32 rows (the down
+// projection's activations) need three terms, three instructions per row and 32 weights: past two
+// rows that costs more than the AVX2 kernel's widening FMAs (bench/NOTES.md v16).
+constexpr int64_t kDpMaxRows = 2;
+
+// The dot path (up to 16 rows, as AVX2's): the AVX2 kernels' register tiles (four weight rows x
+// two token rows, bf16 widened in registers, sequential streams and prefetch), except for bf16
+// weights with at most kDpMaxRows rows on CPUs with AVX-512-BF16.  A plain AVX-512 loop, one row at
+// a time under one weight row, measured slower than the AVX2 tiles at every row count, and rows
+// sent to the packed path convert and pack every weight block per call (bench/NOTES.md v16).
 MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
                            float* C, int64_t ldc) {
-  switch (B.dt) {
-    case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);
-    case DType::kBF16:
-      // "amx" = the CPU has AVX-512-BF16 (cpu_info.cpp)
-      if (detected_isa() == Isa::kAmx) return dot_bf16_dp(M, N, K, a, lda, B, C, ldc);
-      return dot_t<DType::kBF16>(M, N, K, a, lda, B, C, ldc);
-    default: return dot_t<DType::kF16>(M, N, K, a, lda, B, C, ldc);
-  }
+  // "amx" = the CPU has AVX-512-BF16 (cpu_info.cpp)
+  if (B.dt == DType::kBF16 && M <= kDpMaxRows && detected_isa() == Isa::kAmx)
+    return dot_bf16_dp(M, N, K, a, lda, B, C, ldc);
+  avx2_kernels().dot(M, N, K, a, lda, B, C, ldc);
 }
 
 }  // namespace
 
 const KernelSet& avx512_kernels() {
+  // A rows are converted by the AVX2 loader (vectorised; the dot path calls it per task).
   static const KernelSet ks{
-      kMr, kNr, 256, 96, 256, 4, &micro_avx512, &pack_b_avx512, &load_a_generic, &dot_avx512};
+      kMr,        kNr, 256, 96, 256, 16, &micro_avx512, &pack_b_avx512, avx2_kernels().load_a,
+      &dot_avx512};
   return ks;
 }
 
