@@ -16,7 +16,7 @@ namespace moe_kernels::cpu {
 
 // Debug mode: outputs start NaN-filled (ints: INT_MIN) so a missed write shows up in tests.  The
 // initial value comes from MOE_KERNELS_DEBUG (read once, at load); set_debug_mode switches it at
-// run time (moe_kernels._C.set_debug_mode, called by moe_kernels.set_debug_mode).
+// run time (moe_kernels._C.set_debug_mode, called by moe_kernels._debug.set_debug_mode).
 bool debug_mode();
 void set_debug_mode(bool on);
 

@@ -24,16 +24,10 @@ namespace {
 
 constexpr int kMr = 8, kNr = 32;
 
-template <DType D>
-MOE_AVX512 inline __m512 ld16(const char* p) {
-  if constexpr (D == DType::kF32) {
-    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
-  } else if constexpr (D == DType::kBF16) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
+// 16 bf16 values widened to fp32.
+MOE_AVX512 inline __m512 ld16_bf16(const char* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
 // Sum of the 16 lanes in a fixed order.
@@ -90,19 +84,17 @@ void pack_b_avx512(int64_t N, int64_t kc, const Operand& B, float* dst) {
   pack_b_generic(N, kc, B, dst, kNr);
 }
 
-template <DType D>
-MOE_AVX512 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
-                      const Operand& B, float* C, int64_t ldc) {
-  const int64_t es = D == DType::kF32 ? 4 : 2;
+// C[m, 0] = a[m, :] . B(0, :) for one bf16 weight row, fp32 FMAs (the vdpbf16ps kernel's last
+// 1-3 weight rows).
+MOE_AVX512 void dot_row_bf16(int64_t M, int64_t K, const float* a, int64_t lda, const Operand& B,
+                             float* C, int64_t ldc) {
   const int64_t k16 = K / 16 * 16;
-  for (int64_t n = 0; n < N; ++n) {
-    const char* bp = row_ptr(B, n);
-    for (int64_t m = 0; m < M; ++m) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < k16; k += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + k), ld16<D>(bp + k * es), acc);
-      C[m * ldc + n] = dot_tail(hsum16(acc), a + m * lda, bp, D, k16, K);
-    }
+  const char* bp = row_ptr(B, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k16; k += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + k), ld16_bf16(bp + k * 2), acc);
+    C[m * ldc] = dot_tail(hsum16(acc), a + m * lda, bp, DType::kBF16, k16, K);
   }
 }
 
@@ -113,8 +105,8 @@ MOE_AVX512 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
 // row is split into up to three bf16 rows whose sum is the fp32 value: hi = bf16(x),
 // mid = bf16(x - hi), lo = bf16(x - hi - mid); 3 x 8 significant bits cover fp32's 24, so the
 // result has fp32 accuracy.  A row that is already bf16 (x in a bf16 model) needs one term and
-// costs one instruction per 32 weights; fp32 activations (the down projection) need three, still
-// far below the weight stream's cost in decode.
+// costs one instruction per 32 weights; fp32 activations (the down projection) need three, which
+// the weight stream hides only for a few rows (kDpMaxRows below).
 #if defined(MOE_KERNELS_SIMDE)
 #define MOE_AVX512BF16
 #else
@@ -207,8 +199,8 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
           dot_tile_dpbf16<1>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
                              C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
       },
-      // the last 1-3 rows: the plain AVX-512 kernel
-      [&](int64_t n) { dot_t<DType::kBF16>(M, 1, K, a, lda, B.shifted(n, 0), C + n, ldc); });
+      // the last 1-3 weight rows, one at a time
+      [&](int64_t n) { dot_row_bf16(M, K, a, lda, B.shifted(n, 0), C + n, ldc); });
 }
 
 // Rows per call up to which bf16 weights take the vdpbf16ps kernel.  It splits the fp32 rows into
