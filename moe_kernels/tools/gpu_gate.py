@@ -32,6 +32,10 @@ stride/divisibility specialisations of each (kernel, dtypes, tiles, mode constan
 stages). ``--full`` (tens of minutes) adds fp16, full fp32, the transposed (gpt-oss) weight
 layout, every activation and every specialisation; ``--full --coarse`` keeps the first four and
 one specialisation each.
+
+Before the Triton kernels, the gate checks the built CUDA extension ``moe_kernels._C_cuda`` (local
+memory, stack, 128-bit row copies per kernel and architecture; see
+:mod:`moe_kernels.tools.cuda_gate`). ``--no-cuda`` skips that part, ``--cuda-only`` runs only it.
 """
 
 from __future__ import annotations
@@ -456,8 +460,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", default="", help="regular expression over the variant labels")
     ap.add_argument("--kernels", default="", help="comma list of kernel-name prefixes to compile")
     ap.add_argument("--verbose", action="store_true", help="one line per compiled variant")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension's check")
+    ap.add_argument("--cuda-only", action="store_true", help="check only the CUDA extension")
+    ap.add_argument("--cuda-so", default=None, help="check this library instead of _C_cuda")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
+
+    cuda = None
+    if not args.no_cuda:
+        from moe_kernels.tools import cuda_gate
+
+        cuda = cuda_gate.run(args.cuda_so)
+        print(cuda_gate.report(cuda) + "\n", flush=True)
+        if args.cuda_only:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"cuda": cuda}, f, indent=1, default=str)
+            print(f"wrote {args.json}")
+            return 0 if cuda["ok"] else 1
 
     t0 = time.time()
     ops = _load_ops()
@@ -546,11 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"summary": summary, "variants": rows}, f, indent=1, default=str)
+        json.dump({"summary": summary, "variants": rows, "cuda": cuda}, f, indent=1, default=str)
     print(
         f"\n{len(rows)} variants, {len(failed)} failed, {summary['seconds']} s; wrote {args.json}"
     )
-    return 1 if failed else 0
+    if cuda is not None:
+        state = "skipped" if cuda["skipped"] and cuda["ok"] else ("ok" if cuda["ok"] else "FAIL")
+        print(f"CUDA extension: {state} (table above)")
+    return 1 if failed or (cuda is not None and not cuda["ok"]) else 0
 
 
 if __name__ == "__main__":
