@@ -213,11 +213,11 @@ def test_access_width():
 
 def test_names():
     own = (
-        "void moe_kernels::cuda::kernel_entry<moe_kernels::cuda::UnpermuteGradW<c10::BFloat16, "
-        "4, 16u> >(moe_kernels::cuda::UnpermuteGradW<c10::BFloat16, 4, 16u>)"
+        "void moe_kernels::cuda::kernel_entry<moe_kernels::cuda::UnpermuteGradW<moe_kernels::"
+        "bf16_t, float, 16u> >(moe_kernels::cuda::UnpermuteGradW<moe_kernels::bf16_t, float, 16u>)"
     )
     assert cg.classify(own) == "own"
-    assert cg.short_name(own) == "UnpermuteGradW<c10::BFloat16, 4, 16u>"
+    assert cg.short_name(own) == "UnpermuteGradW<bf16_t, float, 16u>"
     assert cg.rule_matches(VecRule("UnpermuteGradW", 16, True, False), own)
     assert not cg.rule_matches(VecRule("UnpermuteGradW", 8, True, False), own)
     # UnpermuteRows is not PermuteRows

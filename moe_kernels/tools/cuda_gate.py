@@ -340,14 +340,15 @@ def classify(demangled: str) -> str:
 
 def short_name(demangled: str, width: int = 90) -> str:
     """``PermuteRows<16>`` for ``void moe_kernels::cuda::kernel_entry<...PermuteRows<16> >(...)``;
-    other kernels: the qualified name without CUB's versioned inline namespace, truncated."""
+    other kernels: the qualified name; ``moe_kernels::`` and CUB's versioned inline namespace left
+    out, truncated to ``width``."""
     q = qualified_name(demangled)
     m = re.match(r"moe_kernels::cuda::kernel_entry<", q)
     if m:
         end = _closing(q, m.end() - 1)
         if end == len(q) - 1:
             q = q[m.end() : end].strip()
-    q = q.replace("moe_kernels::cuda::", "")
+    q = q.replace("moe_kernels::cuda::", "").replace("moe_kernels::", "")
     q = re.sub(r"\bCUB_\d+_SM_[0-9_]+::", "", q)
     q = re.sub(r"\s+>", ">", q)
     return q if len(q) <= width else q[: width - 3] + "..."
