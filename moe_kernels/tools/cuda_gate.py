@@ -25,7 +25,8 @@ frame, local and shared memory) and the SASS; ``c++filt`` demangles the names.  
 
 Spills show in the instructions, not in the ``LOCAL`` count: with the ABI that nvcc uses, ptxas
 places spilled registers and local arrays in the stack frame, so ``LOCAL`` stays 0 and the frame is
-accessed with ``LDL`` / ``STL``.
+accessed with ``LDL`` / ``STL``.  ``SHARED`` is the static shared memory; dynamic shared memory is
+chosen at launch and not seen here.
 
 When ``_C_cuda`` is not installed (CPU-only torch, no nvcc) the gate says why and passes, unless
 ``MOE_KERNELS_REQUIRE_BUILT`` (comma list, e.g. ``_C,_C_cuda``) names ``_C_cuda``: then it fails.
