@@ -48,7 +48,13 @@ def emu(tmp_path_factory):
             os.path.join(ROOT, "tests", "cpp", "cuda_emulator.cpp"),
         ],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cflags=["-O1", "-std=c++20", "-DMOE_KERNELS_CUDA_EMULATION", "-Wall", "-Wno-unknown-pragmas"],
+        extra_cflags=[
+            "-O1",
+            "-std=c++20",
+            "-DMOE_KERNELS_CUDA_EMULATION",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+        ],
         build_directory=build,
         verbose=False,
     )

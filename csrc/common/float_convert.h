@@ -74,7 +74,7 @@ MOE_HOST_DEVICE MOE_FORCEINLINE f16_t from_f32<f16_t>(float v) {
   uint32_t x = bits_of_f32(v);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   x &= 0x7fffffffu;
-  if (x > 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (x > 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | 0x7e00u)};   // NaN
   if (x >= 0x477ff000u) return f16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
   if (x < 0x38800000u) {  // below the smallest normal: a multiple of 2^-24, rounded to even
     const float scaled = f32_from_bits(x) * 16777216.0f;  // exact: a power-of-two scale

@@ -62,8 +62,8 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* n
               " but the other inputs are on ", ref.device());
 }
 void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, "moe_kernels (cuda): ", name, " must have ", dim,
-              " dimensions, got ", t.dim(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.dim() == dim, "moe_kernels (cuda): ", name, " must have ", dim, " dimensions, got ",
+              t.dim(), " (shape ", t.sizes(), ")");
 }
 FloatType float_type(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -77,8 +77,8 @@ FloatType float_type(const at::Tensor& t, const char* name) {
   }
 }
 void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "moe_kernels (cuda): ",
-              name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "moe_kernels (cuda): ", name, " must be int32 or int64, got ", t.scalar_type());
 }
 void check_finite(double v, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v), "moe_kernels (cuda): ", name, " must be finite, got ", v);
@@ -114,8 +114,8 @@ cudaStream_t stream() { return nullptr; }
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
 int checked_int(int64_t v, const char* what) {
-  TORCH_CHECK_VALUE(v <= std::numeric_limits<int32_t>::max(), "moe_kernels (cuda): ", what, " (",
-                    v, ") must fit in int32");
+  TORCH_CHECK_VALUE(v <= std::numeric_limits<int32_t>::max(), "moe_kernels (cuda): ", what, " (", v,
+                    ") must fit in int32");
   return static_cast<int>(v);
 }
 
@@ -134,8 +134,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
   check_dim(router_logits, 2, "router_logits");
   const FloatType ft = float_type(router_logits, "router_logits");
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_kernels (cuda): top_k must be in [1, E=", E,
-              "], got ", top_k);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_kernels (cuda): top_k must be in [1, E=", E, "], got ",
+              top_k);
   const bool sigmoid = parse_sigmoid(scoring);
   check_finite(routed_scaling_factor, "routed_scaling_factor");
   MOE_DEVICE_GUARD(router_logits);
@@ -148,8 +148,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
     bias = correction_bias->to(at::kFloat).contiguous();
   }
   if (num_expert_groups > 0) {
-    TORCH_CHECK(E % num_expert_groups == 0, "moe_kernels (cuda): num_expert_groups=",
-                num_expert_groups, " must divide the number of experts E=", E);
+    TORCH_CHECK(E % num_expert_groups == 0,
+                "moe_kernels (cuda): num_expert_groups=", num_expert_groups,
+                " must divide the number of experts E=", E);
     TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_expert_groups,
                 "moe_kernels (cuda): topk_groups must be in [1, num_expert_groups=",
                 num_expert_groups, "], got ", topk_groups);
@@ -197,8 +198,8 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_weights,
   check_dim(topk_ids, 2, "topk_ids");
   TORCH_CHECK(topk_ids.size(0) == router_logits.size(0) && grad_weights.sizes() == topk_ids.sizes(),
               "moe_kernels (cuda): grad_weights ", grad_weights.sizes(), " and topk_ids ",
-              topk_ids.sizes(), " must be [T, k] with T = router_logits.size(0) = ",
-              router_logits.size(0));
+              topk_ids.sizes(),
+              " must be [T, k] with T = router_logits.size(0) = ", router_logits.size(0));
   const bool sigmoid = parse_sigmoid(scoring);
   check_finite(routed_scaling_factor, "routed_scaling_factor");
   MOE_DEVICE_GUARD(router_logits);
@@ -427,8 +428,9 @@ TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moe_kernels CUDA kernels (registered for the CUDA dispatch key; schemas: "
-            "moe_kernels/_schemas.py)";
+  m.doc() =
+      "moe_kernels CUDA kernels (registered for the CUDA dispatch key; schemas: "
+      "moe_kernels/_schemas.py)";
   m.def("set_debug_mode", &moe_kernels::cuda::set_debug_mode, py::arg("on"),
         "Switch the CUDA kernels' debug mode (NaN / INT_MIN-poisoned outputs); its initial value "
         "is MOE_KERNELS_DEBUG's at load.  Use moe_kernels._debug.set_debug_mode, which switches "
@@ -438,14 +440,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(MOE_KERNELS_CUDA_EMULATION)
   using namespace moe_kernels::cuda;
   using OptT = std::optional<at::Tensor>;
-  m.def("topk_gating", [](const at::Tensor& l, int64_t k, const std::string& sc, bool rn,
-                          const OptT& b, int64_t g, int64_t tg, double s) {
-    return topk_gating_cuda(l, k, sc, rn, b, g, tg, s);
-  });
-  m.def("topk_gating_backward", [](const at::Tensor& gw, const at::Tensor& l, const at::Tensor& i,
-                                   const std::string& sc, bool rn, double s) {
-    return topk_gating_backward_cuda(gw, l, i, sc, rn, s);
-  });
+  m.def("topk_gating",
+        [](const at::Tensor& l, int64_t k, const std::string& sc, bool rn, const OptT& b, int64_t g,
+           int64_t tg, double s) { return topk_gating_cuda(l, k, sc, rn, b, g, tg, s); });
+  m.def("topk_gating_backward",
+        [](const at::Tensor& gw, const at::Tensor& l, const at::Tensor& i, const std::string& sc,
+           bool rn, double s) { return topk_gating_backward_cuda(gw, l, i, sc, rn, s); });
   m.def("route", &route_cuda);
   m.def("permute", &permute_cuda);
   m.def("unpermute", &unpermute_cuda);

@@ -145,8 +145,7 @@ bool Block::run(const K& k, int64_t b, int64_t nb, size_t smem_bytes) {
   smem.assign(smem_bytes, 0xff);
   xchg.assign(nthreads, 0);
   uc_.resize(nthreads);
-  while (static_cast<int>(stacks_.size()) < nthreads)
-    stacks_.emplace_back(new char[kFiberStack]);
+  while (static_cast<int>(stacks_.size()) < nthreads) stacks_.emplace_back(new char[kFiberStack]);
   state_.assign(nthreads, State::kReady);
   warp_arrived_.assign(nthreads / 32, 0);
   block_arrived_ = 0;

@@ -29,9 +29,9 @@ struct GatingParams {
   const float* bias = nullptr;  // [E] fp32 or null (selection only)
   int groups = 0, topk_groups = 0;
   float scale = 1.f;
-  float* weights = nullptr;  // [T, k] fp32
-  int32_t* ids = nullptr;    // [T, k]
-  float* scratch = nullptr;  // VPT = 0 or groups > 0 with VPT = 0: global per-warp scratch
+  float* weights = nullptr;    // [T, k] fp32
+  int32_t* ids = nullptr;      // [T, k]
+  float* scratch = nullptr;    // VPT = 0 or groups > 0 with VPT = 0: global per-warp scratch
   int64_t scratch_floats = 0;  // floats of scratch per warp
 };
 
@@ -236,14 +236,14 @@ struct GatingForward {
 };
 
 struct GatingBackwardParams {
-  const void* logits = nullptr;  // [T, E] of In, contiguous
+  const void* logits = nullptr;   // [T, E] of In, contiguous
   const float* grad_w = nullptr;  // [T, k] fp32, contiguous
   const int32_t* ids = nullptr;   // [T, k]; ids outside [0, E) contribute nothing
   int64_t T = 0;
   int E = 0, k = 0;
   bool sigmoid = false, renormalize = false;
   float scale = 1.f;
-  void* grad = nullptr;     // [T, E] of In
+  void* grad = nullptr;      // [T, E] of In
   float* scratch = nullptr;  // VPT = 0: per-warp scratch of 2 * epad floats
 };
 

@@ -27,12 +27,12 @@ constexpr int kRouteChunk = 256;
 struct RouteParams {
   const int32_t* ids = nullptr;  // [TK] expert ids (any value; outside [0, E) dropped)
   int64_t TK = 0, E = 0, block_size = 0, nchunks = 0, num_rows = 0, num_blocks = 0;
-  int32_t* cnt = nullptr;     // [E * nchunks] workspace (zeroed by run_route)
-  int32_t* base = nullptr;    // [E * nchunks] workspace (exclusive sum of cnt)
-  int32_t* rank = nullptr;    // [TK] workspace
-  int32_t* start = nullptr;   // [E] workspace: first row of each expert's segment
-  int32_t* counts = nullptr;  // [E] out
-  int32_t* offs = nullptr;    // [E] out: end row of each segment
+  int32_t* cnt = nullptr;           // [E * nchunks] workspace (zeroed by run_route)
+  int32_t* base = nullptr;          // [E * nchunks] workspace (exclusive sum of cnt)
+  int32_t* rank = nullptr;          // [TK] workspace
+  int32_t* start = nullptr;         // [E] workspace: first row of each expert's segment
+  int32_t* counts = nullptr;        // [E] out
+  int32_t* offs = nullptr;          // [E] out: end row of each segment
   int32_t* row_of_slot = nullptr;   // [TK] out
   int32_t* slot_of_row = nullptr;   // [num_rows] out
   int32_t* block_expert = nullptr;  // [num_blocks] out
@@ -114,8 +114,8 @@ struct RouteScatter {
         continue;
       }
       const int64_t col = id * p.nchunks;
-      const int64_t row =
-          p.start[id] + (p.base[col + i / kRouteChunk] - p.base[col]) + static_cast<int64_t>(p.rank[i]);
+      const int64_t row = p.start[id] + (p.base[col + i / kRouteChunk] - p.base[col]) +
+                          static_cast<int64_t>(p.rank[i]);
       p.row_of_slot[i] = static_cast<int32_t>(row);
       p.slot_of_row[row] = static_cast<int32_t>(i);
     }
@@ -148,7 +148,8 @@ void run_route(Exec& ex, RouteParams p) {
   }
   ex.launch(RouteOffsets{p}, 1, 0);
   if (p.num_rows > 0) ex.fill_bytes(p.slot_of_row, 0xff, sizeof(int32_t) * p.num_rows);
-  if (p.TK > 0) ex.launch(RouteScatter{p}, std::min<int64_t>(ceil_div(p.TK, 256), ex.max_blocks()), 0);
+  if (p.TK > 0)
+    ex.launch(RouteScatter{p}, std::min<int64_t>(ceil_div(p.TK, 256), ex.max_blocks()), 0);
   if (p.num_blocks > 0)
     ex.launch(RouteBlockExpert{p}, std::min<int64_t>(ceil_div(p.num_blocks, 256), ex.max_blocks()),
               0);
