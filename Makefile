@@ -87,11 +87,13 @@ test-gpu: install
 
 # The GPU tests under compute-sanitizer, once per tool (memcheck: out-of-bounds and misaligned
 # accesses; racecheck: shared-memory races); any error the tool reports fails the target.
-# PYTORCH_NO_CUDA_MEMORY_CACHING=1 lets memcheck see each allocation's true bounds.
+# PYTORCH_NO_CUDA_MEMORY_CACHING=1 lets memcheck see each allocation's true bounds;
+# MOE_KERNELS_TEST_SANITIZER=1 skips the model-sized and 64-bit cases (too slow under the tools).
 test-sanitizer: install
+	@command -v $(SANITIZER) >/dev/null || { echo "compute-sanitizer not found: set SANITIZER=path"; exit 1; }
 	cd tests && for tool in $(SANITIZER_TOOLS); do \
 		echo "== compute-sanitizer --tool $$tool"; \
-		$(GPU_TEST_ENV) PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+		$(GPU_TEST_ENV) PYTORCH_NO_CUDA_MEMORY_CACHING=1 MOE_KERNELS_TEST_SANITIZER=1 \
 		$(SANITIZER) --tool $$tool --error-exitcode 1 --target-processes all \
 			$(abspath $(BIN))/python -m pytest -q -p no:cacheprovider -m gpu \
 			$(SANITIZER_TESTS) || exit 1; \
