@@ -552,19 +552,20 @@ def _compile_and_run(fn, *args):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("op", ["topk_gating", "route", "route-padded", "permute", "unpermute"])
-def test_compile_traces_the_compiled_family(built, op, dtype, fresh):
+@pytest.mark.parametrize("backend", ["cuda", None], ids=["cuda", "auto"])
+def test_compile_traces_the_compiled_family(built, op, dtype, backend, fresh):
     T, E, k, H = 9, 6, 2, 16
     base, bs = op.split("-")[0], (4 if op.endswith("padded") else None)
 
     def fn(logits, ids, x, y, w):
         if base == "topk_gating":
-            return moe_kernels.topk_gating(logits, k, backend="cuda")
-        plan = moe_kernels.route(ids, E, block_size=bs, backend="cuda")
+            return moe_kernels.topk_gating(logits, k, backend=backend)
+        plan = moe_kernels.route(ids, E, block_size=bs, backend=backend)
         if base == "route":
             return tuple(t for t in _plan_tensors(plan) if t is not None)
         if base == "permute":
-            return moe_kernels.permute(x, plan, backend="cuda")
-        return moe_kernels.unpermute(y, plan, w, backend="cuda")
+            return moe_kernels.permute(x, plan, backend=backend)
+        return moe_kernels.unpermute(y, plan, w, backend=backend)
 
     with FakeTensorMode():
         make = Fake()
