@@ -55,6 +55,12 @@ def _want_cuda(torch) -> bool:
 
 def extensions():
     import torch
+
+    want_cuda = _want_cuda(torch)
+    if want_cuda:
+        # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import, and
+        # would otherwise guess the root from the first nvcc on PATH (possibly a wrapper script)
+        os.environ["CUDA_HOME"] = _cuda_home()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-DNDEBUG"]
@@ -70,8 +76,7 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    if _want_cuda(torch):
-        os.environ["CUDA_HOME"] = _cuda_home()
+    if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         # The minimal CUDA install lacks cusparse/cublas headers that ATen/cuda includes; the
         # nvidia wheels that the CUDA build of torch depends on ship them.

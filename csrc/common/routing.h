@@ -35,4 +35,18 @@ MOE_HOST_DEVICE MOE_FORCEINLINE bool valid_expert(int64_t id, int64_t E) {
   return id >= 0 && id < E;
 }
 
+// The expert whose segment holds `row`: the first e with offs[e] > row (offs: the segments' end
+// rows, non-decreasing), or E when the row is past the last segment (padding of the layout).
+MOE_HOST_DEVICE MOE_FORCEINLINE int64_t expert_of_row(const int32_t* offs, int64_t E, int64_t row) {
+  int64_t lo = 0, hi = E;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offs[mid] > row)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+
 }  // namespace moe_kernels

@@ -41,9 +41,12 @@ void set_test_fault(const std::string& name) {
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   if (!debug_mode()) return at::empty(sizes, opts);
-  if (at::isFloatingType(opts.dtype().toScalarType()))
-    return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), opts);
-  return at::full(sizes, std::numeric_limits<int32_t>::min(), opts);
+  const at::ScalarType t = opts.dtype().toScalarType();
+  if (at::isFloatingType(t)) return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), opts);
+  if (t == at::kInt || t == at::kLong)
+    return at::full(sizes, std::numeric_limits<int32_t>::min(), opts);
+  // narrower types (permute copies any dtype): a value that fits them
+  return at::full(sizes, t == at::kBool ? 1 : 0x5a, opts);
 }
 
 at::Tensor new_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts) {

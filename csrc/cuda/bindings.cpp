@@ -1,0 +1,455 @@
+// The Python module moe_kernels._C_cuda: the CUDA kernels of the compiled ops, registered with
+// TORCH_LIBRARY_IMPL(moe_kernels, CUDA) against the schemas of moe_kernels/_schemas.py.
+//
+// This file does the torch side -- argument checks, output and workspace allocation through the
+// caching allocator, the current stream, debug-mode poisoning -- and calls the raw-pointer
+// launchers of launchers.h.  Nothing here reads device memory back: no host synchronisation.
+#include <torch/extension.h>
+#if !defined(MOE_KERNELS_CUDA_EMULATION)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+#include "common/routing.h"
+#include "cuda/launchers.h"
+
+// MOE_KERNELS_CUDA_EMULATION: the build of tests/test_cuda_emulated.py, which runs these bindings
+// on CPU tensors with the launchers of tests/cpp/cuda_emulator.cpp (kernel bodies on emulated
+// warps): the ops are exposed as module functions instead of CUDA dispatcher kernels.
+#if defined(MOE_KERNELS_CUDA_EMULATION)
+#define MOE_DEVICE_GUARD(t)
+#define MOE_ON_DEVICE(t) (t).is_cpu()
+#else
+#define MOE_DEVICE_GUARD(t) c10::cuda::CUDAGuard device_guard_((t).device())
+#define MOE_ON_DEVICE(t) (t).is_cuda()
+#endif
+
+namespace moe_kernels::cuda {
+namespace {
+
+bool debug_from_env() {
+  const char* s = std::getenv("MOE_KERNELS_DEBUG");
+  return s != nullptr && *s != '\0' && std::string(s) != "0";
+}
+std::atomic<bool> g_debug{debug_from_env()};
+
+bool debug_mode() { return g_debug.load(std::memory_order_relaxed); }
+void set_debug_mode(bool on) { g_debug.store(on, std::memory_order_relaxed); }
+
+// An output every element of which the kernels write: NaN / INT_MIN-filled in debug mode so a
+// missed element shows up in the tests.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  if (!debug_mode()) return at::empty(sizes, opts);
+  const at::ScalarType t = opts.dtype().toScalarType();
+  if (at::isFloatingType(t)) return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), opts);
+  if (t == at::kInt || t == at::kLong)
+    return at::full(sizes, std::numeric_limits<int32_t>::min(), opts);
+  // narrower types (permute copies any dtype): a value that fits them
+  return at::full(sizes, t == at::kBool ? 1 : 0x5a, opts);
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(MOE_ON_DEVICE(t), "moe_kernels (cuda): ", name, " must be a CUDA tensor, got ",
+              t.device());
+}
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "moe_kernels (cuda): ", name, " is on ", t.device(),
+              " but the other inputs are on ", ref.device());
+}
+void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, "moe_kernels (cuda): ", name, " must have ", dim, " dimensions, got ",
+              t.dim(), " (shape ", t.sizes(), ")");
+}
+FloatType float_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FloatType::kF32;
+    case at::kBFloat16: return FloatType::kBF16;
+    case at::kHalf: return FloatType::kF16;
+    default:
+      TORCH_CHECK(false, "moe_kernels (cuda): ", name,
+                  " must be float32, bfloat16 or float16, got ", t.scalar_type(),
+                  " (float64 runs on the reference backend)");
+  }
+}
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "moe_kernels (cuda): ", name, " must be int32 or int64, got ", t.scalar_type());
+}
+void check_finite(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v), "moe_kernels (cuda): ", name, " must be finite, got ", v);
+}
+// An index tensor as contiguous int32 for the kernels.  int64 values outside int32's range become
+// -1 (a dropped entry) instead of wrapping around into a valid index.
+at::Tensor index_i32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kInt) return t.contiguous();
+  const auto in_range = t.ge(0).logical_and(t.le(std::numeric_limits<int32_t>::max()));
+  return at::where(in_range, t, at::scalar_tensor(-1, t.options())).to(at::kInt).contiguous();
+}
+// Routing weights as contiguous fp32 (any float dtype the API accepts).
+at::Tensor weights_f32(const at::Tensor& w, const at::Tensor& like, const char* name) {
+  check_same_device(w, like, name);
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), "moe_kernels (cuda): ", name,
+              " must be float32, bfloat16, float16 or float64, got ", w.scalar_type());
+  return w.to(at::kFloat).contiguous();
+}
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether rows of t (2-D) can move in 16-byte pieces.
+bool rows_vectorisable(const at::Tensor& t) {
+  const int64_t es = t.element_size();
+  return (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(1) * es) % 16 == 0 &&
+         (t.stride(0) * es) % 16 == 0 && aligned16(t.data_ptr());
+}
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "moe_kernels (cuda): ", op,
+              " kernel launch failed: ", cudaGetErrorString(err));
+}
+#if defined(MOE_KERNELS_CUDA_EMULATION)
+cudaStream_t stream() { return nullptr; }
+#else
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+int checked_int(int64_t v, const char* what) {
+  TORCH_CHECK_VALUE(v <= std::numeric_limits<int32_t>::max(), "moe_kernels (cuda): ", what, " (", v,
+                    ") must fit in int32");
+  return static_cast<int>(v);
+}
+
+bool parse_sigmoid(c10::string_view scoring) {
+  const std::string s(scoring);
+  TORCH_CHECK(s == "softmax" || s == "sigmoid",
+              "moe_kernels (cuda): scoring must be 'softmax' or 'sigmoid', got '", s, "'");
+  return s == "sigmoid";
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(
+    const at::Tensor& router_logits, int64_t top_k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& correction_bias, int64_t num_expert_groups,
+    int64_t topk_groups, double routed_scaling_factor) {
+  check_cuda(router_logits, "router_logits");
+  check_dim(router_logits, 2, "router_logits");
+  const FloatType ft = float_type(router_logits, "router_logits");
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_kernels (cuda): top_k must be in [1, E=", E, "], got ",
+              top_k);
+  const bool sigmoid = parse_sigmoid(scoring);
+  check_finite(routed_scaling_factor, "routed_scaling_factor");
+  MOE_DEVICE_GUARD(router_logits);
+  at::Tensor bias;
+  if (correction_bias.has_value()) {
+    check_same_device(*correction_bias, router_logits, "correction_bias");
+    TORCH_CHECK(correction_bias->dim() == 1 && correction_bias->size(0) == E,
+                "moe_kernels (cuda): correction_bias must have shape [E=", E, "], got ",
+                correction_bias->sizes());
+    bias = correction_bias->to(at::kFloat).contiguous();
+  }
+  if (num_expert_groups > 0) {
+    TORCH_CHECK(E % num_expert_groups == 0,
+                "moe_kernels (cuda): num_expert_groups=", num_expert_groups,
+                " must divide the number of experts E=", E);
+    TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_expert_groups,
+                "moe_kernels (cuda): topk_groups must be in [1, num_expert_groups=",
+                num_expert_groups, "], got ", topk_groups);
+  }
+  auto opts = router_logits.options();
+  at::Tensor weights = new_output({T, top_k}, opts.dtype(at::kFloat));
+  at::Tensor ids = new_output({T, top_k}, opts.dtype(at::kInt));
+  if (T == 0) return {weights, ids};
+  GatingParams p;
+  p.logits = router_logits.data_ptr();
+  p.stride_t = router_logits.stride(0);
+  p.stride_e = router_logits.stride(1);
+  p.T = T;
+  p.E = checked_int(E, "the number of experts");
+  p.k = static_cast<int>(top_k);
+  p.sigmoid = sigmoid;
+  p.renormalize = renormalize;
+  p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  p.groups = num_expert_groups > 0 ? static_cast<int>(num_expert_groups) : 0;
+  p.topk_groups = static_cast<int>(topk_groups);
+  p.scale = static_cast<float>(routed_scaling_factor);
+  p.weights = weights.data_ptr<float>();
+  p.ids = ids.data_ptr<int32_t>();
+  const bool in_regs = gating_vpt(p.E) > 0;
+  p.scratch_floats = gating_scratch_floats(p.E, p.groups, in_regs);
+  at::Tensor scratch;
+  if (!in_regs) {
+    scratch = at::empty({gating_scratch_warps(T) * p.scratch_floats}, opts.dtype(at::kFloat));
+    p.scratch = scratch.data_ptr<float>();
+  }
+  check_launch(launch_topk_gating(ft, p, stream()), "topk_gating");
+  return {weights, ids};
+}
+
+at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_weights,
+                                     const at::Tensor& router_logits, const at::Tensor& topk_ids,
+                                     c10::string_view scoring, bool renormalize,
+                                     double routed_scaling_factor) {
+  check_cuda(router_logits, "router_logits");
+  check_dim(router_logits, 2, "router_logits");
+  const FloatType ft = float_type(router_logits, "router_logits");
+  check_same_device(grad_weights, router_logits, "grad_weights");
+  check_same_device(topk_ids, router_logits, "topk_ids");
+  check_index(topk_ids, "topk_ids");
+  check_dim(topk_ids, 2, "topk_ids");
+  TORCH_CHECK(topk_ids.size(0) == router_logits.size(0) && grad_weights.sizes() == topk_ids.sizes(),
+              "moe_kernels (cuda): grad_weights ", grad_weights.sizes(), " and topk_ids ",
+              topk_ids.sizes(),
+              " must be [T, k] with T = router_logits.size(0) = ", router_logits.size(0));
+  const bool sigmoid = parse_sigmoid(scoring);
+  check_finite(routed_scaling_factor, "routed_scaling_factor");
+  MOE_DEVICE_GUARD(router_logits);
+  at::Tensor logits = router_logits.contiguous();
+  at::Tensor ids = index_i32(topk_ids);
+  at::Tensor gw = grad_weights.to(at::kFloat).contiguous();
+  at::Tensor grad = new_output(logits.sizes(), logits.options());
+  if (logits.numel() == 0) return grad;
+  GatingBackwardParams p;
+  p.logits = logits.data_ptr();
+  p.grad_w = gw.data_ptr<float>();
+  p.ids = ids.data_ptr<int32_t>();
+  p.T = logits.size(0);
+  p.E = checked_int(logits.size(1), "the number of experts");
+  p.k = checked_int(ids.size(1), "top_k");
+  p.sigmoid = sigmoid;
+  p.renormalize = renormalize;
+  p.scale = static_cast<float>(routed_scaling_factor);
+  p.grad = grad.data_ptr();
+  at::Tensor scratch;
+  if (gating_vpt(p.E) == 0) {
+    const int64_t epad = (p.E + 31) / 32 * 32;
+    scratch = at::empty({gating_scratch_warps(p.T) * 2 * epad}, logits.options().dtype(at::kFloat));
+    p.scratch = scratch.data_ptr<float>();
+  }
+  check_launch(launch_topk_gating_backward(ft, p, stream()), "topk_gating_backward");
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size) {
+  check_cuda(topk_ids, "topk_ids");
+  check_dim(topk_ids, 2, "topk_ids");
+  check_index(topk_ids, "topk_ids");
+  TORCH_CHECK(num_experts >= 1, "moe_kernels (cuda): num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(block_size >= 0, "moe_kernels (cuda): block_size must be >= 0, got ", block_size);
+  MOE_DEVICE_GUARD(topk_ids);
+  const int64_t T = topk_ids.size(0), k = topk_ids.size(1), E = num_experts, TK = T * k;
+  const int64_t num_rows = route_num_rows(T, k, E, block_size);
+  checked_int(num_rows, "the number of permuted rows");
+  const int64_t nblocks = block_size > 0 ? num_rows / block_size : 0;
+  auto opts = topk_ids.options().dtype(at::kInt);
+  at::Tensor counts = new_output({E}, opts), offs = new_output({E}, opts);
+  at::Tensor row_of_slot = new_output({T, k}, opts), slot_of_row = new_output({num_rows}, opts);
+  at::Tensor block_expert = new_output({nblocks}, opts);
+  at::Tensor ids = index_i32(topk_ids);
+  const int64_t scan_n = E * ceil_div(TK, kRouteChunk);
+  const size_t temp_bytes = route_scan_temp_bytes(scan_n);
+  at::Tensor work = at::empty({route_workspace_ints(TK, E)}, opts);
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
+  RouteParams p;
+  p.ids = ids.data_ptr<int32_t>();
+  p.TK = TK;
+  p.E = E;
+  p.block_size = block_size;
+  p.num_rows = num_rows;
+  p.num_blocks = nblocks;
+  int32_t* w = work.data_ptr<int32_t>();
+  p.cnt = w;
+  p.base = w + scan_n;
+  p.rank = w + 2 * scan_n;
+  p.start = w + 2 * scan_n + TK;
+  p.counts = counts.data_ptr<int32_t>();
+  p.offs = offs.data_ptr<int32_t>();
+  p.row_of_slot = row_of_slot.data_ptr<int32_t>();
+  p.slot_of_row = slot_of_row.data_ptr<int32_t>();
+  p.block_expert = block_expert.data_ptr<int32_t>();
+  check_launch(launch_route(p, temp_bytes ? temp.data_ptr() : nullptr, temp_bytes, stream()),
+               "route");
+  return {counts, offs, row_of_slot, slot_of_row, block_expert};
+}
+
+void check_plan(const at::Tensor& row_of_slot, const at::Tensor& slot_of_row,
+                const at::Tensor& like) {
+  check_same_device(row_of_slot, like, "row_of_slot");
+  check_same_device(slot_of_row, like, "slot_of_row");
+  check_dim(row_of_slot, 2, "row_of_slot");
+  check_dim(slot_of_row, 1, "slot_of_row");
+  check_index(row_of_slot, "row_of_slot");
+  check_index(slot_of_row, "slot_of_row");
+}
+
+at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_of_slot,
+                        const at::Tensor& slot_of_row) {
+  check_cuda(x, "x");
+  check_dim(x, 2, "x");
+  check_plan(row_of_slot, slot_of_row, x);
+  const int64_t T = x.size(0), H = x.size(1), k = row_of_slot.size(1);
+  TORCH_CHECK(row_of_slot.size(0) == T, "moe_kernels (cuda): row_of_slot must be [T=", T,
+              ", k], got ", row_of_slot.sizes());
+  MOE_DEVICE_GUARD(x);
+  const int64_t R = slot_of_row.size(0);
+  at::Tensor out = new_output({R, H}, x.options());
+  if (R == 0 || H == 0) return out;
+  at::Tensor sor = index_i32(slot_of_row);
+  const int64_t es = x.element_size();
+  TORCH_CHECK(es == 1 || es == 2 || es == 4 || es == 8 || es == 16,
+              "moe_kernels (cuda): permute does not support ", x.scalar_type());
+  PermuteParams p;
+  p.x = static_cast<const unsigned char*>(x.data_ptr());
+  p.x_row_bytes = x.stride(0) * es;
+  p.k = k;
+  p.TK = T * k;
+  p.R = R;
+  p.slot_of_row = sor.data_ptr<int32_t>();
+  p.out = static_cast<unsigned char*>(out.data_ptr());
+  int unit = static_cast<int>(es);
+  if (rows_vectorisable(x)) {
+    unit = 16;
+    p.x_unit_stride = 1;
+    p.row_units = H * es / 16;
+  } else {
+    p.x_unit_stride = x.stride(1);
+    p.row_units = H;
+  }
+  check_launch(launch_permute(unit, p, stream()), "permute");
+  return out;
+}
+
+at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_of_slot,
+                          const at::Tensor& slot_of_row,
+                          const std::optional<at::Tensor>& topk_weights) {
+  check_cuda(y, "y");
+  check_dim(y, 2, "y");
+  const FloatType ft = float_type(y, "y");
+  check_plan(row_of_slot, slot_of_row, y);
+  MOE_DEVICE_GUARD(y);
+  const int64_t T = row_of_slot.size(0), k = row_of_slot.size(1), R = y.size(0), H = y.size(1);
+  at::Tensor w;
+  if (topk_weights.has_value()) {
+    TORCH_CHECK(topk_weights->sizes() == row_of_slot.sizes(), "moe_kernels (cuda): topk_weights ",
+                topk_weights->sizes(), " must match row_of_slot ", row_of_slot.sizes());
+    w = weights_f32(*topk_weights, y, "topk_weights");
+  }
+  at::Tensor out = new_output({T, H}, y.options());
+  if (T == 0 || H == 0) return out;
+  at::Tensor ros = index_i32(row_of_slot);
+  UnpermuteParams p;
+  p.y = y.data_ptr();
+  p.y_s0 = y.stride(0);
+  p.y_s1 = y.stride(1);
+  p.R = R;
+  p.H = H;
+  p.T = T;
+  p.k = k;
+  p.row_of_slot = ros.data_ptr<int32_t>();
+  p.weights = w.defined() ? w.data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  const bool vec = rows_vectorisable(y);
+  check_launch(launch_unpermute(ft, vec, p, stream()), "unpermute");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_of_slot,
+    const at::Tensor& slot_of_row, const std::optional<at::Tensor>& topk_weights, bool need_grad_y,
+    bool need_grad_weights) {
+  check_cuda(y, "y");
+  check_dim(y, 2, "y");
+  const FloatType ft = float_type(y, "y");
+  check_same_device(grad_out, y, "grad_out");
+  float_type(grad_out, "grad_out");
+  check_plan(row_of_slot, slot_of_row, y);
+  MOE_DEVICE_GUARD(y);
+  const int64_t T = row_of_slot.size(0), k = row_of_slot.size(1), R = y.size(0), H = y.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H,
+              "moe_kernels (cuda): grad_out must be [T=", T, ", H=", H, "], got ",
+              grad_out.sizes());
+  TORCH_CHECK(slot_of_row.size(0) == R, "moe_kernels (cuda): slot_of_row must have y.size(0)=", R,
+              " entries, got ", slot_of_row.size(0));
+  at::Tensor w;
+  if (topk_weights.has_value()) {
+    TORCH_CHECK(topk_weights->sizes() == row_of_slot.sizes(), "moe_kernels (cuda): topk_weights ",
+                topk_weights->sizes(), " must match row_of_slot ", row_of_slot.sizes());
+    w = weights_f32(*topk_weights, y, "topk_weights");
+  }
+  // grad_out is read as y's type or as fp32; other mixes are widened to fp32 first.
+  at::Tensor g = grad_out;
+  if (g.scalar_type() != y.scalar_type() && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
+  g = g.contiguous();
+  const FloatType gt = g.scalar_type() == at::kFloat ? FloatType::kF32 : ft;
+  at::Tensor grad_y = at::empty({0}, y.options());
+  at::Tensor grad_w =
+      at::empty({0}, topk_weights.has_value() ? topk_weights->options() : grad_out.options());
+  const bool want_w = need_grad_weights && w.defined();
+  at::Tensor gw32;
+  if (need_grad_y) grad_y = new_output({R, H}, y.options());
+  if (want_w) gw32 = new_output({T, k}, y.options().dtype(at::kFloat));
+  if (!need_grad_y && !want_w) return {grad_y, grad_w};
+  at::Tensor ros = index_i32(row_of_slot), sor = index_i32(slot_of_row);
+  UnpermuteBackwardParams p;
+  p.grad_out = g.data_ptr();
+  p.y = y.data_ptr();
+  p.y_s0 = y.stride(0);
+  p.y_s1 = y.stride(1);
+  p.R = R;
+  p.H = H;
+  p.T = T;
+  p.k = k;
+  p.row_of_slot = ros.data_ptr<int32_t>();
+  p.slot_of_row = sor.data_ptr<int32_t>();
+  p.weights = w.defined() ? w.data_ptr<float>() : nullptr;
+  p.grad_y = need_grad_y ? grad_y.data_ptr() : nullptr;
+  p.grad_w = want_w ? gw32.data_ptr<float>() : nullptr;
+  const bool vec = rows_vectorisable(y) && aligned16(g.data_ptr()) &&
+                   (!need_grad_y || aligned16(grad_y.data_ptr()));
+  check_launch(launch_unpermute_backward(ft, gt, vec, p, need_grad_y, want_w, stream()),
+               "unpermute_backward");
+  if (want_w) grad_w = gw32.to(topk_weights->scalar_type());
+  return {grad_y, grad_w};
+}
+
+}  // namespace
+}  // namespace moe_kernels::cuda
+
+#if !defined(MOE_KERNELS_CUDA_EMULATION)
+TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
+  using namespace moe_kernels::cuda;
+  m.impl("topk_gating", &topk_gating_cuda);
+  m.impl("topk_gating_backward", &topk_gating_backward_cuda);
+  m.impl("route", &route_cuda);
+  m.impl("permute", &permute_cuda);
+  m.impl("unpermute", &unpermute_cuda);
+  m.impl("unpermute_backward", &unpermute_backward_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "moe_kernels CUDA kernels (registered for the CUDA dispatch key; schemas: "
+      "moe_kernels/_schemas.py)";
+  m.def("set_debug_mode", &moe_kernels::cuda::set_debug_mode, py::arg("on"),
+        "Switch the CUDA kernels' debug mode (NaN / INT_MIN-poisoned outputs); its initial value "
+        "is MOE_KERNELS_DEBUG's at load.  Use moe_kernels._debug.set_debug_mode, which switches "
+        "every backend.");
+  m.def("debug_mode", &moe_kernels::cuda::debug_mode,
+        "Whether the CUDA kernels' debug mode is on.");
+#if defined(MOE_KERNELS_CUDA_EMULATION)
+  using namespace moe_kernels::cuda;
+  using OptT = std::optional<at::Tensor>;
+  m.def("topk_gating",
+        [](const at::Tensor& l, int64_t k, const std::string& sc, bool rn, const OptT& b, int64_t g,
+           int64_t tg, double s) { return topk_gating_cuda(l, k, sc, rn, b, g, tg, s); });
+  m.def("topk_gating_backward",
+        [](const at::Tensor& gw, const at::Tensor& l, const at::Tensor& i, const std::string& sc,
+           bool rn, double s) { return topk_gating_backward_cuda(gw, l, i, sc, rn, s); });
+  m.def("route", &route_cuda);
+  m.def("permute", &permute_cuda);
+  m.def("unpermute", &unpermute_cuda);
+  m.def("unpermute_backward", &unpermute_backward_cuda);
+  m.def("set_max_blocks", &emu_set_max_blocks, "Grid cap of the emulated launches.");
+#endif
+}

@@ -1,0 +1,81 @@
+#pragma once
+// The launchers' bodies, for any executor: the type and variant dispatch of every op around the
+// `run_*` launch sequences.  csrc/cuda/*.cu instantiate them with the CUDA executor (exec.cuh),
+// tests/cpp/cuda_emulator.cpp with the CPU one.
+#include "cuda/kernels/gating.h"
+#include "cuda/kernels/permute.h"
+#include "cuda/kernels/routing.h"
+
+namespace moe_kernels::cuda {
+
+enum class FloatType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Calls f(tag) with a value of the storage type of t (float, bf16_t or f16_t).
+template <class F>
+void dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::kBF16: f(bf16_t{}); break;
+    case FloatType::kF16: f(f16_t{}); break;
+    default: f(float{}); break;
+  }
+}
+
+template <class Exec>
+void topk_gating_on(Exec& ex, FloatType in, const GatingParams& p) {
+  dispatch_float(in, [&](auto tag) {
+    dispatch_vpt(p.E, [&](auto vpt) { run_gating_forward<decltype(tag), vpt.value>(ex, p); });
+  });
+}
+
+template <class Exec>
+void topk_gating_backward_on(Exec& ex, FloatType in, const GatingBackwardParams& p) {
+  dispatch_float(in, [&](auto tag) {
+    dispatch_vpt(p.E, [&](auto vpt) { run_gating_backward<decltype(tag), vpt.value>(ex, p); });
+  });
+}
+
+// false: unit_bytes is not 16, 8, 4, 2 or 1.
+template <class Exec>
+bool permute_on(Exec& ex, int unit_bytes, const PermuteParams& p) {
+  switch (unit_bytes) {
+    case 16: run_permute<16>(ex, p); return true;
+    case 8: run_permute<8>(ex, p); return true;
+    case 4: run_permute<4>(ex, p); return true;
+    case 2: run_permute<2>(ex, p); return true;
+    case 1: run_permute<1>(ex, p); return true;
+    default: return false;
+  }
+}
+
+template <class Exec>
+void unpermute_on(Exec& ex, FloatType t, bool vec, const UnpermuteParams& p) {
+  dispatch_float(t, [&](auto tag) {
+    using T = decltype(tag);
+    if (vec)
+      run_unpermute<T, 16>(ex, p);
+    else
+      run_unpermute<T, 0>(ex, p);
+  });
+}
+
+// g: grad_out's type, t's or kF32.
+template <class Exec>
+void unpermute_backward_on(Exec& ex, FloatType t, FloatType g, bool vec,
+                           const UnpermuteBackwardParams& p, bool need_grad_y, bool need_grad_w) {
+  dispatch_float(t, [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto gtag) {
+      using G = decltype(gtag);
+      if (vec)
+        run_unpermute_backward<T, G, 16>(ex, p, need_grad_y, need_grad_w);
+      else
+        run_unpermute_backward<T, G, 0>(ex, p, need_grad_y, need_grad_w);
+    };
+    if (g == FloatType::kF32)
+      run(float{});
+    else
+      run(T{});
+  });
+}
+
+}  // namespace moe_kernels::cuda

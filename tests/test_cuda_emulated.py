@@ -1,0 +1,285 @@
+"""The CUDA kernels executed on the CPU, from their own source, against the reference.
+
+``csrc/cuda/bindings.cpp`` (the CUDA ops' argument checks, allocation and launch set-up) is
+compiled with ``MOE_KERNELS_CUDA_EMULATION`` together with ``tests/cpp/cuda_emulator.cpp``, which
+runs the launch sequences and kernel bodies of ``csrc/cuda/kernels/*.h`` with every GPU thread a
+fiber and warps emulated in lock step (shuffles, warp and block barriers; a barrier not reached
+by every thread fails the launch).  The grid is capped at a few blocks so every grid-stride loop
+runs more than once.  Every case runs with debug mode on (outputs NaN / INT_MIN-filled), so an
+element the kernels fail to write shows up.  Only CUB's scan (route's step 2) is replaced by a
+serial loop.
+
+Which kernel each test executes: ``GatingForward`` / ``GatingBackward`` (every values-per-lane
+bucket, the scratch path for E > 512, groups) -> ``test_gating*``; ``RouteRank``,
+``RouteOffsets``, ``RouteScatter``, ``RouteBlockExpert`` -> ``test_route*``; ``PermuteRows``
+(16-byte and element-wise), ``UnpermuteRows``, ``UnpermuteGradY``, ``UnpermuteGradW`` ->
+``test_permute*``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_gating import CASES as GATING_CASES
+from test_gating import near_tie_rows
+from test_permute import CASES as PERMUTE_CASES
+from testutil import check_vs_reference, gen, randn, random_ids
+
+from moe_kernels import reference as ref
+from moe_kernels._tolerances import GATING_TOL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DT_IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """The emulation build (about a minute: bindings.cpp includes torch's headers)."""
+    from torch.utils.cpp_extension import load
+
+    build = str(tmp_path_factory.mktemp("cuda_emulated"))
+    mod = load(
+        name="moe_kernels_cuda_emulated",
+        sources=[
+            os.path.join(ROOT, "csrc", "cuda", "bindings.cpp"),
+            os.path.join(ROOT, "tests", "cpp", "cuda_emulator.cpp"),
+        ],
+        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_cflags=[
+            "-O1",
+            "-std=c++20",
+            "-DMOE_KERNELS_CUDA_EMULATION",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+        ],
+        build_directory=build,
+        verbose=False,
+    )
+    mod.set_debug_mode(True)  # poisoned outputs in every test
+    mod.set_max_blocks(3)
+    return mod
+
+
+def _ids(c):
+    return f"T{c[0]}-E{c[1]}-k{c[2]}-{c[3]}-g{c[6]}"
+
+
+# the op suite's cases plus what only the CUDA kernels distinguish: every values-per-lane bucket
+# (E up to 32, 64, 128, 256, 512), the scratch path (E > 512), k = 32, strided logits
+EXTRA_GATING = [
+    (6, 33, 4, "softmax", True, False, 0, 0, 1.0, True),  # VPT 2, a partial last slot
+    (5, 128, 32, "softmax", False, False, 0, 0, 1.0, True),  # VPT 4, k = 32
+    (5, 256, 8, "sigmoid", True, True, 8, 4, 2.5, True),  # VPT 8, DeepSeek-V3 groups
+    (4, 512, 8, "softmax", True, False, 0, 0, 1.0, True),  # VPT 16
+    (4, 600, 6, "sigmoid", True, True, 0, 0, 1.0, True),  # scratch path
+    (3, 1024, 40, "softmax", True, False, 16, 4, 1.0, True),  # scratch path with groups, k > 32
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", GATING_CASES + EXTRA_GATING, ids=_ids)
+def test_gating_vs_reference(emu, case, dtype):
+    T, E, k, scoring, renorm, use_bias, G, TG, scale, _ = case
+    T = min(T, 40)
+    logits = randn(T, E, seed=T * 1000 + E, dtype=dtype, scale=2.0)
+    bias = randn(E, seed=E + 7, scale=0.1) if use_bias else None
+    args = (k, scoring, renorm, bias, G, TG, scale)
+    w, ids = emu.topk_gating(logits, *args)
+    rw, rids = ref.topk_gating(logits, *args)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert ((ids >= 0) & (ids < E)).all()
+    scores = (
+        torch.softmax(logits.float(), -1) if scoring == "softmax" else torch.sigmoid(logits.float())
+    )
+    sel = scores + (bias if bias is not None else 0)
+    ok = ~near_tie_rows(sel, k) if G == 0 else torch.ones(T, dtype=torch.bool)
+    assert ok.float().mean() >= 0.5
+    assert torch.equal(ids[ok], rids[ok])
+    torch.testing.assert_close(w[ok], rw[ok], rtol=GATING_TOL, atol=GATING_TOL / 10)
+    # the backward of the same row set
+    gw = torch.randn(T, k, generator=gen(T + k))
+    gl = emu.topk_gating_backward(gw, logits, rids, scoring, renorm, scale)
+    rgl = ref.topk_gating_backward(gw, logits, rids, scoring, renorm, scale)
+    truth = ref.topk_gating_backward(gw.double(), logits.double(), rids, scoring, renorm, scale)
+    check_vs_reference(gl, rgl, truth, dtype, "grad_logits")
+
+
+def test_gating_strided_logits_and_ties(emu):
+    base = randn(70, 24, seed=3)
+    view = base.t()[:, ::2]  # [24, 35], element stride 70 * ... not 1
+    w, ids = emu.topk_gating(view, 3, "softmax", True, None, 0, 0, 1.0)
+    rw, rids = ref.topk_gating(view, 3, "softmax", True, None, 0, 0, 1.0)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=GATING_TOL, atol=GATING_TOL / 10)
+    zeros = torch.zeros(3, 9)
+    zeros[1, 4] = 1.0
+    _, tids = emu.topk_gating(zeros, 3, "softmax", False, None, 0, 0, 1.0)
+    assert tids.tolist() == [[0, 1, 2], [4, 0, 1], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("E", [8, 100, 700])
+def test_gating_nan_inf(emu, E):
+    """The reference's order (NaN first, ties to the lower index); ids always valid."""
+    logits = randn(12, E, seed=E)
+    logits[0, 3] = float("nan")
+    logits[1, :] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, 2] = float("-inf")
+    logits[4, :] = float("-inf")
+    for scoring, bias in (("softmax", None), ("sigmoid", randn(E, seed=1, scale=0.1))):
+        w, ids = emu.topk_gating(logits, 4, scoring, False, bias, 0, 0, 1.0)
+        rw, rids = ref.topk_gating(logits, 4, scoring, False, bias, 0, 0, 1.0)
+        assert torch.equal(ids, rids), scoring
+        torch.testing.assert_close(w, rw, equal_nan=True, rtol=GATING_TOL, atol=GATING_TOL / 10)
+
+
+def test_gating_backward_out_of_range_ids(emu):
+    """Slots whose id is outside [0, E) contribute nothing (without renormalisation: the same as
+    a zero upstream gradient on any valid id); int64 ids are never wrapped into range."""
+    logits = randn(9, 40, seed=4)
+    ids = random_ids(9, 4, 40, seed=5, drop=0.3).long()
+    ids[0, 0] = 2**40
+    gw = randn(9, 4, seed=6)
+    got = emu.topk_gating_backward(gw, logits, ids, "softmax", False, 1.0)
+    bad = (ids < 0) | (ids >= 40)
+    want = ref.topk_gating_backward(
+        gw.masked_fill(bad, 0.0), logits, ids.masked_fill(bad, 0), "softmax", False, 1.0
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# (T, k, E, block_size, drop)
+ROUTE_CASES = [
+    (0, 2, 4, 0, 0.0),
+    (0, 2, 4, 8, 0.0),
+    (1, 1, 1, 0, 0.0),
+    (7, 2, 8, 0, 0.0),
+    (300, 4, 60, 16, 0.1),  # > one 256-pair chunk, padded, drops
+    (600, 8, 128, 0, 0.2),  # many chunks (the grid-stride loop), unpadded
+    (257, 3, 5, 64, 0.0),  # empty blocks past the last expert
+    (50, 2, 16, 8, 0.0),
+    (40, 4, 3, 4, 0.5),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=lambda c: "T{}-k{}-E{}-bs{}".format(*c[:4]))
+@pytest.mark.parametrize("max_blocks", [1, 3])
+def test_route_vs_reference(emu, case, max_blocks):
+    T, k, E, bs, drop = case
+    emu.set_max_blocks(max_blocks)
+    try:
+        ids = random_ids(T, k, E, seed=T + 7 * k + E, drop=drop)
+        if T > 10:
+            ids[:5, 0] = E  # every token of a chunk on one expert: the rank loop's ties
+        got = emu.route(ids, E, bs)
+        want = ref.route(ids, E, bs)
+        for name, g, w in zip(("counts", "offs", "row_of_slot", "slot_of_row", "block_expert"),
+                              got, want):  # fmt: skip
+            assert g.dtype == torch.int32, name
+            assert torch.equal(g, w.to(torch.int32)), name
+    finally:
+        emu.set_max_blocks(3)
+
+
+def test_route_int64_ids(emu):
+    ids = random_ids(30, 3, 9, seed=1).long()
+    ids[0, 1] = 2**33 + 2  # out of range: dropped, never wrapped into [0, E)
+    ids[1, 0] = -(2**40)
+    got = emu.route(ids, 9, 4)
+    want = ref.route(ids, 9, 4)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize(
+    "case", PERMUTE_CASES, ids=lambda c: "T{}-k{}-E{}-bs{}-H{}".format(*c[:4], c[6])
+)
+@pytest.mark.parametrize("view", ["contiguous", "wide_rows"])
+def test_permute_vs_reference(emu, case, dtype, view):
+    """permute is an exact gather; unpermute and its backward against the reference (16-byte and
+    element-wise variants: H = 37 is odd, H = 40 / 24 rows are 16-byte multiples in bf16/fp16,
+    "wide_rows" takes a column slice of a wider tensor, so rows are strided)."""
+    T, k, E, bs, drop, one, H, _ = case
+    T = min(T, 60)
+    g = gen(T + 17 * k + E)
+    ids = random_ids(T, k, E, seed=T + 17 * k + E, drop=drop, one_expert=one)
+    _, _, ros, sor, _ = ref.route(ids, E, bs)
+
+    def make(rows):
+        t = torch.randn(rows, H + (8 if view == "wide_rows" else 0), generator=g).to(dtype)
+        return t[:, 8:] if view == "wide_rows" else t
+
+    x = make(T)
+    p = emu.permute(x, ros, sor)
+    assert torch.equal(p, ref.permute(x, ros, sor)), "permute is not an exact gather"
+    y = make(sor.shape[0])
+    y[sor < 0] = float("nan")  # padding rows must never be read
+    w = torch.rand(T, k, generator=g)
+    for tw in (w, None):
+        out = emu.unpermute(y, ros, sor, tw)
+        rout = ref.unpermute(y, ros, sor, tw)
+        truth = ref.unpermute(y.double(), ros, sor, None if tw is None else tw.double())
+        check_vs_reference(out, rout, truth, dtype, "unpermute")
+        assert torch.equal(out, emu.unpermute(y, ros, sor, tw)), "not bitwise reproducible"
+        yb = make(sor.shape[0])
+        go = torch.randn(T, H, generator=g).to(dtype)
+        gy, gw = emu.unpermute_backward(go, yb, ros, sor, tw, True, True)
+        rgy, rgw = ref.unpermute_backward(go, yb, ros, sor, tw, True, True)
+        tgy, tgw = ref.unpermute_backward(
+            go.double(), yb.double(), ros, sor, None if tw is None else tw.double(), True, True
+        )
+        check_vs_reference(gy, rgy, tgy, dtype, "grad_y")
+        if tw is None:
+            assert gw.numel() == 0
+        else:
+            assert gw.dtype == tw.dtype
+            check_vs_reference(gw, rgw, tgw, torch.float32 if dtype == torch.float32 else dtype,
+                               "grad_w")  # fmt: skip
+
+
+def test_permute_any_dtype_and_misaligned(emu):
+    """permute copies bytes: integer and bool rows, and a view whose rows start off a 16-byte
+    boundary (element-wise path) give the reference's exact gather."""
+    ids = random_ids(21, 2, 6, seed=2, drop=0.2)
+    _, _, ros, sor, _ = ref.route(ids, 6, 4)
+    for x in (
+        torch.randint(-100, 100, (21, 16), dtype=torch.int64),
+        torch.randint(0, 2, (21, 33), dtype=torch.bool),
+        torch.randint(0, 100, (21, 40), dtype=torch.uint8),
+        randn(21, 17, seed=3, dtype=torch.bfloat16)[:, 1:],  # 16 columns, rows at 2-byte offsets
+    ):
+        assert torch.equal(emu.permute(x, ros, sor), ref.permute(x, ros, sor)), x.dtype
+
+
+def test_permute_grad_dtype_mix(emu):
+    """unpermute_backward with fp32 gradients of bf16 rows, and fp16 gradients of fp32 rows."""
+    ids = random_ids(19, 3, 7, seed=8, drop=0.1)
+    _, _, ros, sor, _ = ref.route(ids, 7, 0)
+    tw = torch.rand(19, 3, generator=gen(1))
+    for ydt, gdt in ((torch.bfloat16, torch.float32), (torch.float32, torch.float16)):
+        y = randn(sor.shape[0], 24, seed=4, dtype=ydt)
+        go = randn(19, 24, seed=5, dtype=gdt)
+        gy, gw = emu.unpermute_backward(go, y, ros, sor, tw, True, True)
+        rgy, rgw = ref.unpermute_backward(go.to(ydt), y, ros, sor, tw, True, True)
+        tgy, tgw = ref.unpermute_backward(go.double(), y.double(), ros, sor, tw.double(), True,
+                                          True)  # fmt: skip
+        check_vs_reference(gy, rgy, tgy, ydt, "grad_y")
+        check_vs_reference(gw, rgw, tgw, ydt, "grad_w")
+
+
+def test_out_of_range_plan_entries_read_nothing(emu):
+    """Plan entries outside their range (a corrupted plan) count as dropped: nothing is read
+    out of bounds, the rows / slots come out zero."""
+    x = randn(4, 8, seed=1)
+    ros = torch.tensor([[0, 1], [2, 99], [-5, 3], [4, 5]], dtype=torch.int32)
+    sor = torch.tensor([0, 1, 2, 1000, -7, 6], dtype=torch.int32)
+    p = emu.permute(x, ros, sor)
+    want = torch.stack([x[0], x[0], x[1], torch.zeros(8), torch.zeros(8), x[3]])
+    assert torch.equal(p, want)
+    y = randn(6, 8, seed=2)
+    out = emu.unpermute(y, ros, sor, None)
+    assert torch.equal(out, torch.stack([y[0] + y[1], y[2], y[3], y[4] + y[5]]))
