@@ -5,6 +5,15 @@ Precedence of the choice: the ``backend=`` argument, then :func:`use_backend`, t
 triton → reference; for CPU tensors, cpu → (triton when ``TRITON_INTERPRET=1``) → reference; and
 falls back to the next backend when one lacks the op or the dtype. An explicit choice never falls
 back: it raises :class:`BackendUnavailableError` saying why.
+
+The ``cuda`` backend is the compiled family's CUDA kernels (``moe_kernels._C_cuda``, registered
+under the ``CUDA`` dispatch key). It serves only the ops that have a CUDA kernel (so far the
+gating, routing and permutation ops); for the others auto falls back to triton, then the
+reference. Without a CUDA device :func:`available_backends` reports a built extension as
+``(False, "built; no CUDA device")``, yet the backend is still chosen for tensors on device
+``cuda``: without a device such tensors can only be fake ones (``FakeTensorMode``,
+``torch.compile`` tracing), so the ops trace on ``device="cuda"`` exactly as they would run on a
+GPU.
 """
 
 from __future__ import annotations
@@ -106,6 +115,27 @@ def _triton_interpret() -> bool:
     return getenv("TRITON_INTERPRET") not in (None, "", "0")
 
 
+#: ``available_backends()["cuda"]`` when ``moe_kernels._C_cuda`` is loaded but no CUDA device is
+#: visible. The backend still serves tensors on device ``cuda`` then (fake ones: see the module
+#: docstring and :func:`_why_not`).
+BUILT_NO_DEVICE = "built; no CUDA device"
+
+
+def _cuda_not_loaded(err: str) -> str:
+    """Why the cuda backend is missing, given the load error of ``moe_kernels._C_cuda``: not
+    built (and why it was not), or built but not loadable (e.g. built against another torch)."""
+    if err == "not built" or err.startswith("ModuleNotFoundError"):
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            why = (
+                "the install step builds it when torch is a CUDA build and nvcc is found, "
+                "unless MOE_KERNELS_BUILD_CUDA=0"
+            )
+        return f"the CUDA extension moe_kernels._C_cuda is not built ({why})"
+    return f"the CUDA extension moe_kernels._C_cuda is built but could not be loaded: {err}"
+
+
 def _availability(name: str) -> tuple[bool, str]:
     from . import _registry
 
@@ -129,10 +159,16 @@ def _availability(name: str) -> tuple[bool, str]:
     if name == "cuda":
         err = _registry.extension_error("_C_cuda")
         if err:
-            return False, f"the CUDA extension moe_kernels._C_cuda is not available: {err}"
+            return False, _cuda_not_loaded(err)
         if not torch.cuda.is_available():
-            return False, "no CUDA device is visible"
-        return True, "CUDA kernels"
+            return False, BUILT_NO_DEVICE
+        missing = [n for n in _registry.FORWARD_OPS if not _BACKENDS["cuda"].has_op(n)]
+        if len(missing) == len(_registry.FORWARD_OPS):
+            return False, "moe_kernels._C_cuda has no CUDA kernels in this build"
+        where = f"CUDA kernels on {torch.cuda.get_device_name()}"
+        if missing:
+            return True, f"{where}; ops without a CUDA kernel fall back: {missing}"
+        return True, where
     if name == "triton":
         ok, why = _registry.triton_status()
         return ok, why
@@ -176,7 +212,13 @@ def use_backend(name: str | None) -> Iterator[None]:
 def _why_not(b: _Backend, op: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
     ok, reason = _availability(b.name)
     if not ok:
-        return reason
+        if reason != BUILT_NO_DEVICE:
+            return reason
+        # The CUDA extension is built but no device is visible: tensors on device "cuda" can
+        # then only be fake ones (FakeTensorMode, torch.compile tracing), which this backend
+        # serves as it would on a GPU, so that its ops trace on device="cuda".
+        if device.type != "cuda":
+            return f"it does not run on {device.type} tensors ({reason})"
     if device.type not in b.devices():
         return f"it does not run on {device.type} tensors"
     if dtype is not None and dtype not in b.dtypes:

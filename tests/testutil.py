@@ -5,7 +5,9 @@
   A new backend needs only its name in :data:`BACKEND_NAMES` (and its op suffix in
   :data:`SUFFIX`): every op module's cases then run on it.
 * :func:`device_of`: the tensor device a backend runs on here (Triton: CPU tensors under
-  ``TRITON_INTERPRET=1``, else CUDA).
+  ``TRITON_INTERPRET=1``, else CUDA; cuda: CUDA, so it is under test only where a device is
+  present).  A test parametrised with a backend that lacks its op (cuda: :data:`CUDA_OPS`) is
+  skipped by the conftest with that reason.
 * :func:`fits`: under the Triton interpreter only the cases marked ``tiny`` run (each program
   costs milliseconds there).
 * Seeded random data, the checks against the reference (:func:`check_vs_reference`, with the
@@ -34,6 +36,16 @@ __all__ = ["max_rel_err"]  # re-exported: the one error metric
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 #: suffix of each backend's ops in ``torch.ops.moe_kernels`` (cpu and cuda: the compiled family)
 SUFFIX = {"reference": "_reference", "cpu": "", "cuda": "", "triton": "_triton"}
+#: the ops (schemas) that ``moe_kernels._C_cuda`` registers CUDA kernels for; the cuda backend has
+#: no grouped_gemm / moe_ffn kernels (nor their backward ops) yet, and auto mode falls back for them
+CUDA_OPS = (
+    "topk_gating",
+    "topk_gating_backward",
+    "route",
+    "permute",
+    "unpermute",
+    "unpermute_backward",
+)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NS = torch.ops.moe_kernels
 
