@@ -73,7 +73,7 @@ test-triton: install
 		$(abspath $(BIN))/pytest -q -p no:cacheprovider $(OP_TESTS) test_values.py test_triton_poison.py
 
 gate: install
-	cd /tmp && $(abspath $(BIN))/python -m moe_kernels.tools.gpu_gate
+	cd /tmp && MOE_KERNELS_REQUIRE_BUILT=$(REQUIRE_BUILT) $(abspath $(BIN))/python -m moe_kernels.tools.gpu_gate
 
 test: lint test-py test-triton gate
 
