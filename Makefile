@@ -30,7 +30,7 @@ SANITIZER ?= $(firstword $(shell command -v compute-sanitizer 2>/dev/null) $(wil
 SANITIZER_TOOLS ?= memcheck racecheck
 SANITIZER_TESTS ?= .
 
-.PHONY: venv install bench test lint test-py test-triton gate test-gpu test-sanitizer clean
+.PHONY: venv install bench bench-results test lint test-py test-triton gate test-gpu test-sanitizer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ install: venv
 bench: install
 	cd /tmp && $(abspath $(BIN))/moe-bench
 
+# Refresh this machine type's recorded results, bench/results/<machine>.json and .png (README.md,
+# "Recorded results"); run it on a quiet machine.
+bench-results: install
+	$(BIN)/python bench/record_results.py
+
 # C++ sources checked against .clang-format (the clang-format pinned in the test extra).
 CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh tests/cpp/*.cpp)
 
@@ -55,6 +60,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/clang-format --dry-run -Werror $(CXX_SOURCES)
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 # Tests run against the installed package: pytest is started from tests/ so the source tree's
 # moe_kernels/ (which has no compiled extension) is not on sys.path.  The op modules run every

@@ -108,10 +108,34 @@ def extensions():
     return exts
 
 
+def write_build_info() -> None:
+    """moe_kernels/_build_info.py (gitignored): the commit of the checkout being built, for
+    ``moe-bench``'s ``git_commit``; ``-dirty`` when tracked files differ from it. Nothing is
+    written outside a git checkout (an sdist), where the field stays empty."""
+    import subprocess
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:  # no git
+        return
+    if not commit:
+        return
+    if dirty:
+        commit += "-dirty"
+    with open(os.path.join(ROOT, "moe_kernels", "_build_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py at build time."""\n\nGIT_COMMIT = {commit!r}\n')
+
+
 def build_ext_cls():
     from torch.utils.cpp_extension import BuildExtension
 
     return BuildExtension.with_options(use_ninja=True)
 
 
+write_build_info()
 setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext_cls()})

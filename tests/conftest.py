@@ -10,7 +10,11 @@
   ``MOE_KERNELS_REQUIRE_BACKENDS`` cannot catch it).
 * ``MOE_KERNELS_TEST_INSTALLED=1``: the session fails at start if ``moe_kernels`` was imported from
   the source tree instead of the installed package.
-* ``@pytest.mark.gpu`` tests are skipped when no CUDA device is present.
+* Markers (``pytest -m NAME`` selects, ``-m "not NAME"`` deselects): ``gpu`` -- needs a CUDA device,
+  skipped with that reason without one; ``slow`` -- long-running (the > 2^31-element cases);
+  ``interpreter`` -- runs Triton kernels, which on a machine without a GPU needs
+  ``TRITON_INTERPRET=1`` (``make test-triton``): added to every case parametrised with
+  ``backend="triton"`` and to ``test_triton_poison.py``.
 * A test parametrised with ``backend=B`` whose module or function names an op (``test_moe_ffn.py``,
   ``test_grouped_gemm_*``) that backend B has no kernel for is skipped with that reason (the cuda
   backend has no grouped_gemm / moe_ffn kernels yet; auto mode falls back for them).
@@ -44,6 +48,9 @@ def _required_built() -> list[str]:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line(
+        "markers", "interpreter: runs Triton kernels (without a GPU: under TRITON_INTERPRET=1)"
+    )
 
 
 def _check_installed_package() -> None:
@@ -160,6 +167,11 @@ def pytest_collection_modifyitems(config, items):
         why = _missing_op(item)
         if why is not None:
             item.add_marker(pytest.mark.skip(reason=why))
+        callspec = getattr(item, "callspec", None)
+        if (callspec is not None and callspec.params.get("backend") == "triton") or (
+            "test_triton_poison" in item.nodeid
+        ):
+            item.add_marker(pytest.mark.interpreter)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

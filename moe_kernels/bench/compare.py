@@ -207,8 +207,9 @@ def add_compare_arguments(p: argparse.ArgumentParser, *, with_common: bool = Tru
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=60.0,
-        help="stop timing one (shape, T) after the round that passes this many seconds",
+        default=None,
+        help="stop timing one (shape, T) after the round that passes this many seconds (default "
+        "60; moe-bench's default job: one (op, pass, shape, T), default 2)",
     )
     p.add_argument(
         "--max-call-seconds",
@@ -221,13 +222,15 @@ def add_compare_arguments(p: argparse.ArgumentParser, *, with_common: bool = Tru
     p.add_argument(
         "--read-mib",
         type=int,
-        default=1024,
-        help="size of the float32 tensor of the read-bandwidth ceiling (default 1024 MiB)",
+        default=None,
+        help="size of the float32 tensor of the read-bandwidth ceiling (default 1024 MiB; "
+        "moe-bench's default job: 256)",
     )
     p.add_argument(
         "--dense-mnk",
-        default="2048,2048,6144",
-        help="M,K,N of the dense-matmul ceiling (default 2048,2048,6144)",
+        default=None,
+        help="M,K,N of the dense-matmul ceiling (default 2048,2048,6144; moe-bench's default "
+        "job: 1024,2048,2048)",
     )
     p.add_argument(
         "--no-fp32-ceiling",
@@ -240,11 +243,22 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def run(args: argparse.Namespace, targets: Targets | None = None) -> int:
+#: defaults of the options that moe-bench's default job sets differently
+FULL_DEFAULTS = {"read_mib": 1024, "dense_mnk": "2048,2048,6144", "max_seconds": 60.0}
+
+
+def run(
+    args: argparse.Namespace, targets: Targets | None = None, record: dict | None = None
+) -> int:
     """Run the comparison described by ``args``; returns the process exit code.
 
     ``targets``: the speed targets of the ``cpu`` row per (shape, T) (the project's are in the
-    source tree's ``bench/bench_moe_ffn.py``); without them the target column stays empty."""
+    source tree's ``bench/bench_moe_ffn.py``); without them the target column stays empty.
+    ``record``: a dict that receives ``rows`` (one dict per CSV line, keys :data:`CSV_HEADERS`
+    plus ``p20_ms`` / ``p80_ms``), ``ceilings`` and ``device`` (for :func:`to_schema`)."""
+    for key, value in FULL_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     device = torch.device(args.device or default_device())
     dtype = parse_dtype(args.dtype)
     shapes = [bu.get_shape(s) for s in _split(args.shape)] or [
@@ -351,8 +365,22 @@ def run(args: argparse.Namespace, targets: Targets | None = None) -> int:
             csv_rows.extend(rows)
         del base, weights, hf, dense_b
     if args.csv:
-        bu.write_csv(args.csv, CSV_HEADERS, csv_rows)
+        bu.write_csv(args.csv, CSV_HEADERS, [r[: len(CSV_HEADERS)] for r in csv_rows])
         print(f"\nwrote {len(csv_rows)} rows to {args.csv}")
+    if record is not None:
+        keys = [*CSV_HEADERS, "p20_ms", "p80_ms"]
+        record["rows"] = [dict(zip(keys, r, strict=True)) for r in csv_rows]
+        record["ceilings"] = {
+            "read_gbps": read_bw / 1e9,
+            "read_mib": args.read_mib,
+            "dense_tflops": dense_rate / 1e12,
+            "dense_mnk": f"{m}x{k}x{n}",
+            "dense_dtype": str(dtype).replace("torch.", ""),
+            "dense_layout": dense["layout"],
+        }
+        record["device"] = device
+        record["dtype"] = dtype
+        record["backends"] = backends
     return 1 if failures else 0
 
 
@@ -539,6 +567,9 @@ def _run_one(
                 ceilings["dense_layout"],
                 ceilings["fp32_dense"] / 1e12,
                 row["pct_fp32"],
+                # past CSV_HEADERS: for to_schema only
+                _quantile(times.get(name, []), 0.2) * 1e3,
+                _quantile(times.get(name, []), 0.8) * 1e3,
             ]
         )
     title = (
@@ -567,6 +598,116 @@ def _run_one(
         print(f"   note: {note}")
     sys.stdout.flush()
     return csv_rows, failures
+
+
+def _quantile(values: list[float], q: float) -> float:
+    from .suite import _quantile as quantile
+
+    return quantile(values, q) if values else float("nan")
+
+
+def to_schema(args: argparse.Namespace, record: dict) -> tuple[list[dict], dict]:
+    """The comparison's rows in moe-bench's one schema (:mod:`.schema`): op ``moe_ffn``, pass
+    ``fwd``; ``kind`` is ``backend`` for moe_kernels' backends and the reference, ``ceiling`` for
+    the read-ceiling row, ``peer`` otherwise; the baseline is ``hf-eager``."""
+    from . import roofline, suite
+    from .ops import tolerance
+
+    device, dtype = record["device"], record["dtype"]
+    ceil = record["ceilings"]
+    rate, bw = ceil["dense_tflops"] * 1e12, ceil["read_gbps"] * 1e9
+    esize = torch.empty(0, dtype=dtype).element_size()
+    tol = tolerance("moe_ffn", "fwd", dtype, device)
+
+    def num(v):
+        return None if v is None or v == "" or v != v else v
+
+    rows = []
+    for r in record["rows"]:
+        name = r["contender"]
+        shape = bu.get_shape(r["shape"])
+        kind = (
+            "ceiling"
+            if name == "read-ceiling"
+            else "backend"
+            if name in record["backends"] or name == "reference"
+            else "peer"
+        )
+        cnt = roofline.counts("moe_ffn", "fwd", shape, r["T"], esize, r["distinct_experts"])
+        med = num(r["median_ms"])
+        t_min, bound = roofline.attainable_seconds(cnt, rate, bw)
+        rel = num(r["rel_err_vs_reference"])
+        status = "ok"
+        if r["error"].startswith("skipped"):
+            status = "skipped"
+        elif r["error"] and med is None:
+            status = "ERROR"
+        elif rel is not None and not rel <= tol:
+            status = "FAIL"
+        note = "; ".join(
+            t
+            for t in (
+                r["ran_as"] if r["ran_as"] not in (name, "") else "",
+                r["error"],
+                f"target {r['target']}: {r['target_met']}" if r["target"] else "",
+                "caches evicted before each call" if r["evicted"] else "",
+            )
+            if t
+        )
+        if kind == "ceiling":
+            cnt = roofline.Counts(0, int(ceil["read_mib"]) << 20)
+            t_min, bound = 0.0, "memory"
+        rows.append(
+            {
+                "op": "moe_ffn",
+                "pass": "fwd",
+                "backend": name,
+                "kind": kind,
+                "shape": shape.name,
+                "model": shape.model,
+                "H": shape.hidden,
+                "I": shape.intermediate,
+                "E": shape.experts,
+                "k": shape.top_k,
+                "T": r["T"],
+                "dtype": r["dtype"],
+                "routing": "uniform",
+                "active_experts": r["distinct_experts"],
+                "scaled": False,
+                "status": status,
+                "note": note,
+                "median_ms": med,
+                "p20_ms": num(r["p20_ms"]),
+                "p80_ms": num(r["p80_ms"]),
+                "samples": r["samples"],
+                "cuda_graph": False,
+                "flops": cnt.flops,
+                "bytes": cnt.bytes,
+                "tflops": None if med is None or not cnt.flops else cnt.flops / med / 1e9,
+                "gbps": None if med is None else cnt.bytes / med / 1e6,
+                "bound": bound,
+                "pct_of_ceiling": None if med is None or not t_min else 100 * t_min / med * 1e3,
+                "baseline": "hf-eager",
+                "speedup": num(r["speedup_vs_eager"]),
+                "max_rel_err": rel,
+                "tolerance": tol if kind != "ceiling" else None,
+                "pred_h100_ms": roofline.predict_ms(cnt, dtype, "h100_sxm"),
+                "pred_h200_ms": roofline.predict_ms(cnt, dtype, "h200"),
+            }
+        )
+    opts = argparse.Namespace(
+        device=device,
+        dtype=dtype,
+        command=" ".join(["moe-bench", *getattr(args, "_argv", [])]),
+        baseline="hf-eager",
+        routing="uniform",
+        skew=0.0,
+    )
+    import moe_kernels
+
+    avail = moe_kernels.available_backends()
+    meta = suite.make_meta(opts, avail, {}, ceil)
+    return rows, meta
 
 
 def _dense_operands(x, dense_b, layout):

@@ -2,7 +2,7 @@
 
 Nothing here is on an op path: host syncs, Python loops and ``.item()`` are fine.
 
-* :class:`MoEShape` and :data:`SHAPES`: expert-layer shapes of real models.
+* :class:`MoEShape` and :data:`SHAPES`: expert-layer shapes of real models (from :mod:`.presets`).
 * :func:`make_inputs`: random weights in the Hugging Face expert layout plus a softmax/top-k routing.
 * :func:`time_alternating`: times several contenders in turns (A B A B ...), so that drift on a
   shared machine hits all of them alike, optionally evicting the caches before every call.
@@ -14,7 +14,6 @@ Nothing here is on an op path: host syncs, Python loops and ``.item()`` are fine
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 import statistics
 import time
@@ -24,70 +23,8 @@ import torch
 
 from . import machine
 
-# --------------------------------------------------------------------------------------- shapes
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEShape:
-    """One MoE layer's expert shape: ``E`` experts of ``H -> 2I -> I -> H`` (SwiGLU), top-``k``."""
-
-    name: str
-    hidden: int  # H
-    intermediate: int  # I
-    experts: int  # E
-    top_k: int  # k
-    model: str = ""
-
-    def expert_bytes(self, element_size: int) -> int:
-        """Bytes of one expert's weights (gate_up [2I, H] and down [H, I])."""
-        return 3 * self.hidden * self.intermediate * element_size
-
-    def weight_bytes(self, element_size: int) -> int:
-        """Bytes of all experts' weights."""
-        return self.experts * self.expert_bytes(element_size)
-
-    def flops(self, tokens: int) -> int:
-        """FLOPs of the expert FFN for ``tokens`` tokens: ``2 * T * k * 3 * H * I``."""
-        return 2 * tokens * self.top_k * 3 * self.hidden * self.intermediate
-
-    def describe(self) -> str:
-        return f"H {self.hidden}, I {self.intermediate}, E {self.experts}, k {self.top_k}"
-
-
-#: Expert shapes of real model layers (the benchmark presets).
-SHAPES: dict[str, MoEShape] = {
-    "qwen3-30b-a3b": MoEShape("qwen3-30b-a3b", 2048, 768, 128, 8, "Qwen3-30B-A3B"),
-    "olmoe-1b-7b": MoEShape("olmoe-1b-7b", 2048, 1024, 64, 8, "OLMoE-1B-7B"),
-    "mixtral-8x7b": MoEShape("mixtral-8x7b", 4096, 14336, 8, 2, "Mixtral-8x7B"),
-    "small": MoEShape("small", 512, 256, 16, 4, "small test layer"),
-}
-
-
-def get_shape(name: str) -> MoEShape:
-    """Look a preset up by name (case-insensitive, ``_`` and ``-`` interchangeable)."""
-    key = name.strip().lower().replace("_", "-")
-    if key not in SHAPES:
-        raise ValueError(f"unknown shape preset {name!r}; choose from {', '.join(SHAPES)}")
-    return SHAPES[key]
-
-
-def scale_to_budget(shape: MoEShape, budget_bytes: int, element_size: int) -> MoEShape:
-    """A smaller version of ``shape`` whose expert weights fit in ``budget_bytes``.
-
-    H and k stay as they are (they set the per-token work); E is halved first, but not below
-    ``2k`` (so routing still chooses), then I is halved (kept a multiple of 64, at least 64).
-    """
-    experts, inter = shape.experts, shape.intermediate
-    per_expert = 3 * shape.hidden * element_size
-    min_experts = min(shape.experts, 2 * shape.top_k)
-    while experts > min_experts and experts * inter * per_expert > budget_bytes:
-        experts = max(min_experts, experts // 2)
-    while inter > 64 and experts * inter * per_expert > budget_bytes:
-        inter = max(64, (inter // 2) // 64 * 64 or 64)
-    if (experts, inter) == (shape.experts, shape.intermediate):
-        return shape
-    return dataclasses.replace(shape, experts=experts, intermediate=inter)
-
+# the presets live in .presets; re-exported here, where the scripts under bench/ look for them
+from .presets import SHAPES, MoEShape, get_shape, parse_shapes, scale_to_budget  # noqa: F401
 
 # --------------------------------------------------------------------------------------- inputs
 
@@ -185,18 +122,21 @@ def time_alternating(
     before_each: Callable[[], None] | None = None,
     device: torch.device | str = "cpu",
     max_seconds: float | None = None,
+    inference_mode: bool = True,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Time ``contenders`` in turns (A B A B ...); returns seconds per call and errors by name.
 
     ``before_each`` (e.g. a :class:`CacheEvictor`) runs before every timed call and is not timed.
     A contender that raises is dropped from the following rounds and its error message recorded.
     ``max_seconds`` stops after the round in which the total elapsed time passed it (at least one
-    timed round always runs).
+    timed round always runs). ``inference_mode=False`` runs the calls with autograd on (timing a
+    backward pass).
     """
     times: dict[str, list[float]] = {name: [] for name in contenders}
     errors: dict[str, str] = {}
     live = dict(contenders)
-    with torch.inference_mode():
+    mode = torch.inference_mode() if inference_mode else torch.enable_grad()
+    with mode:
         for name, fn in list(live.items()):
             try:
                 for _ in range(warmup):
@@ -385,8 +325,10 @@ def print_table(
     rows: Sequence[Sequence[object]],
     title: str | None = None,
     plain: bool = False,
+    console=None,
 ) -> None:
-    """Print a table with ``rich`` when installed (and ``plain`` is false), else aligned text."""
+    """Print a table with ``rich`` when installed (and ``plain`` is false), else aligned text.
+    ``console``: the ``rich`` console to print on (e.g. one showing a progress bar)."""
     cells = [[_fmt(v) for v in row] for row in rows]
     if not plain:
         try:
@@ -400,9 +342,10 @@ def print_table(
             table.add_column(h, justify="left" if i == 0 else "right")
         for row in cells:
             table.add_row(*row)
-        Console(width=max(100, os.get_terminal_size(1).columns if os.isatty(1) else 160)).print(
-            table
-        )
+        if console is None:
+            width = max(100, os.get_terminal_size(1).columns if os.isatty(1) else 160)
+            console = Console(width=width)
+        console.print(table)
         return
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     if title:
