@@ -358,6 +358,31 @@ def contender(op: str, case: Case, backend: str) -> Built:
     raise ValueError(f"unknown op {op!r}")
 
 
+#: the registered ops (moe_kernels._registry.FORWARD_OPS) each benchmarked op calls: a backend
+#: without a kernel for one of them cannot run it
+KERNELS = {
+    "gating": ("topk_gating",),
+    "route": ("route",),
+    "permute": ("permute",),
+    "unpermute": ("unpermute",),
+    "grouped_gemm": ("grouped_gemm",),
+    "moe_ffn": ("moe_ffn",),
+    "layer": ("topk_gating", "moe_ffn"),
+}
+
+
+def why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` / ``dtype``, or None if it can."""
+    from moe_kernels import _backends
+
+    b = _backends._BACKENDS[backend]
+    for kernel in KERNELS[op]:
+        why = _backends._why_not(b, kernel, device, dtype)
+        if why is not None:
+            return why
+    return None
+
+
 def has_backward(op: str) -> bool:
     return op not in FORWARD_ONLY
 

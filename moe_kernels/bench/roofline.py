@@ -250,7 +250,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 
     # speed-up against the baseline
     labels, values, cols = [], [], []
-    baseline = meta.get("baseline", "reference")
+    baseline = next((r["baseline"] for r in timed), "reference")
     contenders = sorted({r["backend"] for r in timed})
     for key, rs in groups.items():
         for r in sorted(rs, key=lambda r: r["backend"]):

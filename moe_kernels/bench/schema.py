@@ -3,7 +3,8 @@
 JSON: ``{"meta": {...}, "rows": [{...}, ...]}`` with exactly the keys of :data:`META_FIELDS` and
 :data:`ROW_FIELDS` (a value that does not apply is ``null``). CSV: one line per row, the columns
 of :data:`ROW_FIELDS` then those of :data:`META_FIELDS` (the same values on every line; lists and
-objects JSON-encoded), empty cells for ``null``. README.md documents every field.
+objects JSON-encoded), empty cells for ``null``; no meta field shares a row field's name. README.md
+documents every field.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ META_FIELDS: dict[str, str] = {
     "command": "the command line",
     "backends": "backend -> [available, reason] (moe_kernels.available_backends())",
     "peers": "peer -> 'available' or the reason it was skipped",
-    "baseline": "the contender speedup is relative to",
-    "routing": "routing distribution of the run (uniform, zipf(s=...), one)",
     "ceilings": "machine ceilings measured in this run: read_gbps (sum over read_mib MiB), "
     "dense_tflops (matmul dense_mnk in dense_dtype, fastest layout)",
     "gpu_specs": "GPU -> published dense peak FLOP/s per dtype and HBM bytes/s behind the "

@@ -126,8 +126,6 @@ def make_meta(opts: Options, avail: dict, peer_status: dict, ceilings: dict) -> 
         "command": opts.command,
         "backends": {n: [ok, why] for n, (ok, why) in avail.items()},
         "peers": dict(peer_status),
-        "baseline": opts.baseline,
-        "routing": bops.routing_label(opts.routing, opts.skew),
         "ceilings": ceilings,
         "gpu_specs": {
             key: {
@@ -213,7 +211,7 @@ def run_group(
     scaled: bool,
 ) -> list[dict]:
     """Every contender of one (shape, T, op, pass): checked, timed; their rows."""
-    from moe_kernels import BackendUnavailableError, _backends
+    from moe_kernels import BackendUnavailableError
 
     shape = case.shape
     tol = bops.tolerance(op, pass_, opts.dtype, opts.device)
@@ -239,7 +237,7 @@ def run_group(
             if op == "layer":
                 c.note = case.layer_note
             continue
-        why = _backends._why_not(_backends._BACKENDS[name], op, opts.device, opts.dtype)
+        why = bops.why_not(name, op, opts.device, opts.dtype)
         if why is not None:
             c.status, c.note = "n/a", f"{name}: {why}"
             continue
