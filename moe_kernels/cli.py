@@ -47,6 +47,19 @@ DEFAULT_DENSE_MNK = "1024,2048,2048"
 #: stop timing one (op, pass, shape, T) after the round that passes this many seconds
 DEFAULT_GROUP_SECONDS = 2.0
 
+DESCRIPTION = """\
+Check and time moe_kernels' ops -- top-k gating, routing, permutation, the grouped GEMM, the
+expert FFN and the whole MoE layer, forward and backward -- on every backend against the
+reference and the installed peers (transformers' experts, torch's grouped_mm, vLLM, the
+grouped_gemm package), on the layer shapes of well-known MoE models. Each row: median and
+p20-p80 time, TFLOP/s and GB/s from analytic counts, % of the roofline of the ceilings measured
+in the same run, speed-up against a baseline, max relative error against the reference, and
+PREDICTED H100 SXM / H200 times (roofline lower bounds from published peaks).
+
+Default: every op, forward, on Qwen3-30B-A3B's layer with its experts scaled down to 160 MiB,
+T = 1 and 128: about half a minute on a 2-core CPU.
+"""
+
 EPILOG = """\
 examples:
   moe-bench                                   # every op, fwd, Qwen3-30B-A3B scaled, T = 1,128
@@ -64,10 +77,7 @@ run), or a backend named with --backends is unavailable; 2 bad arguments.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-bench",
-        description="Check and time moe_kernels' ops (gating, routing, permutation, grouped GEMM, "
-        "expert FFN, whole layer; forward and backward) on every backend against the reference "
-        "and the installed peers (transformers, torch grouped_mm, vLLM, grouped_gemm), on the "
-        "layer shapes of well-known MoE models.",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -326,9 +326,11 @@ def print_table(
     title: str | None = None,
     plain: bool = False,
     console=None,
+    left: Sequence[int] = (0,),
 ) -> None:
     """Print a table with ``rich`` when installed (and ``plain`` is false), else aligned text.
-    ``console``: the ``rich`` console to print on (e.g. one showing a progress bar)."""
+    ``console``: the ``rich`` console to print on (e.g. one showing a progress bar); ``left``: the
+    columns aligned left in the rich table (the others are numbers, aligned right)."""
     cells = [[_fmt(v) for v in row] for row in rows]
     if not plain:
         try:
@@ -339,7 +341,7 @@ def print_table(
     if not plain:
         table = Table(title=title, title_justify="left")
         for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            table.add_column(h, justify="left" if i in left else "right")
         for row in cells:
             table.add_row(*row)
         if console is None:

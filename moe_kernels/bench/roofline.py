@@ -250,6 +250,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 
     # speed-up against the baseline
     labels, values, cols = [], [], []
+    several_shapes = len({key[2] for key in groups}) > 1
     baseline = next((r["baseline"] for r in timed), "reference")
     contenders = sorted({r["backend"] for r in timed})
     for key, rs in groups.items():
@@ -257,7 +258,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             if r.get("speedup") is None or r["backend"] == baseline:
                 continue
             op, pass_, shape, T = key
-            labels.append(f"{op} {pass_} T={T}: {r['backend']}")
+            where = f"{shape} " if several_shapes else ""
+            labels.append(f"{where}{op} {pass_} T={T}: {r['backend']}")
             values.append(r["speedup"])
             cols.append(colors[contenders.index(r["backend"]) % len(colors)])
     if values:

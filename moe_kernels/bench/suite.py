@@ -380,6 +380,10 @@ TABLE_HEADERS = [
 ]
 
 
+#: the text columns of TABLE_HEADERS (aligned left)
+TEXT_COLUMNS = (0, 1, 2, 3, 13)
+
+
 def _cell(v, fmt="{:.4g}"):
     return "-" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
 
@@ -537,7 +541,7 @@ class _Plain:
         pass
 
     def print_table(self, headers, rows, title) -> None:
-        bu.print_table(headers, rows, title=title, plain=self.plain)
+        bu.print_table(headers, rows, title=title, plain=self.plain, left=TEXT_COLUMNS)
         sys.stdout.flush()
 
     def close(self) -> None:
@@ -568,7 +572,7 @@ class _Rich(_Plain):
         self.progress.advance(self.task)
 
     def print_table(self, headers, rows, title) -> None:
-        bu.print_table(headers, rows, title=title, console=self.console)
+        bu.print_table(headers, rows, title=title, console=self.console, left=TEXT_COLUMNS)
 
     def close(self) -> None:
         self.progress.stop()
