@@ -412,6 +412,126 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
   return {grad_y, grad_w};
 }
 
+// ----------------------------------------------------------------------------------------------
+// grouped GEMM: the exact path (kernels/grouped_gemm.h)
+// ----------------------------------------------------------------------------------------------
+void check_grouped(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, bool trans_b) {
+  check_cuda(a, "a");
+  check_same_device(b, a, "b");
+  check_same_device(offs, a, "offs");
+  check_dim(a, 2, "a");
+  check_dim(b, 3, "b");
+  check_dim(offs, 1, "offs");
+  float_type(a, "a");
+  float_type(b, "b");
+  check_index(offs, "offs");
+  TORCH_CHECK(offs.size(0) == b.size(0), "moe_kernels (cuda): offs must have E=", b.size(0),
+              " entries (one per expert of b), got ", offs.size(0));
+  const int64_t Kb = trans_b ? b.size(2) : b.size(1);
+  TORCH_CHECK(Kb == a.size(1), "moe_kernels (cuda): a is [M, K=", a.size(1), "] but b ",
+              (trans_b ? "[E, N, K]" : "[E, K, N]"), " has K=", Kb, " (shape ", b.sizes(), ")");
+}
+
+// B_e(k, n) of b for out = a @ b[e] (b[e]^T with trans_b): its (k, n) element strides.
+std::pair<int64_t, int64_t> b_strides(const at::Tensor& b, bool trans_b) {
+  return trans_b ? std::make_pair(b.stride(2), b.stride(1))
+                 : std::make_pair(b.stride(1), b.stride(2));
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b_in, const at::Tensor& offs,
+                             bool trans_b) {
+  check_grouped(a, b_in, offs, trans_b);
+  MOE_DEVICE_GUARD(a);
+  // one float type for the three operands: b is converted to a's type when they differ
+  const at::Tensor b = b_in.scalar_type() == a.scalar_type() ? b_in : b_in.to(a.scalar_type());
+  const int64_t M = a.size(0), K = a.size(1), N = trans_b ? b.size(1) : b.size(2);
+  at::Tensor out = new_output({M, N}, a.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor o = index_i32(offs);
+  SegmentGemmParams p;
+  p.a = a.data_ptr();
+  p.a_sr = a.stride(0);
+  p.a_sk = a.stride(1);
+  p.b = b.data_ptr();
+  p.b_se = b.stride(0);
+  std::tie(p.b_sk, p.b_sn) = b_strides(b, trans_b);
+  p.out = out.data_ptr();
+  p.offs = o.data_ptr<int32_t>();
+  p.E = b.size(0);
+  p.R = M;
+  p.N = N;
+  p.K = K;
+  check_launch(launch_segment_gemm(float_type(a, "a"), p, stream()), "grouped_gemm");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cuda(const at::Tensor& grad_out_in,
+                                                              const at::Tensor& a,
+                                                              const at::Tensor& b_in,
+                                                              const at::Tensor& offs, bool trans_b,
+                                                              bool need_grad_a, bool need_grad_b) {
+  check_grouped(a, b_in, offs, trans_b);
+  check_same_device(grad_out_in, a, "grad_out");
+  float_type(grad_out_in, "grad_out");
+  MOE_DEVICE_GUARD(a);
+  const int64_t M = a.size(0), K = a.size(1), E = b_in.size(0);
+  const int64_t N = trans_b ? b_in.size(1) : b_in.size(2);
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == M && grad_out_in.size(1) == N,
+              "moe_kernels (cuda): grad_out must be [M=", M, ", N=", N, "], got ",
+              grad_out_in.sizes());
+  const at::ScalarType t = a.scalar_type();
+  const at::Tensor b = b_in.scalar_type() == t ? b_in : b_in.to(t);
+  const at::Tensor g = grad_out_in.scalar_type() == t ? grad_out_in : grad_out_in.to(t);
+  const FloatType ft = float_type(a, "a");
+  at::Tensor grad_a = at::empty({0}, a.options()), grad_b = at::empty({0}, b_in.options());
+  at::Tensor o = index_i32(offs);
+  if (need_grad_a) {
+    grad_a = new_output({M, K}, a.options());
+    if (M > 0 && K > 0) {
+      const auto [b_sk, b_sn] = b_strides(b, trans_b);
+      SegmentGemmParams p;  // dA(m, k) = sum_n grad_out(m, n) * B_e(k, n)
+      p.a = g.data_ptr();
+      p.a_sr = g.stride(0);
+      p.a_sk = g.stride(1);
+      p.b = b.data_ptr();
+      p.b_se = b.stride(0);
+      p.b_sk = b_sn;
+      p.b_sn = b_sk;
+      p.out = grad_a.data_ptr();
+      p.offs = o.data_ptr<int32_t>();
+      p.E = E;
+      p.R = M;
+      p.N = K;
+      p.K = N;
+      check_launch(launch_segment_gemm(ft, p, stream()), "grouped_gemm_backward (grad_a)");
+    }
+  }
+  if (need_grad_b) {
+    at::Tensor gb = new_output(b.sizes(), b.options().memory_format(at::MemoryFormat::Contiguous));
+    if (gb.numel() > 0) {
+      RaggedKParams p;  // G_e(k, n) = sum over e's rows m of a(m, k) * grad_out(m, n)
+      p.a = a.data_ptr();
+      p.a_sm = a.stride(0);
+      p.a_sk = a.stride(1);
+      p.d = g.data_ptr();
+      p.d_sm = g.stride(0);
+      p.d_sn = g.stride(1);
+      p.out = gb.data_ptr();
+      p.o_se = gb.stride(0);
+      p.o_sk = trans_b ? gb.stride(2) : gb.stride(1);
+      p.o_sn = trans_b ? gb.stride(1) : gb.stride(2);
+      p.offs = o.data_ptr<int32_t>();
+      p.E = E;
+      p.R = M;
+      p.K = K;
+      p.N = N;
+      check_launch(launch_ragged_k(ft, p, stream()), "grouped_gemm_backward (grad_b)");
+    }
+    grad_b = gb.scalar_type() == b_in.scalar_type() ? gb : gb.to(b_in.scalar_type());
+  }
+  return {grad_a, grad_b};
+}
+
 }  // namespace
 }  // namespace moe_kernels::cuda
 
@@ -424,6 +544,8 @@ TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);
   m.impl("unpermute_backward", &unpermute_backward_cuda);
+  m.impl("grouped_gemm", &grouped_gemm_cuda);
+  m.impl("grouped_gemm_backward", &grouped_gemm_backward_cuda);
 }
 #endif
 
@@ -450,6 +572,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("permute", &permute_cuda);
   m.def("unpermute", &unpermute_cuda);
   m.def("unpermute_backward", &unpermute_backward_cuda);
+  m.def("grouped_gemm", &grouped_gemm_cuda);
+  m.def("grouped_gemm_backward", &grouped_gemm_backward_cuda);
   m.def("set_max_blocks", &emu_set_max_blocks, "Grid cap of the emulated launches.");
 #endif
 }

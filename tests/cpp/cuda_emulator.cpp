@@ -247,4 +247,16 @@ cudaError_t launch_unpermute_backward(FloatType t, FloatType g, bool vec,
   return ex.err;
 }
 
+cudaError_t launch_segment_gemm(FloatType t, const SegmentGemmParams& p, cudaStream_t) {
+  HostExec ex;
+  segment_gemm_on(ex, t, p);
+  return ex.err;
+}
+
+cudaError_t launch_ragged_k(FloatType t, const RaggedKParams& p, cudaStream_t) {
+  HostExec ex;
+  ragged_k_on(ex, t, p);
+  return ex.err;
+}
+
 }  // namespace moe_kernels::cuda

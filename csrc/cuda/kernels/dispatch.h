@@ -3,6 +3,7 @@
 // `run_*` launch sequences.  csrc/cuda/*.cu instantiate them with the CUDA executor (exec.cuh),
 // tests/cpp/cuda_emulator.cpp with the CPU one.
 #include "cuda/kernels/gating.h"
+#include "cuda/kernels/grouped_gemm.h"
 #include "cuda/kernels/permute.h"
 #include "cuda/kernels/routing.h"
 
@@ -76,6 +77,16 @@ void unpermute_backward_on(Exec& ex, FloatType t, FloatType g, bool vec,
     else
       run(T{});
   });
+}
+
+template <class Exec>
+void segment_gemm_on(Exec& ex, FloatType t, const SegmentGemmParams& p) {
+  dispatch_float(t, [&](auto tag) { run_segment_gemm<decltype(tag)>(ex, p); });
+}
+
+template <class Exec>
+void ragged_k_on(Exec& ex, FloatType t, const RaggedKParams& p) {
+  dispatch_float(t, [&](auto tag) { run_ragged_k<decltype(tag)>(ex, p); });
 }
 
 }  // namespace moe_kernels::cuda
