@@ -13,7 +13,9 @@ Which kernel each test executes: ``GatingForward`` / ``GatingBackward`` (every v
 bucket, the scratch path for E > 512, groups) -> ``test_gating*``; ``RouteRank``,
 ``RouteOffsets``, ``RouteScatter``, ``RouteBlockExpert`` -> ``test_route*``; ``PermuteRows``
 (16-byte and element-wise), ``UnpermuteRows``, ``UnpermuteGradY``, ``UnpermuteGradW`` ->
-``test_permute*``; ``SegmentGemm``, ``SegmentGemmRaggedK``, ``ZeroRows`` -> ``test_grouped_gemm*``.
+``test_permute*``; ``SegmentGemm``, ``SegmentGemmRaggedK``, ``ZeroRows`` -> ``test_grouped_gemm*`` and
+``test_moe_ffn*``; ``GatedAct``, ``GatedActBackward``, ``AddExpertBias``, ``ExpertColumnSum``
+-> ``test_moe_ffn*``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from test_gating import near_tie_rows
 from test_grouped_gemm import CASES as GEMM_CASES
 from test_grouped_gemm import _case_id as gemm_case_id
 from test_grouped_gemm import check_against_reference as check_gemm
+from test_moe_ffn import CASES as FFN_CASES
+from test_moe_ffn import _case_id as ffn_case_id
+from test_moe_ffn import check_against_reference as check_ffn
 from test_permute import CASES as PERMUTE_CASES
 from testutil import check_vs_reference, gen, randn, random_ids
 
@@ -309,3 +314,12 @@ def test_grouped_gemm_strided_b_and_bad_offs(emu):
     got = emu.grouped_gemm(a, b_nk, bad, True)
     want = ref.grouped_gemm(a, b_nk, torch.tensor([5, 5, 20], dtype=torch.int32), True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", FFN_CASES, ids=ffn_case_id)
+def test_moe_ffn_vs_reference(emu, case, dtype):
+    """moe_ffn and its backward as the CUDA backend composes them (route, permute, the segment
+    GEMMs with fp32 intermediates, the activation and bias kernels, unpermute) on the op suite's
+    cases, held to the "2x PyTorch's own error" rule."""
+    check_ffn(emu.moe_ffn, emu.moe_ffn_backward, case, dtype, "cpu", budget=lambda grad: None)

@@ -1,8 +1,9 @@
 #pragma once
 // Bodies of the CUDA grouped GEMM kernels of the exact path (any strides, any sizes, full fp32
-// FMA), written against simt.h so the CPU tests run them.  A tiled SIMT GEMM: 256 threads per
-// block compute a 64 x 64 output tile, 4 x 4 per thread, over K in steps of 16 staged in shared
-// memory; fp32 accumulation in K order (deterministic, no atomics).
+// FMA), written against simt.h so the CPU tests run them.  Operand and output types are template
+// parameters: the public op uses one type for all three, moe_ffn keeps its intermediates in fp32.
+// A tiled SIMT GEMM: 256 threads per block compute a 64 x 64 output tile, 4 x 4 per thread, over K
+// in steps of 16 staged in shared memory; fp32 accumulation in K order (deterministic, no atomics).
 //
 //   SegmentGemm        out[r, n] = sum_k A(r, k) * B_e(k, n) for the rows r of expert e's
 //                      segment [offs[e-1], offs[e]) -- the forward (B_e = b[e] or b[e]^T) and dA
@@ -85,7 +86,7 @@ MOE_HOST_DEVICE MOE_FORCEINLINE void tile_fma(const float* As, const float* Bs, 
 
 constexpr size_t kGemmSmemBytes = sizeof(float) * (kGemmBM * kGemmBK + kGemmBK * kGemmBN);
 
-template <class T>
+template <class TA, class TB, class TO>
 struct SegmentGemm {
   static constexpr int kThreads = 256;
   SegmentGemmParams p;
@@ -94,9 +95,9 @@ struct SegmentGemm {
   MOE_HOST_DEVICE void operator()(Ctx& c) const {
     float* As = c.template shared<float>();
     float* Bs = As + kGemmBM * kGemmBK;
-    const T* a = static_cast<const T*>(p.a);
-    const T* b = static_cast<const T*>(p.b);
-    T* out = static_cast<T*>(p.out);
+    const TA* a = static_cast<const TA*>(p.a);
+    const TB* b = static_cast<const TB*>(p.b);
+    TO* out = static_cast<TO*>(p.out);
     const int tid = c.tid(), ty = tid / 16, tx = tid % 16;
     const int64_t tiles_n = (p.N + kGemmBN - 1) / kGemmBN;
     const int64_t tiles = ((p.R + kGemmBM - 1) / kGemmBM + p.E) * tiles_n;
@@ -105,7 +106,7 @@ struct SegmentGemm {
       // uniform over the block: every thread finds the same tile
       if (!find_row_tile(p.offs, p.E, p.R, t / tiles_n, &e, &row0, &row_end)) continue;
       const int64_t n0 = (t % tiles_n) * kGemmBN;
-      const T* be = b + e * p.b_se;
+      const TB* be = b + e * p.b_se;
       float acc[4][4] = {};
       for (int64_t k0 = 0; k0 < p.K; k0 += kGemmBK) {
         for (int idx = tid; idx < kGemmBM * kGemmBK; idx += kThreads) {
@@ -129,7 +130,7 @@ struct SegmentGemm {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int64_t n = n0 + tx * 4 + j;
-          if (n < p.N) out[m * p.N + n] = from_f32<T>(acc[i][j]);
+          if (n < p.N) out[m * p.N + n] = from_f32<TO>(acc[i][j]);
         }
       }
     }
@@ -147,7 +148,7 @@ struct RaggedKParams {
   int64_t E = 0, R = 0, K = 0, N = 0;
 };
 
-template <class T>
+template <class TA, class TD, class TO>
 struct SegmentGemmRaggedK {
   static constexpr int kThreads = 256;
   RaggedKParams p;
@@ -156,9 +157,9 @@ struct SegmentGemmRaggedK {
   MOE_HOST_DEVICE void operator()(Ctx& c) const {
     float* As = c.template shared<float>();  // [BM (k)][BK (m)]
     float* Bs = As + kGemmBM * kGemmBK;      // [BK (m)][BN (n)]
-    const T* a = static_cast<const T*>(p.a);
-    const T* d = static_cast<const T*>(p.d);
-    T* out = static_cast<T*>(p.out);
+    const TA* a = static_cast<const TA*>(p.a);
+    const TD* d = static_cast<const TD*>(p.d);
+    TO* out = static_cast<TO*>(p.out);
     const int tid = c.tid(), ty = tid / 16, tx = tid % 16;
     const int64_t tiles_k = (p.K + kGemmBM - 1) / kGemmBM, tiles_n = (p.N + kGemmBN - 1) / kGemmBN;
     const int64_t tiles = p.E * tiles_k * tiles_n;
@@ -190,7 +191,7 @@ struct SegmentGemmRaggedK {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int64_t n = n0 + tx * 4 + j;
-          if (n < p.N) out[e * p.o_se + k * p.o_sk + n * p.o_sn] = from_f32<T>(acc[i][j]);
+          if (n < p.N) out[e * p.o_se + k * p.o_sk + n * p.o_sn] = from_f32<TO>(acc[i][j]);
         }
       }
     }
@@ -219,20 +220,21 @@ struct ZeroRows {
   }
 };
 
-template <class T, class Exec>
+template <class TA, class TB, class TO, class Exec>
 void run_segment_gemm(Exec& ex, const SegmentGemmParams& p) {
   if (p.R == 0 || p.N == 0) return;
   const int64_t tiles = ((p.R + kGemmBM - 1) / kGemmBM + p.E) * ((p.N + kGemmBN - 1) / kGemmBN);
-  ex.launch(SegmentGemm<T>{p}, std::min<int64_t>(tiles, ex.max_blocks()), kGemmSmemBytes);
-  ZeroRowsParams z{p.out, p.R, p.N * static_cast<int64_t>(sizeof(T)), p.offs, p.E};
+  ex.launch(SegmentGemm<TA, TB, TO>{p}, std::min<int64_t>(tiles, ex.max_blocks()), kGemmSmemBytes);
+  ZeroRowsParams z{p.out, p.R, p.N * static_cast<int64_t>(sizeof(TO)), p.offs, p.E};
   ex.launch(ZeroRows{z}, std::min<int64_t>((p.R * z.row_bytes + 255) / 256, ex.max_blocks()), 0);
 }
 
-template <class T, class Exec>
+template <class TA, class TD, class TO, class Exec>
 void run_ragged_k(Exec& ex, const RaggedKParams& p) {
   if (p.E == 0 || p.K == 0 || p.N == 0) return;
   const int64_t tiles = p.E * ((p.K + kGemmBM - 1) / kGemmBM) * ((p.N + kGemmBN - 1) / kGemmBN);
-  ex.launch(SegmentGemmRaggedK<T>{p}, std::min<int64_t>(tiles, ex.max_blocks()), kGemmSmemBytes);
+  ex.launch(SegmentGemmRaggedK<TA, TD, TO>{p}, std::min<int64_t>(tiles, ex.max_blocks()),
+            kGemmSmemBytes);
 }
 
 }  // namespace moe_kernels::cuda
