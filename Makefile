@@ -54,7 +54,7 @@ bench-results: install
 	$(BIN)/python bench/record_results.py
 
 # C++ sources checked against .clang-format (the clang-format pinned in the test extra).
-CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh tests/cpp/*.cpp)
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*/*.h tests/cpp/*.cpp)
 
 lint: install
 	$(BIN)/ruff check .

@@ -262,7 +262,29 @@ def run_unpermute(make, backend, name, dtype, grad, wname="w-fp32"):
     return [out], (out, [y] + ([] if w is None else [w]))
 
 
+#: (T, k, E, K, N, trans_b, b is a transposed view)
+GEMM = {
+    "b_ENK": (9, 2, 6, 16, 24, True, False),
+    "b_EKN-odd": (7, 2, 5, 13, 7, False, False),
+    "b_view": (8, 2, 4, 32, 16, False, True),  # [E, N, K] storage seen as [E, K, N]
+}
+
+
+def run_grouped_gemm(make, backend, name, dtype, grad):
+    T, k, E, K, N, trans_b, view = GEMM[name]
+    plan = moe_kernels.route(make.ids(T, k, E), E, backend=backend)
+    a = make.floats(plan.num_rows, K, dtype=dtype, grad=grad)
+    if view:
+        b = make.floats(E, N, K, dtype=dtype).transpose(1, 2)
+        b.requires_grad_(grad)
+    else:
+        b = make.floats(*((E, N, K) if trans_b else (E, K, N)), dtype=dtype, grad=grad)
+    out = moe_kernels.grouped_gemm(a, b, plan.offs, trans_b=trans_b, backend=backend)
+    return [out], (out, [a, b])
+
+
 RUNNERS = {
+    "grouped_gemm": (run_grouped_gemm, list(GEMM)),
     "topk_gating": (run_gating, list(GATING)),
     "route": (run_route, list(ROUTE)),
     "permute": (run_permute, list(PERMUTE)),
@@ -270,6 +292,7 @@ RUNNERS = {
 }
 #: the backward op each differentiable public op's autograd formula calls in its family
 BACKWARD_OP = {
+    "grouped_gemm": "grouped_gemm_backward",
     "topk_gating": "topk_gating_backward",
     "permute": "unpermute",
     "unpermute": "unpermute_backward",
