@@ -229,6 +229,8 @@ def build_layer(case: Case) -> tuple[torch.nn.Module, str, int]:
             and getattr(m, "e_score_correction_bias", None) is not None
         ):
             m.e_score_correction_bias.copy_(case.correction_bias)
+    # eval mode: the training-only options (router noise, jitter) are off by default anyway
+    m.eval()
     m.gate_up_proj.data = case.w_gate_up
     m.down_proj.data = case.w_down
     if case.gate_up_bias is not None and getattr(m, "gate_up_proj_bias", None) is not None:
