@@ -240,8 +240,8 @@ def _options(args: argparse.Namespace) -> suite.Options:
         tokens = [int(t) for t in _split(args.tokens)] or list(DEFAULT_TOKENS)
     except ValueError:
         raise ValueError(f"--tokens: expected integers, got {args.tokens!r}") from None
-    if any(t < 1 for t in tokens):
-        raise ValueError("--tokens: token counts must be >= 1")
+    if any(t < 0 for t in tokens):
+        raise ValueError("--tokens: token counts must be >= 0")
     ops = _split(args.ops)
     if not ops or ops == ["all"]:
         ops = list(roofline.OPS)

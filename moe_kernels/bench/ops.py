@@ -211,31 +211,29 @@ def build_layer(case: Case) -> tuple[torch.nn.Module, str, int]:
     m = moe_kernels.MoE(
         shape.hidden, shape.intermediate, shape.experts, shape.top_k, device="meta", **kwargs
     )
-    m = m.to_empty(device=case.device)
-    # the experts share the case's tensors; every other parameter (router, shared experts, gate)
-    # gets nn.Linear's default range from a fixed seed, and buffers start at zero
+    # the experts share the case's tensors (no copy: a full-size layer's experts fill the
+    # memory once); every other parameter (router, shared experts, gate) gets nn.Linear's default
+    # range from a fixed seed, and buffers start at zero
+    nn = torch.nn
+    m.gate_up_proj = nn.Parameter(case.w_gate_up)
+    m.down_proj = nn.Parameter(case.w_down)
+    if case.gate_up_bias is not None and getattr(m, "gate_up_proj_bias", None) is not None:
+        m.gate_up_proj_bias = nn.Parameter(case.gate_up_bias)
+        m.down_proj_bias = nn.Parameter(case.down_bias)
     gen = torch.Generator().manual_seed(case.seed + 17)
-    experts = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name in experts:
-                continue
-            bound = 1.0 / math.sqrt(p.shape[-1])
-            p.copy_(torch.rand(p.shape, generator=gen).mul_(2 * bound).sub_(bound))
-        for buf in m.buffers():
-            buf.zero_()
-        if (
-            case.correction_bias is not None
-            and getattr(m, "e_score_correction_bias", None) is not None
-        ):
-            m.e_score_correction_bias.copy_(case.correction_bias)
+    for mod in m.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                bound = 1.0 / math.sqrt(p.shape[-1])
+                value = torch.rand(p.shape, generator=gen).mul_(2 * bound).sub_(bound)
+                mod._parameters[name] = nn.Parameter(value.to(case.device, p.dtype))
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_meta:
+                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=case.device)
+    if case.correction_bias is not None and getattr(m, "e_score_correction_bias", None) is not None:
+        m.e_score_correction_bias.copy_(case.correction_bias)
     # eval mode: the training-only options (router noise, jitter) are off by default anyway
     m.eval()
-    m.gate_up_proj.data = case.w_gate_up
-    m.down_proj.data = case.w_down
-    if case.gate_up_bias is not None and getattr(m, "gate_up_proj_bias", None) is not None:
-        m.gate_up_proj_bias.data = case.gate_up_bias
-        m.down_proj_bias.data = case.down_bias
     if shape.approximation:
         notes.append(f"approximation: {shape.approximation}")
     if case.routing != "uniform":

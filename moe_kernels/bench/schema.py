@@ -51,7 +51,7 @@ ROW_FIELDS: dict[str, str] = {
     "op": "gating, route, permute, unpermute, grouped_gemm, moe_ffn or layer",
     "pass": "fwd or bwd (bwd: the backward alone, from a retained graph)",
     "backend": "our backend (reference, cpu, triton, cuda) or a peer's name",
-    "kind": "backend (ours) or peer",
+    "kind": "backend (ours), peer, or ceiling (--full's read-ceiling row)",
     "shape": "preset name or custom-H-I-E-k",
     "model": "the model the preset comes from",
     "H": "hidden size",

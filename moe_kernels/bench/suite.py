@@ -183,14 +183,17 @@ def _grad_seeds(outs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     return [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
 
 
-def _prepare(c: _Contender, fwd, graph, pass_: str, seeds: list | None):
-    """Set ``c.call`` (what is timed) and ``c.result`` (what is checked)."""
+def _prepare(c: _Contender, fwd, graph, pass_: str, seeds: list | None, built=None):
+    """Set ``c.call`` (what is timed) and ``c.result`` (what is checked); ``built``: the graph
+    already built (outputs, leaves, post)."""
     if pass_ == "fwd":
         c.call = fwd
         c.result = fwd
         return
-    with torch.enable_grad():
-        outs, leaves, post = graph()
+    if built is None:
+        with torch.enable_grad():
+            built = graph()
+    outs, leaves, post = built
     gouts = seeds
 
     def call():
@@ -219,13 +222,14 @@ def run_group(
     seeds = None
     # the reference first: its output (or gradients) is what every other one is checked against
     ref_fwd, ref_graph, _ = bops.contender(op, case, "reference")
+    built = None
     if pass_ == "bwd":
         with torch.enable_grad():
-            outs, _, _ = ref_graph()
-        seeds = _grad_seeds(outs, opts.seed + 7)
-        del outs
+            built = ref_graph()
+        seeds = _grad_seeds(built[0], opts.seed + 7)
     ref = _Contender("reference", "backend")
-    _prepare(ref, ref_fwd, ref_graph, pass_, seeds)
+    _prepare(ref, ref_fwd, ref_graph, pass_, seeds, built)
+    del built
     with torch.inference_mode(pass_ == "fwd"):
         expected = ref.result()
 
