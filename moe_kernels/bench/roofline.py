@@ -171,39 +171,69 @@ def predict_ms(c: Counts, dtype: torch.dtype, gpu: str) -> float:
 # ------------------------------------------------------------------------------------- plot
 
 
-def _label(row: dict) -> str:
-    return f"{row['backend']}"
+def _contender_order(rows: list[dict]) -> list[str]:
+    """Our backends first (reference first of them), then the peers, each in order of
+    appearance."""
+    ours, peers = [], []
+    for r in rows:
+        dest = ours if r.get("kind") == "backend" else peers
+        if r["backend"] not in dest:
+            dest.append(r["backend"])
+    ours.sort(key=lambda n: n != "reference")
+    return ours + peers
 
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
-    """Write a PNG with two charts: the roofline (each timed row's achieved FLOP/s against its
-    arithmetic intensity, under the dense-rate and read-bandwidth ceilings measured in the same
-    run) and the speed-up of every row against the run's baseline, grouped by op, pass and T.
+    """Write a PNG: the roofline (each timed row's achieved FLOP/s against its arithmetic
+    intensity, under the dense-rate and read-bandwidth ceilings measured in the same run) and, per
+    shape, a speed-up map: one line per contender, one column per (op, pass, T), each cell the
+    baseline's median over the contender's (blue: faster than the baseline, red: slower).
 
     Rows without FLOPs (gating, route, permute) have no place on the roofline: they appear in the
-    speed-up chart only.
+    speed-up maps only.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     timed = [r for r in rows if r.get("median_ms") is not None]
-    groups: dict[tuple, list[dict]] = {}
-    for r in timed:
-        groups.setdefault((r["op"], r["pass"], r["shape"], r["T"]), []).append(r)
-    n_groups = max(1, len(groups))
-    fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(15, max(5.5, 0.32 * n_groups * 2 + 2)), gridspec_kw={"width_ratios": [1, 1]}
-    )
+    shapes = list(dict.fromkeys(r["shape"] for r in timed))
+    baseline = next((r["baseline"] for r in timed), "reference")
+    names = _contender_order(timed)
+    shown = {
+        s: [
+            n
+            for n in names
+            if n != baseline and any(r["backend"] == n and r["shape"] == s for r in timed)
+        ]
+        for s in shapes
+    }
+    columns = {
+        s: list(
+            dict.fromkeys(
+                (r["op"], r["pass"], r["T"])
+                for r in sorted(
+                    (r for r in timed if r["shape"] == s),
+                    key=lambda r: (OPS.index(r["op"]), r["pass"] == "bwd", r["T"]),
+                )
+            )
+        )
+        for s in shapes
+    }
+    heights = [6.0] + [1.6 + 0.42 * max(1, len(shown[s])) for s in shapes]
+    width = max(12.0, 3.5 + 0.55 * max([len(c) for c in columns.values()] or [1]))
+    fig = plt.figure(figsize=(width, sum(heights)))
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[3, 2])
 
     # roofline
+    ax1 = fig.add_subplot(grid[0, 0])
     ceil = meta.get("ceilings") or {}
     rate = (ceil.get("dense_tflops") or 0) * 1e12
     bw = (ceil.get("read_gbps") or 0) * 1e9
     pts = [r for r in timed if r.get("flops") and r.get("bytes")]
     markers = "osD^v<>phX*"
-    names = sorted({_label(r) for r in pts})
     ops = [o for o in OPS if any(r["op"] == o for r in pts)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for r in pts:
@@ -212,76 +242,92 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
         ax1.scatter(
             ai,
             achieved / 1e12,
-            marker=markers[names.index(_label(r)) % len(markers)],
+            marker=markers[names.index(r["backend"]) % len(markers)],
             color=colors[ops.index(r["op"]) % len(colors)],
-            alpha=0.75 if r["pass"] == "fwd" else 0.4,
+            alpha=0.8 if r["pass"] == "fwd" else 0.45,
             edgecolors="black" if r.get("kind") == "backend" else "none",
-            s=40,
+            s=36,
         )
     if pts and rate > 0 and bw > 0:
         ais = [r["flops"] / r["bytes"] for r in pts]
         lo, hi = min(ais + [rate / bw]) / 4, max(ais + [rate / bw]) * 4
         xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
         ax1.plot(xs, [min(rate, x * bw) / 1e12 for x in xs], color="black", lw=1.2)
-        ax1.annotate(
-            f"dense {rate / 1e12:.3g} TFLOP/s, read {bw / 1e9:.3g} GB/s (measured)",
-            xy=(0.02, 0.97),
-            xycoords="axes fraction",
-            va="top",
-            fontsize=8,
+        ax1.set_title(
+            f"roofline: dense {rate / 1e12:.3g} TFLOP/s and read {bw / 1e9:.3g} GB/s, measured in "
+            "this run",
+            fontsize=9,
         )
     ax1.set_xscale("log")
     ax1.set_yscale("log")
-    ax1.set_xlabel("arithmetic intensity (FLOP / byte, analytic)")
+    ax1.set_xlabel("arithmetic intensity (analytic FLOP / byte)")
     ax1.set_ylabel("achieved TFLOP/s")
-    ax1.set_title("roofline: each point one op / backend / T (edge: our backends)", fontsize=10)
-    from matplotlib.lines import Line2D
-
+    ax1.grid(True, which="both", alpha=0.3)
+    legend_ax = fig.add_subplot(grid[0, 1])
+    legend_ax.axis("off")
+    used = [n for n in names if any(r["backend"] == n for r in pts)]
     handles = [
-        Line2D([], [], marker=markers[i % len(markers)], ls="", color="gray", label=n)
-        for i, n in enumerate(names)
+        Line2D([], [], marker=markers[names.index(n) % len(markers)], ls="", color="gray", label=n)
+        for n in used
     ] + [
         Line2D([], [], marker="s", ls="", color=colors[i % len(colors)], label=o)
         for i, o in enumerate(ops)
     ]
     if handles:
-        ax1.legend(handles=handles, fontsize=7, loc="lower right", ncol=2)
-    ax1.grid(True, which="both", alpha=0.3)
-
-    # speed-up against the baseline
-    labels, values, cols = [], [], []
-    several_shapes = len({key[2] for key in groups}) > 1
-    baseline = next((r["baseline"] for r in timed), "reference")
-    contenders = sorted({r["backend"] for r in timed})
-    for key, rs in groups.items():
-        for r in sorted(rs, key=lambda r: r["backend"]):
-            if r.get("speedup") is None or r["backend"] == baseline:
-                continue
-            op, pass_, shape, T = key
-            where = f"{shape} " if several_shapes else ""
-            labels.append(f"{where}{op} {pass_} T={T}: {r['backend']}")
-            values.append(r["speedup"])
-            cols.append(colors[contenders.index(r["backend"]) % len(colors)])
-    if values:
-        ys = list(range(len(values)))[::-1]
-        ax2.barh(ys, values, color=cols)
-        ax2.set_yticks(ys)
-        ax2.set_yticklabels(labels, fontsize=7)
-        ax2.set_xscale("log")
-        ax2.axvline(1.0, color="black", lw=1)
-        lo = min(values + [1.0])
-        hi = max(values + [1.0])
-        ax2.set_xlim(lo / 1.5, hi * 1.5 if math.isfinite(hi) else 10)
-    ax2.set_xlabel(f"speed-up vs {baseline} (> 1: faster)")
-    ax2.set_title("speed-up", fontsize=10)
-    ax2.grid(True, axis="x", which="both", alpha=0.3)
-
-    title = (
-        f"moe-bench {meta.get('version', '')}: {meta.get('device', '')}; "
-        f"{', '.join(sorted({r['shape'] for r in timed}))}; dtype "
-        f"{', '.join(sorted({r['dtype'] for r in timed}))}"
+        legend_ax.legend(
+            handles=handles,
+            loc="upper left",
+            fontsize=8,
+            title="marker: contender (black edge: ours); colour: op; faded: bwd",
+            title_fontsize=8,
+        )
+    legend_ax.text(
+        0.0,
+        0.02,
+        f"{meta.get('device', '')}\ntorch {meta.get('torch', '')}, moe_kernels "
+        f"{meta.get('version', '')} ({(meta.get('git_commit') or 'no commit')[:12]})\n"
+        f"{meta.get('created', '')}",
+        fontsize=8,
+        va="bottom",
+        transform=legend_ax.transAxes,
     )
-    fig.suptitle(title, fontsize=10)
+
+    # speed-up maps, one per shape
+    for i, s in enumerate(shapes):
+        ax = fig.add_subplot(grid[i + 1, :])
+        cols, lines = columns[s], shown[s]
+        cells = [[math.nan] * len(cols) for _ in lines]
+        for r in timed:
+            if r["shape"] != s or r["backend"] not in lines or r.get("speedup") is None:
+                continue
+            cells[lines.index(r["backend"])][cols.index((r["op"], r["pass"], r["T"]))] = r[
+                "speedup"
+            ]
+        logs = [[math.log2(v) if v == v and v > 0 else math.nan for v in line] for line in cells]
+        ax.imshow(logs, cmap="RdBu", vmin=-4, vmax=4, aspect="auto", interpolation="nearest")
+        for y, line in enumerate(cells):
+            for x, v in enumerate(line):
+                if v == v:
+                    dark = abs(math.log2(v)) > 2.5 if v > 0 else False
+                    ax.text(
+                        x,
+                        y,
+                        f"{v:.2g}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
+        ax.set_yticks(range(len(lines)))
+        ax.set_yticklabels(lines, fontsize=8)
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(
+            [f"{op} {p} T={T}" for op, p, T in cols], rotation=60, ha="right", fontsize=7
+        )
+        ax.set_title(f"{s}: speed-up vs {baseline} (> 1: faster; empty: not run)", fontsize=9)
+
+    dtypes = ", ".join(sorted({r["dtype"] for r in timed}))
+    fig.suptitle(f"moe-bench: {', '.join(shapes)}; {dtypes}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
