@@ -39,9 +39,9 @@ def set_aux_loss_scale(scale: float | torch.Tensor) -> None:
     backward it should scale.
 
     Args:
-        scale: a finite float (default 1.0), or a 0-d floating tensor (read on the device, never
-            on the host; under ``torch.compile`` a tensor can change between steps without a
-            recompilation, a float is a constant of the compiled graph).
+        scale: a finite float (default 1.0), or a 0-d floating tensor (used on the device,
+            never read on the host; under ``torch.compile`` a new tensor value never recompiles,
+            a new float value may).
     """
     global _aux_loss_scale
     if isinstance(scale, torch.Tensor):

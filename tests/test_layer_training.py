@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
+import re
+import runpy
+import sys
 
 import pytest
 import torch
@@ -864,3 +868,25 @@ def test_empty_input_with_every_option():
     assert aux.load_balancing_loss.item() == 0 and aux.z_loss.item() == 0
     assert aux.dropped.item() == 0 and aux.tokens_per_expert.tolist() == [0] * E
     out.sum().backward()
+
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_tiny_moe.py"
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/train_tiny_moe.py is not beside tests/")
+def test_example_balances_the_load(monkeypatch, capsys):
+    """The README's example: with the load-balancing loss the load of a router skewed towards
+    one expert ends near uniform, without it it does not (fewer steps than its default)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), "--steps", "100"])
+    try:
+        runpy.run_path(str(EXAMPLE), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    peak = {
+        float(coef): float(mx)
+        for coef, mx in re.findall(r"aux_loss_coef=(\S+)\s*: load .*\(max ([0-9.]+)\)", text)
+    }
+    assert set(peak) == {0.0, 0.05}, text
+    assert peak[0.0] > 0.5 and peak[0.05] < 0.25, text
