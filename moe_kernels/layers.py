@@ -61,13 +61,17 @@ def get_aux_loss_scale() -> float | torch.Tensor:
 
 
 class _AttachLoss(torch.autograd.Function):
-    """Identity on ``out`` whose backward also seeds the gradient of ``loss`` (0-d) with 1: a loss
-    computed in the forward pass reaches the parameters it depends on whenever ``out`` is
-    back-propagated, with nothing stored outside the autograd graph."""
+    """Identity on ``t`` (a copy) whose backward also seeds the gradient of ``loss`` (0-d) with 1:
+    a loss computed in the forward pass reaches the parameters it depends on whenever ``t`` is
+    back-propagated, with nothing stored outside the autograd graph.
+
+    The layer applies it to the routing weights [T, k], which every backward pass of its output
+    goes through: the copy costs T·k elements, and the layer's output stays an ordinary tensor
+    (a view returned by a custom Function could not be modified in place)."""
 
     @staticmethod
-    def forward(out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        return out.view_as(out)
+    def forward(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return t.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -76,9 +80,9 @@ class _AttachLoss(torch.autograd.Function):
         ctx.loss_device = loss.device
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor):
         seed = torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
-        return grad_out, seed
+        return grad, seed
 
 
 @dataclasses.dataclass
@@ -280,8 +284,8 @@ class MoE(nn.Module):
 
     Losses: when ``aux_loss_coef`` or ``z_loss_coef`` is non-zero and the module is training
     with grad enabled, ``coef · loss`` enters the backward pass through autograd (an identity on
-    the output whose backward also seeds the losses' gradient): the caller adds nothing to its
-    loss.  The gradients are multiplied by :func:`set_aux_loss_scale`'s factor (gradient
+    the routing weights, which every backward pass of the output goes through, whose backward
+    also seeds the losses' gradient): the caller adds nothing to its loss.  The gradients are multiplied by :func:`set_aux_loss_scale`'s factor (gradient
     accumulation, ``GradScaler``).  They flow whenever the layer's output is back-propagated,
     and ``torch.utils.checkpoint`` keeps them.
 
@@ -557,13 +561,10 @@ class MoE(nn.Module):
             kept, counts = self.capacity_mask(weights, ids)
             # dropped assignments get id -1: the kernels skip them (no expert compute)
             expert_ids = ids.masked_fill(~kept, -1)
-        out = self.experts(flat, weights, expert_ids)
-        shared = self.shared(flat)
-        if shared is not None:
-            out = out + shared
 
         inject = (aux_coef != 0.0 or z_coef != 0.0) and self.training and torch.is_grad_enabled()
         lb = zl = None
+        expert_weights = weights
         if inject or return_aux:
             if counts is None:
                 counts = _tokens_per_expert(ids, self.num_experts)
@@ -577,7 +578,13 @@ class MoE(nn.Module):
                 if z_coef != 0.0:
                     terms.append(zl * z_coef)
                 total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-                out = _AttachLoss.apply(out, total * _aux_loss_scale)
+                # the losses' gradient enters the backward pass with the routing weights'
+                expert_weights = _AttachLoss.apply(weights, total * _aux_loss_scale)
+
+        out = self.experts(flat, expert_weights, expert_ids)
+        shared = self.shared(flat)
+        if shared is not None:
+            out = out + shared
 
         out = out.reshape(*lead, self.hidden_size)
         if not return_aux:

@@ -620,6 +620,18 @@ def test_loss_gradients_through_autograd(backend, opts):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_with_in_place_use_of_the_output(backend):
+    """The output stays an ordinary tensor with the losses attached: an in-place update of it
+    (a residual added in place) back-propagates the same gradients."""
+    coefs = (0.5, 0.05)
+    m, x, g = _grad_case(backend, aux_loss_coef=coefs[0], z_loss_coef=coefs[1])
+    out, aux = m(x, return_aux=True)
+    out.mul_(2.0)
+    (out * (g / 2)).sum().backward()
+    _check_grads(m, x, _reference_grads(m, x, g, aux.kept, coefs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_aux_loss_scale(backend):
     """set_aux_loss_scale(s) multiplies the injected gradients (read at forward) and leaves the
     logged values alone; a 0-d tensor works too."""
