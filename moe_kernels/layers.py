@@ -134,10 +134,19 @@ def capacity_keep_mask(
     Returns:
         ``kept`` [T, k] bool and ``tokens_per_expert`` [E] int64 (assignments before drops).
     """
+    _api._tensor("topk_ids", topk_ids, 2)
+    _api._index("topk_ids", topk_ids)
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    if priority is not None:
+        _api._tensor("priority", priority, 1)
+        _api._shape("priority", priority, (topk_ids.shape[0],))
     T, k = topk_ids.shape
     n = T * k
     stride = max(n, 1)
     device = topk_ids.device
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    ids = torch.where(valid, topk_ids.to(torch.int64), -1)  # any out-of-range id sorts as -1
     if priority is None:
         token_rank = torch.arange(T, dtype=torch.int64, device=device)
     else:
@@ -146,7 +155,7 @@ def capacity_keep_mask(
         token_rank[order] = torch.arange(T, dtype=torch.int64, device=device)
     # position of each assignment in the keep order, then one key per (expert, position)
     position = token_rank[:, None] + torch.arange(k, dtype=torch.int64, device=device) * T
-    key = (topk_ids.to(torch.int64) * stride + position).reshape(-1)
+    key = (ids * stride + position).reshape(-1)
     sorted_key, index = torch.sort(key, stable=True)
     # rank of an assignment among its expert's: its index minus the index of the expert's first
     first = torch.searchsorted(
@@ -155,7 +164,6 @@ def capacity_keep_mask(
     rank = torch.arange(n, dtype=torch.int64, device=device) - first
     kept = torch.empty(n, dtype=torch.bool, device=device)
     kept[index] = rank < capacity
-    valid = (topk_ids >= 0) & (topk_ids < num_experts)
     ends = torch.searchsorted(
         sorted_key, torch.arange(num_experts + 1, dtype=torch.int64, device=device) * stride
     )

@@ -477,9 +477,9 @@ def test_capacity_random_routings(backend, policy, case, monkeypatch):
 
 
 def test_capacity_keep_mask_function():
-    ids = torch.tensor([[0, 1], [0, -1], [5, 0], [0, 1]])
+    ids = torch.tensor([[0, 1], [0, -1], [2**62, 0], [0, 1]])
     kept, counts = capacity_keep_mask(ids, 3, 2)
-    # slot 0: expert 0 keeps t0, t1 and drops t3; id 5 is out of range.  Slot 1: expert 1 keeps
+    # slot 0: expert 0 keeps t0, t1 and drops t3; id 2^62 is out of range.  Slot 1: expert 1 keeps
     # t0, t3; expert 0 is full (t2 dropped); id -1 is never kept
     assert kept.tolist() == [[True, True], [True, False], [False, False], [False, True]]
     assert counts.tolist() == [4, 2, 0]
@@ -487,6 +487,12 @@ def test_capacity_keep_mask_function():
     assert kept.tolist() == [[False, True], [True, False], [False, False], [True, True]]
     kept, counts = capacity_keep_mask(torch.zeros(0, 2, dtype=torch.int32), 3, 0)
     assert kept.shape == (0, 2) and counts.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="capacity"):
+        capacity_keep_mask(ids, 3, -1)
+    with pytest.raises(ValueError, match="priority"):
+        capacity_keep_mask(ids, 3, 2, priority=torch.ones(3))
+    with pytest.raises(TypeError, match="topk_ids"):
+        capacity_keep_mask(ids.float(), 3, 2)
 
 
 # --------------------------------------------------------------------------------------- losses
