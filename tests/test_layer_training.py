@@ -870,6 +870,29 @@ def test_compile_fullgraph(backend):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compile_dynamic_tokens(backend):
+    """Compiled with dynamic shapes, the capacity C = ceil(capacity_factor · T · k / E) follows
+    the token count of each call."""
+    torch._dynamo.reset()
+    try:
+        opts = dict(ALL_OPTIONS, noisy_gating=False, router_jitter=0.0)
+        m = MoE(H, I, E, K, backend=backend, **opts)
+        _randomize(m, 70)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=True)
+        for T in (21, 13, 40):
+            x = _x(T, 71 + T)
+            out, aux = compiled(x, return_aux=True)
+            want, want_aux = m(x, return_aux=True)
+            assert torch.equal(aux.kept, want_aux.kept) and aux.dropped == want_aux.dropped
+            C = math.ceil(0.8 * T * K / E)
+            assert (_f64_bincount(aux.topk_ids[aux.kept], E) <= C).all()
+            assert int((_f64_bincount(aux.topk_ids, E) - C).clamp(min=0).sum()) == aux.dropped
+            assert max_rel_err(out, want) < FP32_AGREE
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_parameter_gets_gradient(backend):
     _, _, grads, xg = _train_step(backend)
