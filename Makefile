@@ -49,7 +49,7 @@ bench: install
 	cd /tmp && $(abspath $(BIN))/moe-bench
 
 # C++ sources checked against .clang-format (the clang-format pinned in the test extra).
-CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh tests/cpp/*.cpp)
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*/*.h tests/cpp/*.cpp)
 
 lint: install
 	$(BIN)/ruff check .

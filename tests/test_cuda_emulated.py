@@ -13,7 +13,9 @@ Which kernel each test executes: ``GatingForward`` / ``GatingBackward`` (every v
 bucket, the scratch path for E > 512, groups) -> ``test_gating*``; ``RouteRank``,
 ``RouteOffsets``, ``RouteScatter``, ``RouteBlockExpert`` -> ``test_route*``; ``PermuteRows``
 (16-byte and element-wise), ``UnpermuteRows``, ``UnpermuteGradY``, ``UnpermuteGradW`` ->
-``test_permute*``.
+``test_permute*``; ``SegmentGemm``, ``SegmentGemmRaggedK``, ``ZeroRows`` -> ``test_grouped_gemm*`` and
+``test_moe_ffn*``; ``GatedAct``, ``GatedActBackward``, ``AddExpertBias``, ``ExpertColumnSum``
+-> ``test_moe_ffn*``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ import pytest
 import torch
 from test_gating import CASES as GATING_CASES
 from test_gating import near_tie_rows
+from test_grouped_gemm import CASES as GEMM_CASES
+from test_grouped_gemm import _case_id as gemm_case_id
+from test_grouped_gemm import check_against_reference as check_gemm
+from test_moe_ffn import CASES as FFN_CASES
+from test_moe_ffn import _case_id as ffn_case_id
+from test_moe_ffn import check_against_reference as check_ffn
 from test_permute import CASES as PERMUTE_CASES
 from testutil import check_vs_reference, gen, randn, random_ids
 
@@ -283,3 +291,35 @@ def test_out_of_range_plan_entries_read_nothing(emu):
     y = randn(6, 8, seed=2)
     out = emu.unpermute(y, ros, sor, None)
     assert torch.equal(out, torch.stack([y[0] + y[1], y[2], y[3], y[4] + y[5]]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b_EKN", "b_ENK"])
+@pytest.mark.parametrize("case", GEMM_CASES, ids=gemm_case_id)
+def test_grouped_gemm_vs_reference(emu, case, trans_b, dtype):
+    """SegmentGemm (forward, grad_a), SegmentGemmRaggedK (grad_b) and ZeroRows: the op suite's
+    cases (odd K/N, empty experts first/middle/last, rows past offs[-1] filled with NaN)."""
+    check_gemm(emu.grouped_gemm, emu.grouped_gemm_backward, case, trans_b, dtype, "cpu")
+
+
+def test_grouped_gemm_strided_b_and_bad_offs(emu):
+    """b as a transposed view reaches the kernel through its strides; offs values that are not
+    non-decreasing within [0, M] are clamped (never an out-of-bounds access)."""
+    offs = torch.tensor([7, 7, 20], dtype=torch.int32)
+    b_nk = randn(3, 32, 24, seed=3)
+    a = randn(20, 24, seed=4)
+    out = emu.grouped_gemm(a, b_nk.transpose(1, 2), offs, False)
+    torch.testing.assert_close(out, ref.grouped_gemm(a, b_nk, offs, True), rtol=1e-5, atol=1e-5)
+    bad = torch.tensor([5, 2, 1000], dtype=torch.int32)  # clamped to [5, 5, 20]
+    got = emu.grouped_gemm(a, b_nk, bad, True)
+    want = ref.grouped_gemm(a, b_nk, torch.tensor([5, 5, 20], dtype=torch.int32), True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", FFN_CASES, ids=ffn_case_id)
+def test_moe_ffn_vs_reference(emu, case, dtype):
+    """moe_ffn and its backward as the CUDA backend composes them (route, permute, the segment
+    GEMMs with fp32 intermediates, the activation and bias kernels, unpermute) on the op suite's
+    cases, held to the "2x PyTorch's own error" rule."""
+    check_ffn(emu.moe_ffn, emu.moe_ffn_backward, case, dtype, "cpu", budget=lambda grad: None)

@@ -185,8 +185,21 @@ def _case_id(c):
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b_EKN", "b_ENK"])
 @pytest.mark.parametrize("backend,case", backend_cases(CASES, lambda c: bool(c[4]), _case_id))
 def test_backend_vs_reference(backend, case, trans_b, dtype, debug_mode):
+    check_against_reference(
+        op("grouped_gemm", backend),
+        op("grouped_gemm_backward", backend),
+        case,
+        trans_b,
+        dtype,
+        device_of(backend),
+        backward=case[4] is True or fits(backend, False),
+    )
+
+
+def check_against_reference(fwd, bwd, case, trans_b, dtype, dev, *, backward=True):
+    """A backend's grouped_gemm (fwd) and grouped_gemm_backward (bwd) ops on one case of CASES
+    against the reference (also run on the emulated CUDA kernels, tests/test_cuda_emulated.py)."""
     M, K, N = case[:3]
-    dev = device_of(backend)
     g = gen(M * 7 + K + N + trans_b)
     offs = _offs(case, g)
     E, used = offs.shape[0], int(offs[-1])
@@ -194,7 +207,6 @@ def test_backend_vs_reference(backend, case, trans_b, dtype, debug_mode):
     a[used:] = float("nan")  # rows past offs[-1] belong to no expert: never read
     shape = (E, N, K) if trans_b else (E, K, N)
     b = (torch.randn(*shape, generator=g) / K**0.5).to(dtype)
-    fwd, bwd = op("grouped_gemm", backend), op("grouped_gemm_backward", backend)
     da, db, doffs = a.to(dev), b.to(dev), offs.to(dev)
 
     out = fwd(da, db, doffs, trans_b).cpu()
@@ -202,7 +214,7 @@ def test_backend_vs_reference(backend, case, trans_b, dtype, debug_mode):
     check_vs_reference(out, ref.grouped_gemm(a, b, offs, trans_b), exact, dtype, "out")
     assert torch.equal(out[used:], torch.zeros_like(out[used:])), "rows past offs[-1] not zero"
 
-    if not (case[4] is True or fits(backend, False)):
+    if not backward:
         return  # interpreter time: this row's backward runs on the other backends only
     go = torch.randn(M, N, generator=g).to(dtype)
     go[used:] = float("nan")

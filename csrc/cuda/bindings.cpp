@@ -412,6 +412,398 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
   return {grad_y, grad_w};
 }
 
+// ----------------------------------------------------------------------------------------------
+// grouped GEMM: the exact path (kernels/grouped_gemm.h)
+// ----------------------------------------------------------------------------------------------
+void check_grouped(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, bool trans_b) {
+  check_cuda(a, "a");
+  check_same_device(b, a, "b");
+  check_same_device(offs, a, "offs");
+  check_dim(a, 2, "a");
+  check_dim(b, 3, "b");
+  check_dim(offs, 1, "offs");
+  float_type(a, "a");
+  float_type(b, "b");
+  check_index(offs, "offs");
+  TORCH_CHECK(offs.size(0) == b.size(0), "moe_kernels (cuda): offs must have E=", b.size(0),
+              " entries (one per expert of b), got ", offs.size(0));
+  const int64_t Kb = trans_b ? b.size(2) : b.size(1);
+  TORCH_CHECK(Kb == a.size(1), "moe_kernels (cuda): a is [M, K=", a.size(1), "] but b ",
+              (trans_b ? "[E, N, K]" : "[E, K, N]"), " has K=", Kb, " (shape ", b.sizes(), ")");
+}
+
+// B_e(k, n) of b for out = a @ b[e] (b[e]^T with trans_b): its (k, n) element strides.
+std::pair<int64_t, int64_t> b_strides(const at::Tensor& b, bool trans_b) {
+  return trans_b ? std::make_pair(b.stride(2), b.stride(1))
+                 : std::make_pair(b.stride(1), b.stride(2));
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b_in, const at::Tensor& offs,
+                             bool trans_b) {
+  check_grouped(a, b_in, offs, trans_b);
+  MOE_DEVICE_GUARD(a);
+  // one float type for the three operands: b is converted to a's type when they differ
+  const at::Tensor b = b_in.scalar_type() == a.scalar_type() ? b_in : b_in.to(a.scalar_type());
+  const int64_t M = a.size(0), K = a.size(1), N = trans_b ? b.size(1) : b.size(2);
+  at::Tensor out = new_output({M, N}, a.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor o = index_i32(offs);
+  SegmentGemmParams p;
+  p.a = a.data_ptr();
+  p.a_sr = a.stride(0);
+  p.a_sk = a.stride(1);
+  p.b = b.data_ptr();
+  p.b_se = b.stride(0);
+  std::tie(p.b_sk, p.b_sn) = b_strides(b, trans_b);
+  p.out = out.data_ptr();
+  p.offs = o.data_ptr<int32_t>();
+  p.E = b.size(0);
+  p.R = M;
+  p.N = N;
+  p.K = K;
+  check_launch(launch_segment_gemm(float_type(a, "a"), GemmTypes::kSame, p, stream()),
+               "grouped_gemm");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cuda(const at::Tensor& grad_out_in,
+                                                              const at::Tensor& a,
+                                                              const at::Tensor& b_in,
+                                                              const at::Tensor& offs, bool trans_b,
+                                                              bool need_grad_a, bool need_grad_b) {
+  check_grouped(a, b_in, offs, trans_b);
+  check_same_device(grad_out_in, a, "grad_out");
+  float_type(grad_out_in, "grad_out");
+  MOE_DEVICE_GUARD(a);
+  const int64_t M = a.size(0), K = a.size(1), E = b_in.size(0);
+  const int64_t N = trans_b ? b_in.size(1) : b_in.size(2);
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == M && grad_out_in.size(1) == N,
+              "moe_kernels (cuda): grad_out must be [M=", M, ", N=", N, "], got ",
+              grad_out_in.sizes());
+  const at::ScalarType t = a.scalar_type();
+  const at::Tensor b = b_in.scalar_type() == t ? b_in : b_in.to(t);
+  const at::Tensor g = grad_out_in.scalar_type() == t ? grad_out_in : grad_out_in.to(t);
+  const FloatType ft = float_type(a, "a");
+  at::Tensor grad_a = at::empty({0}, a.options()), grad_b = at::empty({0}, b_in.options());
+  at::Tensor o = index_i32(offs);
+  if (need_grad_a) {
+    grad_a = new_output({M, K}, a.options());
+    if (M > 0 && K > 0) {
+      const auto [b_sk, b_sn] = b_strides(b, trans_b);
+      SegmentGemmParams p;  // dA(m, k) = sum_n grad_out(m, n) * B_e(k, n)
+      p.a = g.data_ptr();
+      p.a_sr = g.stride(0);
+      p.a_sk = g.stride(1);
+      p.b = b.data_ptr();
+      p.b_se = b.stride(0);
+      p.b_sk = b_sn;
+      p.b_sn = b_sk;
+      p.out = grad_a.data_ptr();
+      p.offs = o.data_ptr<int32_t>();
+      p.E = E;
+      p.R = M;
+      p.N = K;
+      p.K = N;
+      check_launch(launch_segment_gemm(ft, GemmTypes::kSame, p, stream()),
+                   "grouped_gemm_backward (grad_a)");
+    }
+  }
+  if (need_grad_b) {
+    at::Tensor gb = new_output(b.sizes(), b.options().memory_format(at::MemoryFormat::Contiguous));
+    if (gb.numel() > 0) {
+      RaggedKParams p;  // G_e(k, n) = sum over e's rows m of a(m, k) * grad_out(m, n)
+      p.a = a.data_ptr();
+      p.a_sm = a.stride(0);
+      p.a_sk = a.stride(1);
+      p.d = g.data_ptr();
+      p.d_sm = g.stride(0);
+      p.d_sn = g.stride(1);
+      p.out = gb.data_ptr();
+      p.o_se = gb.stride(0);
+      p.o_sk = trans_b ? gb.stride(2) : gb.stride(1);
+      p.o_sn = trans_b ? gb.stride(1) : gb.stride(2);
+      p.offs = o.data_ptr<int32_t>();
+      p.E = E;
+      p.R = M;
+      p.K = K;
+      p.N = N;
+      check_launch(launch_ragged_k(ft, GemmTypes::kSame, p, stream()),
+                   "grouped_gemm_backward (grad_b)");
+    }
+    grad_b = gb.scalar_type() == b_in.scalar_type() ? gb : gb.to(b_in.scalar_type());
+  }
+  return {grad_a, grad_b};
+}
+
+// ----------------------------------------------------------------------------------------------
+// moe_ffn: route -> permute -> grouped GEMM 1 -> activation -> grouped GEMM 2 -> combine, every
+// intermediate in fp32 (as the reference computes); the backward recomputes the forward's
+// intermediates (no state kept between the two calls of the op pair).
+// ----------------------------------------------------------------------------------------------
+struct Ffn {
+  int64_t T = 0, H = 0, E = 0, I = 0, k = 0, R = 0;
+  FloatType ft = FloatType::kF32;
+  ActParams act{};
+  bool interleaved = false;
+  at::Tensor offs, ros, sor;  // the plan (int32)
+  at::Tensor xp;              // [R, H] permuted x (x's type)
+  at::Tensor h;               // [R, 2I] fp32, GEMM 1 without its bias
+  at::Tensor a;               // [R, I] fp32 activation (bias included)
+  at::Tensor y;               // [R, H] fp32 expert outputs (bias included)
+};
+
+Activation parse_activation(c10::string_view activation) {
+  const std::string s(activation);
+  if (s == "swiglu") return Activation::kSwiglu;
+  if (s == "geglu") return Activation::kGeglu;
+  TORCH_CHECK(s == "swiglu_oai",
+              "moe_kernels (cuda): activation must be 'swiglu', 'geglu' or 'swiglu_oai', got '", s,
+              "'");
+  return Activation::kSwigluOai;
+}
+
+void check_bias(const std::optional<at::Tensor>& b, const at::Tensor& x, int64_t E, int64_t C,
+                const char* name) {
+  if (!b.has_value()) return;
+  check_same_device(*b, x, name);
+  TORCH_CHECK(b->scalar_type() == x.scalar_type(), "moe_kernels (cuda): ", name,
+              " must have x's dtype ", x.scalar_type(), ", got ", b->scalar_type());
+  TORCH_CHECK(b->dim() == 2 && b->size(0) == E && b->size(1) == C, "moe_kernels (cuda): ", name,
+              " must be [E=", E, ", ", C, "], got ", b->sizes());
+}
+
+ExpertEltParams elt(const Ffn& f, const std::optional<at::Tensor>& bias) {
+  ExpertEltParams p;
+  p.offs = f.offs.data_ptr<int32_t>();
+  p.E = f.E;
+  p.R = f.R;
+  p.act = f.act;
+  p.interleaved = f.interleaved;
+  if (bias.has_value()) {
+    p.bias = bias->data_ptr();
+    p.bias_se = bias->stride(0);
+    p.bias_sc = bias->stride(1);
+  }
+  return p;
+}
+
+// Route, permute and the forward intermediates of moe_ffn.
+Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                const std::optional<at::Tensor>& gate_up_bias,
+                const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                double alpha, double limit, bool interleaved) {
+  check_cuda(x, "x");
+  for (const auto& [t, name] : {std::pair{&w_gate_up, "w_gate_up"},
+                                {&w_down, "w_down"},
+                                {&topk_weights, "topk_weights"},
+                                {&topk_ids, "topk_ids"}})
+    check_same_device(*t, x, name);
+  check_dim(x, 2, "x");
+  check_dim(w_gate_up, 3, "w_gate_up");
+  check_dim(w_down, 3, "w_down");
+  check_dim(topk_ids, 2, "topk_ids");
+  check_index(topk_ids, "topk_ids");
+  check_finite(alpha, "alpha");
+  check_finite(limit, "limit");
+  Ffn f;
+  f.ft = float_type(x, "x");
+  for (const auto& [t, name] : {std::pair{&w_gate_up, "w_gate_up"}, {&w_down, "w_down"}})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "moe_kernels (cuda): ", name,
+                " must have x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
+  f.T = x.size(0);
+  f.H = x.size(1);
+  f.E = w_gate_up.size(0);
+  f.k = topk_ids.size(1);
+  TORCH_CHECK(w_gate_up.size(1) % 2 == 0 && w_gate_up.size(2) == f.H,
+              "moe_kernels (cuda): w_gate_up must be [E, 2I, H=", f.H, "], got ",
+              w_gate_up.sizes());
+  f.I = w_gate_up.size(1) / 2;
+  TORCH_CHECK(w_down.size(0) == f.E && w_down.size(1) == f.H && w_down.size(2) == f.I,
+              "moe_kernels (cuda): w_down must be [E=", f.E, ", H=", f.H, ", I=", f.I, "], got ",
+              w_down.sizes());
+  TORCH_CHECK(topk_ids.size(0) == f.T && topk_weights.sizes() == topk_ids.sizes(),
+              "moe_kernels (cuda): topk_ids and topk_weights must be [T=", f.T, ", k], got ",
+              topk_ids.sizes(), " and ", topk_weights.sizes());
+  check_bias(gate_up_bias, x, f.E, 2 * f.I, "gate_up_bias");
+  check_bias(down_bias, x, f.E, f.H, "down_bias");
+  f.act =
+      ActParams{parse_activation(activation), static_cast<float>(alpha), static_cast<float>(limit)};
+  f.interleaved = interleaved;
+  MOE_DEVICE_GUARD(x);
+  auto plan = route_cuda(topk_ids, f.E, 0);
+  f.offs = std::get<1>(plan);
+  f.ros = std::get<2>(plan);
+  f.sor = std::get<3>(plan);
+  f.R = f.sor.size(0);
+  f.xp = permute_cuda(x, f.ros, f.sor);
+  const auto f32 = x.options().dtype(at::kFloat);
+  f.h = at::empty({f.R, 2 * f.I}, f32);
+  f.a = at::empty({f.R, f.I}, f32);
+  f.y = at::empty({f.R, f.H}, f32);
+  if (f.R == 0) return f;
+  SegmentGemmParams g1;  // h = xp @ w_gate_up[e]^T
+  g1.a = f.xp.data_ptr();
+  g1.a_sr = f.xp.stride(0);
+  g1.a_sk = f.xp.stride(1);
+  g1.b = w_gate_up.data_ptr();
+  g1.b_se = w_gate_up.stride(0);
+  g1.b_sk = w_gate_up.stride(2);
+  g1.b_sn = w_gate_up.stride(1);
+  g1.out = f.h.data_ptr();
+  g1.offs = f.offs.data_ptr<int32_t>();
+  g1.E = f.E;
+  g1.R = f.R;
+  g1.N = 2 * f.I;
+  g1.K = f.H;
+  check_launch(launch_segment_gemm(f.ft, GemmTypes::kOutF32, g1, stream()), "moe_ffn (gemm 1)");
+  ExpertEltParams pa = elt(f, gate_up_bias);
+  pa.in = f.h.data_ptr<float>();
+  pa.out = f.a.data_ptr<float>();
+  pa.I = f.I;
+  check_launch(launch_expert_elementwise(ExpertOp::kAct, f.ft, pa, nullptr, stream()),
+               "moe_ffn (activation)");
+  SegmentGemmParams g2;  // y = a @ w_down[e]^T
+  g2.a = f.a.data_ptr();
+  g2.a_sr = f.I;
+  g2.a_sk = 1;
+  g2.b = w_down.data_ptr();
+  g2.b_se = w_down.stride(0);
+  g2.b_sk = w_down.stride(2);
+  g2.b_sn = w_down.stride(1);
+  g2.out = f.y.data_ptr();
+  g2.offs = f.offs.data_ptr<int32_t>();
+  g2.E = f.E;
+  g2.R = f.R;
+  g2.N = f.H;
+  g2.K = f.I;
+  check_launch(launch_segment_gemm(f.ft, GemmTypes::kAF32, g2, stream()), "moe_ffn (gemm 2)");
+  if (down_bias.has_value()) {
+    ExpertEltParams pb = elt(f, down_bias);
+    pb.out = f.y.data_ptr<float>();
+    pb.I = f.H;
+    check_launch(launch_expert_elementwise(ExpertOp::kAddBias, f.ft, pb, nullptr, stream()),
+                 "moe_ffn (down bias)");
+  }
+  return f;
+}
+
+at::Tensor moe_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                        const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                        const std::optional<at::Tensor>& gate_up_bias,
+                        const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                        double alpha, double limit, bool interleaved) {
+  Ffn f = ffn_forward(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                      activation, alpha, limit, interleaved);
+  // out[t] = sum over slots of w * y[row], fp32, slot order
+  at::Tensor out = unpermute_cuda(f.y, f.ros, f.sor, topk_weights);
+  return out.to(x.scalar_type());
+}
+
+// Per-expert column sums of rows [R, C] (fp32) into [E, C] of the bias's type.
+at::Tensor expert_sums(const Ffn& f, const at::Tensor& rows, const at::Tensor& like) {
+  at::Tensor sums = new_output({f.E, rows.size(1)}, like.options());
+  ExpertEltParams p = elt(f, std::nullopt);
+  p.in = rows.data_ptr<float>();
+  p.I = rows.size(1);
+  check_launch(launch_expert_elementwise(ExpertOp::kColumnSum, float_type(like, "bias"), p,
+                                         sums.data_ptr(), stream()),
+               "moe_ffn_backward (bias gradient)");
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate_up,
+                      const at::Tensor& w_down, const at::Tensor& topk_weights,
+                      const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_up_bias,
+                      const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                      double alpha, double limit, bool interleaved) {
+  Ffn f = ffn_forward(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                      activation, alpha, limit, interleaved);
+  check_same_device(grad_out, x, "grad_out");
+  float_type(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == f.T && grad_out.size(1) == f.H,
+              "moe_kernels (cuda): grad_out must be [T=", f.T, ", H=", f.H, "], got ",
+              grad_out.sizes());
+  const auto f32 = x.options().dtype(at::kFloat);
+  // grad_y[r] = w * G[t] (fp32), grad_w = <G[t], y[r]>
+  auto [gy, gw] =
+      unpermute_backward_cuda(grad_out.to(at::kFloat), f.y, f.ros, f.sor, topk_weights, true, true);
+  at::Tensor d_x, d_wgu = new_output(w_gate_up.sizes(), w_gate_up.options());
+  at::Tensor d_wd = new_output(w_down.sizes(), w_down.options());
+  at::Tensor d_bgu = at::empty({0}, x.options()), d_bd = at::empty({0}, x.options());
+  at::Tensor d_a = at::empty({f.R, f.I}, f32), dh = at::empty({f.R, 2 * f.I}, f32);
+  at::Tensor d_xp = at::empty({f.R, f.H}, f32);
+  if (f.R > 0) {
+    SegmentGemmParams g;  // d_a = gy @ w_down[e]
+    g.a = gy.data_ptr();
+    g.a_sr = f.H;
+    g.a_sk = 1;
+    g.b = w_down.data_ptr();
+    g.b_se = w_down.stride(0);
+    g.b_sk = w_down.stride(1);
+    g.b_sn = w_down.stride(2);
+    g.out = d_a.data_ptr();
+    g.offs = f.offs.data_ptr<int32_t>();
+    g.E = f.E;
+    g.R = f.R;
+    g.N = f.I;
+    g.K = f.H;
+    check_launch(launch_segment_gemm(f.ft, GemmTypes::kAF32, g, stream()), "moe_ffn_backward");
+    ExpertEltParams pa = elt(f, gate_up_bias);  // dh = act'(h + b, d_a)
+    pa.in = f.h.data_ptr<float>();
+    pa.in2 = d_a.data_ptr<float>();
+    pa.out = dh.data_ptr<float>();
+    pa.I = f.I;
+    check_launch(launch_expert_elementwise(ExpertOp::kActBackward, f.ft, pa, nullptr, stream()),
+                 "moe_ffn_backward (activation)");
+    g.a = dh.data_ptr();  // d_xp = dh @ w_gate_up[e]
+    g.a_sr = 2 * f.I;
+    g.b = w_gate_up.data_ptr();
+    g.b_se = w_gate_up.stride(0);
+    g.b_sk = w_gate_up.stride(1);
+    g.b_sn = w_gate_up.stride(2);
+    g.out = d_xp.data_ptr();
+    g.N = f.H;
+    g.K = 2 * f.I;
+    check_launch(launch_segment_gemm(f.ft, GemmTypes::kAF32, g, stream()), "moe_ffn_backward");
+  }
+  RaggedKParams r;  // d_w_down[e] = gy^T a, d_w_gate_up[e] = dh^T xp (rows of segment e)
+  r.offs = f.offs.data_ptr<int32_t>();
+  r.E = f.E;
+  r.R = f.R;
+  r.a = gy.data_ptr();
+  r.a_sm = f.H;
+  r.a_sk = 1;
+  r.d = f.a.data_ptr();
+  r.d_sm = f.I;
+  r.d_sn = 1;
+  r.out = d_wd.data_ptr();
+  r.o_se = d_wd.stride(0);
+  r.o_sk = d_wd.stride(1);
+  r.o_sn = d_wd.stride(2);
+  r.K = f.H;
+  r.N = f.I;
+  check_launch(launch_ragged_k(f.ft, GemmTypes::kADF32, r, stream()), "moe_ffn_backward");
+  r.a = dh.data_ptr();
+  r.a_sm = 2 * f.I;
+  r.d = f.xp.data_ptr();
+  r.d_sm = f.xp.stride(0);
+  r.d_sn = f.xp.stride(1);
+  r.out = d_wgu.data_ptr();
+  r.o_se = d_wgu.stride(0);
+  r.o_sk = d_wgu.stride(1);
+  r.o_sn = d_wgu.stride(2);
+  r.K = 2 * f.I;
+  r.N = f.H;
+  check_launch(launch_ragged_k(f.ft, GemmTypes::kAF32, r, stream()), "moe_ffn_backward");
+  if (gate_up_bias.has_value()) d_bgu = expert_sums(f, dh, *gate_up_bias);
+  if (down_bias.has_value()) d_bd = expert_sums(f, gy, *down_bias);
+  // d_x[t] = sum over t's slots of d_xp[row] (permute's backward)
+  d_x = unpermute_cuda(d_xp, f.ros, f.sor, std::nullopt).to(x.scalar_type());
+  return {d_x, d_wgu, d_wd, gw.to(topk_weights.scalar_type()), d_bgu, d_bd};
+}
+
 }  // namespace
 }  // namespace moe_kernels::cuda
 
@@ -424,6 +816,10 @@ TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);
   m.impl("unpermute_backward", &unpermute_backward_cuda);
+  m.impl("grouped_gemm", &grouped_gemm_cuda);
+  m.impl("grouped_gemm_backward", &grouped_gemm_backward_cuda);
+  m.impl("moe_ffn", &moe_ffn_cuda);
+  m.impl("moe_ffn_backward", &moe_ffn_backward_cuda);
 }
 #endif
 
@@ -450,6 +846,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("permute", &permute_cuda);
   m.def("unpermute", &unpermute_cuda);
   m.def("unpermute_backward", &unpermute_backward_cuda);
+  m.def("grouped_gemm", &grouped_gemm_cuda);
+  m.def("grouped_gemm_backward", &grouped_gemm_backward_cuda);
+  m.def("moe_ffn", [](const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd,
+                      const at::Tensor& w, const at::Tensor& ids, const OptT& bgu, const OptT& bd,
+                      const std::string& act, double alpha, double limit, bool inter) {
+    return moe_ffn_cuda(x, wgu, wd, w, ids, bgu, bd, act, alpha, limit, inter);
+  });
+  m.def("moe_ffn_backward",
+        [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd,
+           const at::Tensor& w, const at::Tensor& ids, const OptT& bgu, const OptT& bd,
+           const std::string& act, double alpha, double limit, bool inter) {
+          return moe_ffn_backward_cuda(g, x, wgu, wd, w, ids, bgu, bd, act, alpha, limit, inter);
+        });
   m.def("set_max_blocks", &emu_set_max_blocks, "Grid cap of the emulated launches.");
 #endif
 }

@@ -37,6 +37,16 @@ cudaError_t launch_unpermute_backward(FloatType t, FloatType g, bool vec,
                                       const UnpermuteBackwardParams& p, bool need_grad_y,
                                       bool need_grad_w, cudaStream_t stream);
 
+// The exact grouped GEMM path (kernels/grouped_gemm.h): a, b and out of one float type t.
+cudaError_t launch_segment_gemm(FloatType t, GemmTypes types, const SegmentGemmParams& p,
+                                cudaStream_t stream);
+cudaError_t launch_ragged_k(FloatType t, GemmTypes types, const RaggedKParams& p,
+                            cudaStream_t stream);
+
+// moe_ffn's element-wise kernels (kernels/expert_ffn.h); sums: ExpertColumnSum's output.
+cudaError_t launch_expert_elementwise(ExpertOp op, FloatType t, const ExpertEltParams& p,
+                                      void* sums, cudaStream_t stream);
+
 #if defined(MOE_KERNELS_CUDA_EMULATION)
 // Grid cap of the emulated launches (small, so grid-stride loops run more than once).
 void emu_set_max_blocks(int64_t n);

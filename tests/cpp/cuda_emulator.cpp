@@ -247,4 +247,24 @@ cudaError_t launch_unpermute_backward(FloatType t, FloatType g, bool vec,
   return ex.err;
 }
 
+cudaError_t launch_segment_gemm(FloatType t, GemmTypes types, const SegmentGemmParams& p,
+                                cudaStream_t) {
+  HostExec ex;
+  segment_gemm_on(ex, t, types, p);
+  return ex.err;
+}
+
+cudaError_t launch_ragged_k(FloatType t, GemmTypes types, const RaggedKParams& p, cudaStream_t) {
+  HostExec ex;
+  ragged_k_on(ex, t, types, p);
+  return ex.err;
+}
+
+cudaError_t launch_expert_elementwise(ExpertOp op, FloatType t, const ExpertEltParams& p,
+                                      void* sums, cudaStream_t) {
+  HostExec ex;
+  expert_elementwise_on(ex, op, t, p, sums);
+  return ex.err;
+}
+
 }  // namespace moe_kernels::cuda
