@@ -556,6 +556,24 @@ class MoE(nn.Module):
     def forward(
         self, x: torch.Tensor, return_router_logits: bool = False, return_aux: bool = False
     ):
+        return self.forward_with_experts(x, self.experts, return_router_logits, return_aux)
+
+    def forward_with_experts(
+        self,
+        x: torch.Tensor,
+        experts,
+        return_router_logits: bool = False,
+        return_aux: bool = False,
+    ):
+        """:meth:`forward` with the routed expert computation replaced by ``experts`` (e.g. one
+        that sends the tokens to experts on other ranks): everything else -- router, noise,
+        capacity drops, the injected losses, shared experts, ``aux`` -- is the layer's.
+
+        ``experts(x [T, H], topk_weights [T, k] f32, topk_ids [T, k] int32) -> [T, H]`` in x's
+        dtype, with the semantics of :meth:`experts`: dropped assignments have id -1 and must
+        contribute nothing; the losses' gradient reaches the router through ``topk_weights``, so
+        ``experts`` must be differentiable in them (as :func:`moe_kernels.moe_ffn` is).
+        """
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
         _, cf, aux_coef, z_coef = self._training_options()
@@ -589,7 +607,7 @@ class MoE(nn.Module):
                 # the losses' gradient enters the backward pass with the routing weights'
                 expert_weights = _AttachLoss.apply(weights, total * _aux_loss_scale)
 
-        out = self.experts(flat, expert_weights, expert_ids)
+        out = experts(flat, expert_weights, expert_ids)
         shared = self.shared(flat)
         if shared is not None:
             out = out + shared

@@ -476,6 +476,25 @@ def test_capacity_random_routings(backend, policy, case, monkeypatch):
     assert max_rel_err(out, _f64_layer(m, p, x.double(), w, ids, kept)) < FP32_AGREE
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_with_experts(backend):
+    """forward_with_experts runs the given expert function in place of the layer's (what expert
+    parallelism replaces), with dropped ids as -1; the rest -- losses included -- is unchanged."""
+    coefs = (0.5, 0.05)
+    m, x, g = _grad_case(backend, aux_loss_coef=coefs[0], z_loss_coef=coefs[1], capacity_factor=0.8)
+    calls = []
+
+    def experts(xx, w, ids):
+        calls.append(ids.clone())
+        return m.experts(xx, w, ids)
+
+    out, aux = m.forward_with_experts(x, experts, return_aux=True)
+    assert len(calls) == 1 and torch.equal(calls[0], torch.where(aux.kept, aux.topk_ids, -1))
+    assert int(aux.dropped) > 0
+    (out * g).sum().backward()
+    _check_grads(m, x, _reference_grads(m, x, g, aux.kept, coefs))
+
+
 def test_capacity_keep_mask_function():
     ids = torch.tensor([[0, 1], [0, -1], [2**62, 0], [0, 1]])
     kept, counts = capacity_keep_mask(ids, 3, 2)
