@@ -293,9 +293,11 @@ class MoE(nn.Module):
     Losses: when ``aux_loss_coef`` or ``z_loss_coef`` is non-zero and the module is training
     with grad enabled, ``coef · loss`` enters the backward pass through autograd (an identity on
     the routing weights, which every backward pass of the output goes through, whose backward
-    also seeds the losses' gradient): the caller adds nothing to its loss.  The gradients are multiplied by :func:`set_aux_loss_scale`'s factor (gradient
-    accumulation, ``GradScaler``).  They flow whenever the layer's output is back-propagated,
-    and ``torch.utils.checkpoint`` keeps them.
+    also seeds the losses' gradient): the caller adds nothing to its loss.  The gradients are
+    multiplied by :func:`set_aux_loss_scale`'s factor (gradient accumulation, ``GradScaler``).
+    They flow whenever the layer's output is back-propagated, and ``torch.utils.checkpoint``
+    keeps them.  :meth:`forward_with_experts` runs all of this around an expert computation
+    supplied by the caller (e.g. experts on other ranks).
 
     Input ``x`` is ``[..., H]``; the output has the same shape and dtype. With
     ``return_router_logits=True`` forward returns ``(out, router_logits [T, E])``; with
