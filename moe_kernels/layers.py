@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _api, reference
-from .losses import _load_balancing, _tokens_per_expert, _z_loss
+from .losses import _load_balancing, _tokens_per_expert, _z_loss, cka
 
 __all__ = [
     "MoE",
@@ -99,6 +99,9 @@ class MoEAux:
         dropped: 0-d int64, the number of dropped assignments.
         load_balancing_loss: 0-d float32 (:func:`moe_kernels.losses.load_balancing_loss`).
         z_loss: 0-d float32 (:func:`moe_kernels.losses.z_loss`).
+        similarity_loss: 0-d float32, SimSMoE's summed CKAs of this call
+            (:meth:`MoE.similarity_loss`, before ``similarity_loss_coef``); 0 when the option is
+            off, outside training, or when no tracked pair exceeds the threshold.
     """
 
     router_logits: torch.Tensor
@@ -109,6 +112,7 @@ class MoEAux:
     dropped: torch.Tensor
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
+    similarity_loss: torch.Tensor
 
 
 def capacity_keep_mask(
@@ -284,6 +288,19 @@ class MoE(nn.Module):
             ``num_shared_experts · intermediate_size``).
         shared_expert_gate: scale the shared output by ``sigmoid(self.shared_expert_gate(x))``
             (``nn.Linear(H, 1, bias=False)``), as Qwen2-MoE does.
+        similarity_loss_coef: weight of SimSMoE's similarity loss (Do, Le, Tran, "SimSMoE:
+            Toward Efficient Training Mixture of Experts via Solving Representational Collapse",
+            Findings of NAACL 2025; :meth:`similarity_loss`): experts often selected together
+            are penalised for similar outputs (CKA through the projection head
+            ``self.similarity_head``, ``nn.Linear(H, E)``).  0: off (no head, no tracker, no
+            cost).  Training only; not supported under expert parallelism.
+        similarity_threshold: a tracked pair's CKA enters the loss only above this (0.5, the
+            value of the paper's published training scripts).
+        pair_frequency_threshold: a pair is tracked when its accumulated co-selection fraction
+            (buffer ``pair_frequency`` [E, E], upper triangle) exceeds this (16.0, the paper's
+            scripts' checking frequency).
+        cka: "rbf" (kernel CKA, the paper's default) or "linear".
+        cka_sigma: the RBF kernel's width (0.8, the paper's scripts).
 
     Every option is an attribute of the same name read at every forward (``m.aux_loss_coef =
     0.0`` takes effect at the next call), except ``shared_expert_gate``, whose attribute is the
@@ -337,6 +354,11 @@ class MoE(nn.Module):
         num_shared_experts: int = 0,
         shared_intermediate_size: int | None = None,
         shared_expert_gate: bool = False,
+        similarity_loss_coef: float = 0.0,
+        similarity_threshold: float = 0.5,
+        pair_frequency_threshold: float = 16.0,
+        cka: str = "rbf",
+        cka_sigma: float = 0.8,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -386,7 +408,13 @@ class MoE(nn.Module):
         self.z_loss_coef = z_loss_coef
         self.num_shared_experts = num_shared_experts
         self.shared_intermediate_size = shared_intermediate_size
+        self.similarity_loss_coef = similarity_loss_coef
+        self.similarity_threshold = similarity_threshold
+        self.pair_frequency_threshold = pair_frequency_threshold
+        self.cka = cka
+        self.cka_sigma = cka_sigma
         self._training_options()  # the new options' values, checked now as at every forward
+        self._similarity_options()
 
         factory = {"device": device, "dtype": dtype}
         r_dtype = router_dtype if router_dtype is not None else dtype
@@ -419,6 +447,16 @@ class MoE(nn.Module):
         self.shared_expert_gate = (
             nn.Linear(H, 1, bias=False, **factory) if shared_expert_gate else None
         )
+        # SimSMoE: the projection head and the co-selection tracker (module state, saved with
+        # state_dict), only when the similarity loss is on at construction
+        if similarity_loss_coef:
+            self.similarity_head = nn.Linear(H, E, device=device, dtype=r_dtype)
+            self.register_buffer(
+                "pair_frequency", torch.zeros(E, E, device=device, dtype=torch.float32)
+            )
+        else:
+            self.similarity_head = None
+            self.pair_frequency = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -439,6 +477,8 @@ class MoE(nn.Module):
             self.shared_experts.reset_parameters()
         if self.shared_expert_gate is not None:
             self.shared_expert_gate.reset_parameters()
+        if self.similarity_head is not None:
+            self.similarity_head.reset_parameters()
 
     def _training_options(self) -> tuple[float, float | None, float, float]:
         """The training options, checked: (router_jitter, capacity_factor, aux_loss_coef,
@@ -458,6 +498,86 @@ class MoE(nn.Module):
         aux = _api._finite("aux_loss_coef", self.aux_loss_coef)
         z = _api._finite("z_loss_coef", self.z_loss_coef)
         return jitter, cf, aux, z
+
+    def _similarity_options(self) -> float:
+        """SimSMoE's options, checked; returns ``similarity_loss_coef`` as a float."""
+        coef = _nonneg_finite("similarity_loss_coef", self.similarity_loss_coef)
+        _api._finite("similarity_threshold", self.similarity_threshold)
+        _nonneg_finite("pair_frequency_threshold", self.pair_frequency_threshold)
+        if self.cka not in ("rbf", "linear"):
+            raise ValueError(f"cka must be 'rbf' or 'linear', got {self.cka!r}")
+        sigma = _api._finite("cka_sigma", self.cka_sigma)
+        if sigma <= 0:
+            raise ValueError(f"cka_sigma must be > 0, got {sigma}")
+        return coef
+
+    def similarity_loss(self, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """SimSMoE's similarity loss of one training call (Do, Le, Tran, Findings of NAACL 2025),
+        before its coefficient: 0-d float32, differentiable in the experts' weights and
+        ``similarity_head``.
+
+        Tracking: for every pair of experts i < j, ``pair_frequency[i, j]`` accumulates the
+        fraction of the call's T tokens whose selected experts (``topk_ids``, before capacity
+        drops) include both; a pair whose accumulated value exceeds ``pair_frequency_threshold``
+        is tracked in this call and its accumulator resets to 0.  For each tracked pair with at
+        least two tokens routed to both experts, the two experts' outputs on those tokens (the
+        routed FFN without routing weight, both experts in one :func:`moe_kernels.moe_ffn` call)
+        are mapped through ``similarity_head`` and compared with :func:`moe_kernels.losses.cka`
+        (``cka``, ``cka_sigma``); the CKAs above ``similarity_threshold`` are summed.
+
+        Host synchronisation: the tracked pairs are read once; when some are tracked, their
+        token counts are read too (the loss's extra work is on those tokens only).
+        """
+        if self.similarity_head is None or self.pair_frequency is None:
+            raise RuntimeError(
+                "similarity_loss_coef is set but the layer has no similarity_head: build it with "
+                "similarity_loss_coef > 0"
+            )
+        E = self.num_experts
+        T = topk_ids.shape[0]
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        if T == 0:
+            return zero
+        ids = topk_ids.to(torch.int64)
+        valid = (ids >= 0) & (ids < E)
+        sel = torch.zeros(T, E, dtype=torch.float32, device=x.device)
+        sel.scatter_(1, ids.clamp(0, E - 1), valid.to(torch.float32))
+        with torch.no_grad():
+            self.pair_frequency += torch.triu(sel.t() @ sel, diagonal=1) / T
+            tracked = self.pair_frequency > float(self.pair_frequency_threshold)
+            self.pair_frequency.masked_fill_(tracked, 0.0)
+        pairs = tracked.nonzero()  # host synchronisation: which pairs are tracked
+        if pairs.shape[0] == 0:
+            return zero
+        both = (sel[:, pairs[:, 0]] * sel[:, pairs[:, 1]]).t() > 0  # [P, T]
+        counts = both.sum(dim=1).tolist()  # host synchronisation: tokens of each tracked pair
+        order = torch.sort(both.to(torch.int8), dim=1, descending=True, stable=True).indices
+        toks, experts_i, experts_j, spans = [], [], [], []
+        for p, n in enumerate(counts):
+            if n < 2:  # CKA needs two samples
+                continue
+            toks.append(order[p, :n])
+            experts_i.append(pairs[p, 0].expand(n))
+            experts_j.append(pairs[p, 1].expand(n))
+            spans.append(n)
+        if not spans:
+            return zero
+        tok = torch.cat(toks)
+        xs = x.index_select(0, tok)
+        ids2 = torch.cat([torch.cat(experts_i), torch.cat(experts_j)]).to(torch.int32)[:, None]
+        ones = torch.ones(ids2.shape[0], 1, dtype=torch.float32, device=x.device)
+        y = self.experts(torch.cat([xs, xs]), ones, ids2)
+        z = self.similarity_head(y.to(self.similarity_head.weight.dtype))
+        N = tok.shape[0]
+        total, start = zero, 0
+        sigma = float(self.cka_sigma) if self.cka == "rbf" else None
+        for n in spans:
+            c = cka(
+                z[start : start + n], z[N + start : N + start + n], kernel=self.cka, sigma=sigma
+            )
+            total = total + torch.where(c > float(self.similarity_threshold), c, 0.0)
+            start += n
+        return total
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The router's logits [T, E] of ``x`` [T, H], in the router's dtype.
@@ -590,6 +710,15 @@ class MoE(nn.Module):
             # dropped assignments get id -1: the kernels skip them (no expert compute)
             expert_ids = ids.masked_fill(~kept, -1)
 
+        sim_coef = self._similarity_options()
+        sim_loss = None
+        if sim_coef != 0.0 and self.training and torch.is_grad_enabled():
+            if experts != self.experts:
+                raise RuntimeError(
+                    "similarity_loss_coef (SimSMoE) needs the layer's own experts: it is not "
+                    "supported with an expert function supplied by the caller (expert parallelism)"
+                )
+            sim_loss = self.similarity_loss(flat, ids)
         inject = (aux_coef != 0.0 or z_coef != 0.0) and self.training and torch.is_grad_enabled()
         lb = zl = None
         expert_weights = weights
@@ -609,6 +738,10 @@ class MoE(nn.Module):
                 # the losses' gradient enters the backward pass with the routing weights'
                 expert_weights = _AttachLoss.apply(weights, total * _aux_loss_scale)
 
+        if sim_loss is not None:
+            expert_weights = _AttachLoss.apply(
+                expert_weights, sim_loss * sim_coef * _aux_loss_scale
+            )
         out = experts(flat, expert_weights, expert_ids)
         shared = self.shared(flat)
         if shared is not None:
@@ -632,6 +765,11 @@ class MoE(nn.Module):
             dropped=dropped,
             load_balancing_loss=lb.detach(),
             z_loss=zl.detach(),
+            similarity_loss=(
+                sim_loss.detach()
+                if sim_loss is not None
+                else torch.zeros((), dtype=torch.float32, device=ids.device)
+            ),
         )
         return (out, logits, aux) if return_router_logits else (out, aux)
 

@@ -128,6 +128,11 @@ class ExpertParallelMoE(nn.Module):
         E, W = moe.num_experts, self.world_size
         if E % W != 0:
             raise ValueError(f"num_experts={E} must be a multiple of the process group's size {W}")
+        if moe.similarity_loss_coef:
+            raise ValueError(
+                "SimSMoE (similarity_loss_coef) is not supported under expert parallelism: its "
+                "extra expert calls would be collectives whose count differs between ranks"
+            )
         self.experts_per_rank = E // W
         lo = self.rank * self.experts_per_rank
         self.local_experts = range(lo, lo + self.experts_per_rank)

@@ -212,6 +212,7 @@ def test_return_values_and_aux_fields(backend):
         "dropped",
         "load_balancing_loss",
         "z_loss",
+        "similarity_loss",
     ]
     shapes = {
         "router_logits": ((14, E), torch.float32),
@@ -222,6 +223,7 @@ def test_return_values_and_aux_fields(backend):
         "dropped": ((), torch.int64),
         "load_balancing_loss": ((), torch.float32),
         "z_loss": ((), torch.float32),
+        "similarity_loss": ((), torch.float32),
     }
     for name, (shape, dtype) in shapes.items():
         v = getattr(aux, name)
