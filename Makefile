@@ -76,7 +76,7 @@ test-py: install
 test-triton: install
 	cd tests && TRITON_INTERPRET=1 MOE_KERNELS_TEST_BACKENDS=triton \
 		MOE_KERNELS_REQUIRE_BACKENDS=reference,triton MOE_KERNELS_TEST_INSTALLED=1 \
-		$(abspath $(BIN))/pytest -q -p no:cacheprovider $(OP_TESTS) test_values.py test_triton_poison.py
+		$(abspath $(BIN))/pytest -q -p no:cacheprovider $(OP_TESTS) test_values.py test_triton_poison.py test_layer_training.py
 
 gate: install
 	cd /tmp && MOE_KERNELS_REQUIRE_BUILT=$(REQUIRE_BUILT) $(abspath $(BIN))/python -m moe_kernels.tools.gpu_gate

@@ -19,9 +19,16 @@ Example::
     w_gate_up, w_down = torch.randn(E, 2 * I, H) / 8, torch.randn(E, H, I) / 6
     weights, ids = mk.topk_gating(torch.randn(T, E), k)
     out = mk.moe_ffn(x, w_gate_up, w_down, weights, ids)   # [T, H]
+
+:class:`moe_kernels.MoE` is the whole layer (router, gating, experts) with the routing schemes,
+capacity limits, auxiliary losses and shared experts used to train MoE models;
+:mod:`moe_kernels.losses` holds its load-balancing and z-losses as functions.
 """
 
-from . import _registry  # noqa: F401  (loads the extensions and registers every op)
+from . import (
+    _registry,  # noqa: F401  (loads the extensions and registers every op)
+    losses,
+)
 from ._api import grouped_gemm, moe_ffn, permute, route, topk_gating, unpermute
 from ._backends import BackendUnavailableError, available_backends, use_backend
 from .layers import MoE
@@ -35,6 +42,7 @@ __all__ = [
     "RoutingPlan",
     "available_backends",
     "grouped_gemm",
+    "losses",
     "moe_ffn",
     "permute",
     "route",

@@ -97,9 +97,16 @@ class ExpertParallelMoE(nn.Module):
         group, world_size, rank: the process group and this rank's place in it.
 
     ``forward(x)`` takes this rank's own tokens ``[..., H]`` (any number, zero included,
-    different per rank) and returns their outputs; ``return_router_logits=True`` as the layer.
-    Semantics are those of the single-process layer on the union of every rank's tokens:
-    routing is per token, so each token's output is what the full layer gives it.
+    different per rank) and returns their outputs; ``return_router_logits`` and ``return_aux``
+    as the layer. With the layer's defaults (dropless, no noise, no losses) each token's output
+    is what the single-process layer gives it on the union of every rank's tokens (routing is
+    per token). The training options act per rank, as in data-parallel training: capacity
+    ``C = ceil(capacity_factor · T_r · k / E)`` and the drops are computed over this rank's T_r
+    tokens, the load-balancing and z-losses (and ``aux``) over this rank's tokens (each rank
+    injects its own; the router gradients summed over the ranks then hold the sum of the
+    ranks' losses), noise and jitter are drawn from each rank's own generator, and the shared
+    experts run on every rank for its tokens. So rank r's outputs equal those of the
+    single-process layer applied to rank r's tokens alone.
 
     Raises:
         ValueError: E is not a multiple of the group size.
@@ -121,6 +128,11 @@ class ExpertParallelMoE(nn.Module):
         E, W = moe.num_experts, self.world_size
         if E % W != 0:
             raise ValueError(f"num_experts={E} must be a multiple of the process group's size {W}")
+        if moe.similarity_loss_coef:
+            raise ValueError(
+                "SimSMoE (similarity_loss_coef) is not supported under expert parallelism: its "
+                "extra expert calls would be collectives whose count differs between ranks"
+            )
         self.experts_per_rank = E // W
         lo = self.rank * self.experts_per_rank
         self.local_experts = range(lo, lo + self.experts_per_rank)
@@ -183,17 +195,15 @@ class ExpertParallelMoE(nn.Module):
         self.module.load_state_dict(local)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, return_router_logits: bool = False):
-        m = self.module
-        H = m.hidden_size
-        if x.shape[-1] != H:
-            raise ValueError(f"x must be [..., {H}], got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, H)
-        logits, weights, ids = m.route(flat)
-        out = self._dispatch_combine(flat, weights, ids)
-        out = out.reshape(*lead, H)
-        return (out, logits) if return_router_logits else out
+    def forward(
+        self, x: torch.Tensor, return_router_logits: bool = False, return_aux: bool = False
+    ):
+        """The layer's forward (:meth:`MoE.forward_with_experts`) on this rank's tokens
+        ``x`` [..., H], with the routed experts run by their owner ranks. Returns what the layer
+        returns for the same flags."""
+        return self.module.forward_with_experts(
+            x, self._dispatch_combine, return_router_logits, return_aux
+        )
 
     def _dispatch_combine(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """Send every kept pair to its expert's owner, run the local experts, send back, combine

@@ -283,7 +283,46 @@ def run_grouped_gemm(make, backend, name, dtype, grad):
     return [out], (out, [a, b])
 
 
+#: (T, k, E, H, I, activation, biases, gpt-oss transposed weight views, interleaved)
+FFN = {
+    "swiglu": (9, 2, 6, 32, 24, "swiglu", False, False, False),
+    "gpt-oss": (7, 2, 4, 16, 8, "swiglu_oai", True, True, True),
+    "T0": (0, 2, 4, 16, 8, "geglu", True, False, False),
+}
+
+
+def run_moe_ffn(make, backend, name, dtype, grad):
+    T, k, E, H, inter, act, biases, transposed, interleaved = FFN[name]
+    x = make.floats(T, H, dtype=dtype, grad=grad)
+    if transposed:
+        wgu = make.floats(E, H, 2 * inter, dtype=dtype).transpose(1, 2)
+        wd = make.floats(E, inter, H, dtype=dtype).transpose(1, 2)
+        wgu.requires_grad_(grad)
+        wd.requires_grad_(grad)
+    else:
+        wgu = make.floats(E, 2 * inter, H, dtype=dtype, grad=grad)
+        wd = make.floats(E, H, inter, dtype=dtype, grad=grad)
+    w = make.weights(T, k, grad=grad)
+    bgu = make.floats(E, 2 * inter, dtype=dtype, grad=grad) if biases else None
+    bd = make.floats(E, H, dtype=dtype, grad=grad) if biases else None
+    out = moe_kernels.moe_ffn(
+        x,
+        wgu,
+        wd,
+        w,
+        make.ids(T, k, E),
+        activation=act,
+        gate_up_bias=bgu,
+        down_bias=bd,
+        interleaved=interleaved,
+        backend=backend,
+    )
+    inputs = [t for t in (x, wgu, wd, w, bgu, bd) if t is not None]
+    return [out], (out, inputs)
+
+
 RUNNERS = {
+    "moe_ffn": (run_moe_ffn, list(FFN)),
     "grouped_gemm": (run_grouped_gemm, list(GEMM)),
     "topk_gating": (run_gating, list(GATING)),
     "route": (run_route, list(ROUTE)),
@@ -292,6 +331,7 @@ RUNNERS = {
 }
 #: the backward op each differentiable public op's autograd formula calls in its family
 BACKWARD_OP = {
+    "moe_ffn": "moe_ffn_backward",
     "grouped_gemm": "grouped_gemm_backward",
     "topk_gating": "topk_gating_backward",
     "permute": "unpermute",

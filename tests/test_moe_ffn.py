@@ -284,12 +284,13 @@ def case_inputs(case, dtype, seed):
     return (x, wgu, wd, tw, ids, bgu, bd), (act, 1.702, limit, inter)
 
 
-#: backends whose fused FFN meets the "2x PyTorch's own error" rule in every dtype.  The others
+#: backends whose fused FFN meets the "2x PyTorch's own error" rule in every dtype (cuda: fp32
+#: intermediates, shown on the emulated kernels by test_cuda_emulated.py).  The others
 #: are held to the fixed budget of their input dtype (testutil.kernel_budget): the Triton kernels
 #: do in fp32 and within that budget in bf16 / fp16, but not within 2x of PyTorch there (their
 #: error is ~4x PyTorch's on the output and gradients, and their fp32 routing-weight gradient
 #: from bf16 inputs carries bf16-sized errors: ~1e-4 against PyTorch's 2e-7).
-TWO_X_BACKENDS = ("cpu",)
+TWO_X_BACKENDS = ("cpu", "cuda")
 
 
 def _budget(backend, dtype, device_type, grad=False):

@@ -46,8 +46,10 @@ def _free_port() -> int:
 
 
 # (name, E, k, tokens per rank, dtype, backend, routing) -- routing: "random"; "one_rank" (every
-# token to the last rank's experts); "skip_expert" (expert 1 gets no row anywhere)
+# token to the last rank's experts); "skip_expert" (expert 1 gets no row anywhere); "train" (the
+# layer's training options: checked against the per-rank semantics, see _run_train_case)
 CASES_2 = [
+    ("training_options", 8, 2, [12, 7], torch.float32, "cpu", "train"),
     ("uniform_fp32_ref", 8, 2, [9, 6], torch.float32, "reference", "random"),
     ("uniform_fp32_cpu", 8, 2, [9, 6], torch.float32, "cpu", "random"),
     ("one_rank", 6, 2, [5, 7], torch.float32, "cpu", "one_rank"),
@@ -73,6 +75,8 @@ def _run_case(case, rank: int, world: int) -> None:
     from moe_kernels.parallel import ExpertParallelMoE
 
     name, E, k, per_rank, dtype, backend, routing = case
+    if routing == "train":
+        return _run_train_case(case, rank, world)
     torch.manual_seed(1234)
     full = MoE(H, I, E, k, backend=backend, dtype=dtype, router_bias=routing != "random")
     if routing == "one_rank":
@@ -127,6 +131,74 @@ def _run_case(case, rank: int, world: int) -> None:
     state = ep.full_state_dict()
     for key, value in single.state_dict().items():
         assert torch.equal(state[key], value), f"{name}: full_state_dict()[{key}]"
+
+
+def _run_train_case(case, rank: int, world: int) -> None:
+    """Capacity (position policy), load-balancing and z-losses, noise, jitter and a gated shared
+    expert act per rank: rank r's outputs and aux equal the single-process layer's on rank r's
+    tokens alone (same generator state), expert gradients on their owner equal the sum over the
+    ranks of the single-process expert gradients, router gradients summed over the ranks equal
+    the summed single-process ones."""
+    from moe_kernels import MoE
+    from moe_kernels.parallel import ExpertParallelMoE
+
+    name, E, k, per_rank, dtype, backend, _ = case
+    opts = dict(
+        noisy_gating=True,
+        router_jitter=0.1,
+        capacity_factor=0.75,
+        aux_loss_coef=0.05,
+        z_loss_coef=0.01,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+    )
+    torch.manual_seed(1234)
+    full = MoE(H, I, E, k, backend=backend, dtype=dtype, **opts)
+    with torch.no_grad():
+        full.router_noise.weight.normal_(0, 0.1)  # non-zero noise scale
+    full.train()
+    single = copy.deepcopy(full)
+    g = torch.Generator().manual_seed(99 + rank)
+    x = torch.randn(per_rank[rank], H, generator=g).to(dtype)
+    G = torch.randn(per_rank[rank], H, generator=g)
+
+    ep = ExpertParallelMoE(full)
+    xe = x.clone().requires_grad_()
+    torch.manual_seed(7 + rank)
+    out, aux = ep(xe, return_aux=True)
+    (out.float() * G).sum().backward()
+    xs = x.clone().requires_grad_()
+    torch.manual_seed(7 + rank)
+    ref, ref_aux = single(xs, return_aux=True)
+    (ref.float() * G).sum().backward()
+
+    assert torch.equal(aux.kept, ref_aux.kept), f"{name}: capacity drops differ"
+    assert int(aux.dropped) > 0 or per_rank[rank] == 0, f"{name}: the case should drop"
+    err = _rel(out, ref)
+    assert err <= OUT_TOL[dtype], f"{name}: output error {err:.2e}"
+    for field in ("load_balancing_loss", "z_loss"):
+        assert torch.equal(getattr(aux, field), getattr(ref_aux, field)), f"{name}: aux.{field}"
+    err = _rel(xe.grad, xs.grad)
+    assert err <= GRAD_TOL[dtype], f"{name}: input gradient error {err:.2e}"
+    e0, e1 = ep.local_experts.start, ep.local_experts.stop
+    for pname in ("gate_up_proj", "down_proj"):
+        want = getattr(single, pname).grad.clone()
+        dist.all_reduce(want)
+        err = _rel(getattr(full, pname).grad, want[e0:e1])
+        assert err <= GRAD_TOL[dtype], f"{name}: {pname} gradient error {err:.2e}"
+    for p_ep, p_single in zip(ep.replicated_parameters(), _replicated(single), strict=True):
+        if p_single.grad is None:
+            continue
+        got, want = p_ep.grad.clone(), p_single.grad.clone()
+        dist.all_reduce(got)
+        dist.all_reduce(want)
+        err = _rel(got, want)
+        assert err <= GRAD_TOL[dtype], f"{name}: replicated gradient error {err:.2e}"
+
+
+def _replicated(moe):
+    names = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+    return [p for n, p in moe.named_parameters() if n not in names]
 
 
 def _worker(rank: int, world: int, port: int, cases) -> None:

@@ -36,8 +36,8 @@ __all__ = ["max_rel_err"]  # re-exported: the one error metric
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 #: suffix of each backend's ops in ``torch.ops.moe_kernels`` (cpu and cuda: the compiled family)
 SUFFIX = {"reference": "_reference", "cpu": "", "cuda": "", "triton": "_triton"}
-#: the ops (schemas) that ``moe_kernels._C_cuda`` registers CUDA kernels for; auto mode falls back
-#: for the others (none once moe_ffn has its CUDA kernels)
+#: the ops (schemas) that ``moe_kernels._C_cuda`` registers CUDA kernels for (every op); auto mode
+#: would fall back for any other
 CUDA_OPS = (
     "topk_gating",
     "topk_gating_backward",
@@ -47,6 +47,8 @@ CUDA_OPS = (
     "unpermute_backward",
     "grouped_gemm",
     "grouped_gemm_backward",
+    "moe_ffn",
+    "moe_ffn_backward",
 )
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NS = torch.ops.moe_kernels
