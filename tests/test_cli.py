@@ -580,27 +580,86 @@ def test_a_peer_over_tolerance_is_flagged_not_fatal(tmp_path, capsys, monkeypatc
     assert ran and all(r["status"] == "FAIL" for r in ran)
 
 
-def test_layer_shared_experts(tmp_path, capsys):
-    """DeepSeek-V3's layer runs with its shared expert where moe_kernels.MoE accepts the option,
-    and says what it left out where it does not."""
-    import inspect
-
+def _layer_rows(tmp_path, capsys, shape="deepseek-v3"):
     out = tmp_path / "l.json"
-    argv = [*SMALL, "--shape", "deepseek-v3", "--budget-mib", "8", "--ops", "layer"]
-    assert cli.main([*argv, "--tokens", "2", "--json", str(out)]) == 0, capsys.readouterr().out
-    rows = json.loads(out.read_text())["rows"]
+    argv = [*SMALL, "--shape", shape, "--budget-mib", "8", "--ops", "layer", "--tokens", "2"]
+    assert cli.main([*argv, "--json", str(out)]) == 0, capsys.readouterr().out
+    return json.loads(out.read_text())["rows"]
+
+
+def test_layer_runs_the_shared_experts(tmp_path, capsys):
+    """DeepSeek-V3's layer runs with its shared expert: its FLOPs are counted, nothing is left
+    out, and every backend agrees with the reference."""
+    rows = _layer_rows(tmp_path, capsys)
     ref = next(r for r in rows if r["backend"] == "reference")
-    has_shared = "num_shared_experts" in inspect.signature(moe_kernels.MoE.__init__).parameters
+    shape = bu.scale_to_budget(bu.SHAPES["deepseek-v3"], 8 << 20, 2)
+    assert shape.shared_intermediate_size > 0
+    routed = roofline.counts(
+        "layer", "fwd", shape, 2, 2, ref["active_experts"], shared_intermediate=0
+    )
+    full = roofline.counts("layer", "fwd", shape, 2, 2, ref["active_experts"])
+    assert "left out" not in ref["note"]
+    assert ref["flops"] == full.flops > routed.flops
+    assert all(r["status"] in ("ok", "n/a") for r in rows if r["kind"] == "backend")
+
+
+def test_layer_says_what_an_older_moe_left_out(tmp_path, capsys, monkeypatch):
+    """Where moe_kernels.MoE has no shared-expert options, the layer runs without them and its
+    rows say so (and count only what ran)."""
+
+    class OlderMoE(moe_kernels.MoE):
+        def __init__(
+            self,
+            hidden_size,
+            intermediate_size,
+            num_experts,
+            top_k,
+            *,
+            scoring="softmax",
+            renormalize=True,
+            num_expert_groups=None,
+            topk_groups=None,
+            routed_scaling_factor=1.0,
+            correction_bias=False,
+            activation="swiglu",
+            alpha=1.702,
+            limit=7.0,
+            interleaved=False,
+            bias=False,
+            router_bias=False,
+            device=None,
+            dtype=None,
+        ):
+            super().__init__(
+                hidden_size,
+                intermediate_size,
+                num_experts,
+                top_k,
+                scoring=scoring,
+                renormalize=renormalize,
+                num_expert_groups=num_expert_groups,
+                topk_groups=topk_groups,
+                routed_scaling_factor=routed_scaling_factor,
+                correction_bias=correction_bias,
+                activation=activation,
+                alpha=alpha,
+                limit=limit,
+                interleaved=interleaved,
+                bias=bias,
+                router_bias=router_bias,
+                device=device,
+                dtype=dtype,
+            )
+
+    monkeypatch.setattr(moe_kernels, "MoE", OlderMoE)
+    rows = _layer_rows(tmp_path, capsys)
+    ref = next(r for r in rows if r["backend"] == "reference")
     shape = bu.scale_to_budget(bu.SHAPES["deepseek-v3"], 8 << 20, 2)
     routed = roofline.counts(
         "layer", "fwd", shape, 2, 2, ref["active_experts"], shared_intermediate=0
     )
-    if has_shared:
-        assert "left out" not in ref["note"]
-        assert ref["flops"] > routed.flops
-    else:
-        assert "shared experts" in ref["note"] and "left out" in ref["note"]
-        assert ref["flops"] == routed.flops
+    assert "shared experts" in ref["note"] and "left out" in ref["note"]
+    assert ref["flops"] == routed.flops
 
 
 def test_llama4_approximation_is_said(tmp_path, capsys):
