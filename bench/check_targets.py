@@ -36,22 +36,39 @@ class Target:
         else:
             what = f"% of ceiling >= {self.minimum:g}"
         lo, hi = self.tokens
-        return f"{self.backend} {self.op} {self.pass_} T {lo}..{hi}: {what}"
+        tokens = f"T >= {lo}" if hi >= 1 << 30 else (f"T = {lo}" if lo == hi else f"T {lo}..{hi}")
+        return f"{self.backend} {self.op} {self.pass_} {tokens}: {what}"
 
 
-#: the CPU backend's targets on the recorded job (bench/record_results.py); see bench/NOTES.md
+#: the CPU backend's targets on the recorded job (bench/record_results.py); bench/NOTES.md
+#: ("moe-bench's recorded job and the speed targets") says how each was chosen and which are met
 TARGETS = (
-    # the fused expert FFN beats Hugging Face's eager experts at decode and small prefill
+    # the fused expert FFN beats Hugging Face's eager experts: by 1.5x at decode sizes, and is
+    # never slower at prefill
     Target("cpu", "moe_ffn", "fwd", (1, 16), "x hf-eager", 1.5),
     Target("cpu", "moe_ffn", "fwd", (17, 1 << 30), "x hf-eager", 1.0),
-    # decode streams the active experts' weights near the read ceiling
+    # ... and transformers' grouped_mm experts (torch's grouped GEMM), at every size
+    Target("cpu", "moe_ffn", "fwd", (1, 1 << 30), "x hf-grouped_mm", 1.0),
+    # a decode step streams the active experts' weights at >= 40% of the read ceiling (caches
+    # not evicted, ceiling measured once per run on a shared machine: a loose bound; the
+    # evicted, alternated measurement with a 75% target is bench/bench_moe_ffn.py's)
     Target("cpu", "moe_ffn", "fwd", (1, 1), "pct_of_ceiling", 40.0),
-    # the index ops and the GEMM are no slower than the PyTorch reference
+    Target("cpu", "grouped_gemm", "fwd", (1, 1), "pct_of_ceiling", 40.0),
+    # no op of ours is slower than the PyTorch reference, or than torch's own grouped GEMM
     Target("cpu", "gating", "fwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "gating", "bwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "route", "fwd", (1, 1 << 30), "x reference", 1.0),
     Target("cpu", "permute", "fwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "permute", "bwd", (1, 1 << 30), "x reference", 1.0),
     Target("cpu", "unpermute", "fwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "unpermute", "bwd", (1, 1 << 30), "x reference", 1.0),
     Target("cpu", "grouped_gemm", "fwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "grouped_gemm", "fwd", (1, 1 << 30), "x torch-grouped_mm", 1.0),
+    Target("cpu", "grouped_gemm", "bwd", (1, 1 << 30), "x torch-grouped_mm", 1.0),
     Target("cpu", "moe_ffn", "bwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "moe_ffn", "bwd", (1, 1 << 30), "x hf-grouped_mm", 1.0),
+    Target("cpu", "layer", "fwd", (1, 1 << 30), "x reference", 1.0),
+    Target("cpu", "layer", "bwd", (1, 1 << 30), "x reference", 1.0),
 )
 
 

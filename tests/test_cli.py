@@ -705,3 +705,50 @@ def test_git_commit_recorded_at_build():
     if importlib.util.find_spec("moe_kernels._build_info") is None and commit is None:
         pytest.skip("not built from a git checkout")
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit), commit
+
+
+def _check_targets_script():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "check_targets", os.path.join(root, "bench", "check_targets.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["check_targets"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_targets_yes_no_na():
+    ct = _check_targets_script()
+    T = ct.Target
+
+    def row(backend, ms, T_=1, pct=None):
+        return {
+            "backend": backend,
+            "op": "moe_ffn",
+            "pass": "fwd",
+            "shape": "s",
+            "T": T_,
+            "dtype": "bfloat16",
+            "median_ms": ms,
+            "pct_of_ceiling": pct,
+        }
+
+    doc = {
+        "meta": {"device_type": "cpu"},
+        "rows": [
+            row("cpu", 1.0, pct=50.0),
+            row("hf-eager", 2.0),
+            row("cpu", 4.0, T_=64),
+            row("hf-eager", 2.0, T_=64),
+        ],
+    }
+    targets = (
+        T("cpu", "moe_ffn", "fwd", (1, 1 << 30), "x hf-eager", 1.5),
+        T("cpu", "moe_ffn", "fwd", (1, 1), "pct_of_ceiling", 40.0),
+        T("cpu", "moe_ffn", "fwd", (1, 1), "x vllm-fused_moe", 1.0),
+        T("cuda", "moe_ffn", "fwd", (1, 1), "x hf-eager", 1.0, device_type="cuda"),
+    )
+    lines, missed = ct.check(doc, targets)
+    assert missed == 1
+    assert [line.split()[0] for line in lines] == ["yes", "NO", "yes", "n/a"]
