@@ -14,6 +14,10 @@ peer                         ops           what
 ``torch-grouped_mm``         grouped_gemm  ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``)
 ``vllm-fused_moe``           moe_ffn       vLLM's ``fused_experts`` (CUDA, SwiGLU without biases)
 ``grouped_gemm-pkg``         grouped_gemm  the ``grouped_gemm`` package's ``ops.gmm`` (CUDA, bf16)
+``dense-matmul``             grouped_gemm, one dense ``torch.matmul`` of the same FLOPs: ``[n, H] x [H, 2I]``
+                             moe_ffn       for the grouped GEMM, ``[T, H] x [H, 3kI]`` for the FFN (the
+                                           yardstick of what a dense GEMM of that work costs here;
+                                           no error column: it computes something else)
 ============================ ============= ==========================================================
 
 The transformers module is ``Qwen3MoeExperts`` for SwiGLU layers (Mixtral's, DBRX's, OLMoE's,
@@ -43,6 +47,8 @@ class Peer:
     ops: tuple[str, ...]
     module: str  # the package it needs
     cuda_only: bool = False
+    # False: computes something else of the same size (no error against the reference)
+    checked: bool = True
 
 
 PEERS: dict[str, Peer] = {
@@ -54,6 +60,7 @@ PEERS: dict[str, Peer] = {
         Peer("torch-grouped_mm", ("grouped_gemm",), "torch"),
         Peer("vllm-fused_moe", ("moe_ffn",), "vllm", cuda_only=True),
         Peer("grouped_gemm-pkg", ("grouped_gemm",), "grouped_gemm", cuda_only=True),
+        Peer("dense-matmul", ("grouped_gemm", "moe_ffn"), "torch", checked=False),
     )
 }
 
@@ -68,6 +75,8 @@ def _installed(module: str) -> bool:
 def availability(name: str, device: torch.device) -> tuple[bool, str]:
     """(usable on this machine, 'available' or the reason it is skipped)."""
     peer = PEERS[name]
+    if name == "dense-matmul":
+        return True, "available"
     if peer.module == "torch":
         if hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"):
             return True, "available"
@@ -178,6 +187,8 @@ def build(name: str, op: str, case, pass_: str) -> Built:
             return [fn(la, lb.transpose(-2, -1), offs=offs)], [la, lb], _same
 
         return fwd, graph, label
+    if name == "dense-matmul":
+        return _build_dense(op, case)
     if name == "vllm-fused_moe":
         if shape.activation != "swiglu" or shape.bias:
             raise PeerSkip("skipped: vLLM's fused_experts here runs SwiGLU without biases only")
@@ -204,6 +215,25 @@ def build(name: str, op: str, case, pass_: str) -> Built:
 
         return fwd, graph, "grouped_gemm.ops.gmm"
     raise PeerSkip(f"skipped: unknown peer {name!r} on {device.type}")
+
+
+def _build_dense(op: str, case) -> Built:
+    shape = case.shape
+    if op == "grouped_gemm":
+        a, n_out = case.xs, 2 * shape.intermediate
+    else:
+        a, n_out = case.x, 3 * shape.top_k * shape.intermediate
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    b = (torch.randn(shape.hidden, n_out, generator=gen) * shape.hidden**-0.5).to(
+        case.device, case.dtype
+    )
+
+    def graph():
+        la, lb = a.detach().requires_grad_(), b.detach().requires_grad_()
+        return [la @ lb], [la, lb], _same
+
+    note = f"matmul [{a.shape[0]}, {shape.hidden}] x [{shape.hidden}, {n_out}]: the same FLOPs"
+    return (lambda: a @ b), graph, note
 
 
 def _build_hf(implementation: str, case, pass_: str) -> Built:
