@@ -3,17 +3,14 @@
 #include <cstdlib>
 #include <limits>
 
+#include "common/torch_output.h"
+
 namespace moe_kernels::cpu {
 
 namespace {
 
-bool debug_from_env() {
-  const char* s = std::getenv("MOE_KERNELS_DEBUG");
-  return s != nullptr && *s != '\0' && std::string(s) != "0";
-}
-
 // Read by every output allocation: relaxed loads (a switch takes effect for later calls).
-std::atomic<bool> g_debug{debug_from_env()};
+std::atomic<bool> g_debug{moe_kernels::debug_from_env()};
 std::atomic<int> g_test_fault{0};
 
 }  // namespace
@@ -40,13 +37,7 @@ void set_test_fault(const std::string& name) {
 }
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  if (!debug_mode()) return at::empty(sizes, opts);
-  const at::ScalarType t = opts.dtype().toScalarType();
-  if (at::isFloatingType(t)) return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), opts);
-  if (t == at::kInt || t == at::kLong)
-    return at::full(sizes, std::numeric_limits<int32_t>::min(), opts);
-  // narrower types (permute copies any dtype): a value that fits them
-  return at::full(sizes, t == at::kBool ? 1 : 0x5a, opts);
+  return output_tensor(sizes, opts, debug_mode());
 }
 
 at::Tensor new_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts) {

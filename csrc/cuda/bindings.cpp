@@ -16,6 +16,7 @@
 #include <string>
 
 #include "common/routing.h"
+#include "common/torch_output.h"
 #include "cuda/launchers.h"
 
 // MOE_KERNELS_CUDA_EMULATION: the build of tests/test_cuda_emulated.py, which runs these bindings
@@ -32,25 +33,14 @@
 namespace moe_kernels::cuda {
 namespace {
 
-bool debug_from_env() {
-  const char* s = std::getenv("MOE_KERNELS_DEBUG");
-  return s != nullptr && *s != '\0' && std::string(s) != "0";
-}
 std::atomic<bool> g_debug{debug_from_env()};
 
 bool debug_mode() { return g_debug.load(std::memory_order_relaxed); }
 void set_debug_mode(bool on) { g_debug.store(on, std::memory_order_relaxed); }
 
-// An output every element of which the kernels write: NaN / INT_MIN-filled in debug mode so a
-// missed element shows up in the tests.
+// An output every element of which the kernels write (poisoned in debug mode).
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  if (!debug_mode()) return at::empty(sizes, opts);
-  const at::ScalarType t = opts.dtype().toScalarType();
-  if (at::isFloatingType(t)) return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), opts);
-  if (t == at::kInt || t == at::kLong)
-    return at::full(sizes, std::numeric_limits<int32_t>::min(), opts);
-  // narrower types (permute copies any dtype): a value that fits them
-  return at::full(sizes, t == at::kBool ? 1 : 0x5a, opts);
+  return output_tensor(sizes, opts, debug_mode());
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
