@@ -546,11 +546,11 @@ class MoE(nn.Module):
             self.pair_frequency += torch.triu(sel.t() @ sel, diagonal=1) / T
             tracked = self.pair_frequency > float(self.pair_frequency_threshold)
             self.pair_frequency.masked_fill_(tracked, 0.0)
-        pairs = tracked.nonzero()  # host synchronisation: which pairs are tracked
+        pairs = tracked.nonzero()  # sync-ok: SimSMoE's documented read of the tracked pairs
         if pairs.shape[0] == 0:
             return zero
         both = (sel[:, pairs[:, 0]] * sel[:, pairs[:, 1]]).t() > 0  # [P, T]
-        counts = both.sum(dim=1).tolist()  # host synchronisation: tokens of each tracked pair
+        counts = both.sum(dim=1).tolist()  # sync-ok: token counts, only when pairs are tracked
         order = torch.sort(both.to(torch.int8), dim=1, descending=True, stable=True).indices
         toks, experts_i, experts_j, spans = [], [], [], []
         for p, n in enumerate(counts):

@@ -219,8 +219,8 @@ class ExpertParallelMoE(nn.Module):
         counts = torch.bincount(dest, minlength=W + 1)[:W]
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
-        # the one host synchronisation: uneven split sizes live on the host
-        send, recv = counts.tolist(), recv_counts.tolist()
+        # uneven split sizes live on the host: the documented one sync per forward
+        send, recv = counts.tolist(), recv_counts.tolist()  # sync-ok: all_to_all split sizes
         n_send = sum(send)
         sent = order[:n_send]
         w_dtype = m.gate_up_proj.dtype

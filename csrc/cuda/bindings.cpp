@@ -791,7 +791,7 @@ moe_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
   if (down_bias.has_value()) d_bd = expert_sums(f, gy, *down_bias);
   // d_x[t] = sum over t's slots of d_xp[row] (permute's backward)
   d_x = unpermute_cuda(d_xp, f.ros, f.sor, std::nullopt).to(x.scalar_type());
-  return {d_x, d_wgu, d_wd, gw.to(topk_weights.scalar_type()), d_bgu, d_bd};
+  return {d_x, d_wgu, d_wd, gw, d_bgu, d_bd};  // gw: already in topk_weights' dtype
 }
 
 }  // namespace
