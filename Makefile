@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1
+# CUTLASS's C++ headers for the CUDA extension's grouped GEMM (csrc/cuda/cutlass/)
+CUTLASS ?= nvidia-cutlass==4.2.0.0
 # Backends that must be available here; a backend that failed to build fails the tests.
 REQUIRE ?= reference,cpu
 BIN := $(VENV)/bin
@@ -37,7 +39,7 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q "$(TORCH)" numpy pybind11 ninja
+	$(BIN)/pip install -q "$(TORCH)" numpy pybind11 ninja "$(CUTLASS)"
 
 # With a CUDA build of torch, MOE_KERNELS_BUILD_CUDA=1 (BUILD_CUDA above) makes the build fail
 # loudly when the CUDA extension cannot be built (no nvcc, no CUDA_HOME) instead of leaving it out.
@@ -54,7 +56,7 @@ bench-results: install
 	$(BIN)/python bench/record_results.py
 
 # C++ sources checked against .clang-format (the clang-format pinned in the test extra).
-CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*/*.h tests/cpp/*.cpp)
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*/*.h csrc/*/*/*.cu csrc/*/*/*.cuh tests/cpp/*.cpp)
 
 lint: install
 	$(BIN)/ruff check .

@@ -53,6 +53,21 @@ def _want_cuda(torch) -> bool:
     return possible
 
 
+def _cutlass_include() -> str:
+    """CUTLASS's headers, from the installed ``nvidia-cutlass`` package (``cutlass_library``)."""
+    try:
+        import cutlass_library
+    except ImportError:
+        sys.exit(
+            "the CUDA extension needs CUTLASS's headers: pip install nvidia-cutlass "
+            "(or set MOE_KERNELS_BUILD_CUDA=0 to build without CUDA)"
+        )
+    inc = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    if not os.path.exists(os.path.join(inc, "cutlass", "cutlass.h")):
+        sys.exit(f"nvidia-cutlass is installed but {inc} holds no cutlass/cutlass.h")
+    return inc
+
+
 def extensions():
     import torch
 
@@ -81,14 +96,18 @@ def extensions():
         # The minimal CUDA install lacks cusparse/cublas headers that ATen/cuda includes; the
         # nvidia wheels that the CUDA build of torch depends on ship them.
         site = sysconfig.get_paths()["purelib"]
-        incs = [os.path.join(ROOT, "csrc")] + glob.glob(
-            os.path.join(site, "nvidia", "cu*", "include")
+        incs = (
+            [os.path.join(ROOT, "csrc")]
+            + glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+            + [_cutlass_include()]
         )
         exts.append(
             CUDAExtension(
                 "moe_kernels._C_cuda",
                 sources=_rel(
                     glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                    # the CUTLASS grouped GEMM instantiations, one per file
+                    + glob.glob(os.path.join(ROOT, "csrc", "cuda", "cutlass", "*.cu"))
                     + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
                 ),
                 include_dirs=incs,

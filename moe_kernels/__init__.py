@@ -31,6 +31,7 @@ from . import (
 )
 from ._api import grouped_gemm, moe_ffn, permute, route, topk_gating, unpermute
 from ._backends import BackendUnavailableError, available_backends, use_backend
+from ._precision import set_fp32_precision
 from .layers import MoE
 from .plan import RoutingPlan
 
@@ -46,6 +47,7 @@ __all__ = [
     "moe_ffn",
     "permute",
     "route",
+    "set_fp32_precision",
     "topk_gating",
     "unpermute",
     "use_backend",

@@ -323,3 +323,72 @@ def test_moe_ffn_vs_reference(emu, case, dtype):
     GEMMs with fp32 intermediates, the activation and bias kernels, unpermute) on the op suite's
     cases, held to the "2x PyTorch's own error" rule."""
     check_ffn(emu.moe_ffn, emu.moe_ffn_backward, case, dtype, "cpu", budget=lambda grad: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tensor-core grouped GEMM's device-side argument builder (TcBuildGroups, TcZeroFill)
+
+
+def _segments(offs: list[int], R: int) -> list[tuple[int, int]]:
+    """[begin, end) per expert as the kernels read offs: clamped non-decreasing within [0, R]."""
+    out, prev = [], 0
+    for o in offs:
+        end = min(max(o, prev), R)
+        out.append((prev, end))
+        prev = end
+    return out
+
+
+def _offs_cases():
+    g = torch.Generator().manual_seed(7)
+    cases = [
+        ("sorted", [0, 5, 5, 17, 40], 40),
+        ("short", [3, 9, 12], 20),  # rows past offs[-1]
+        ("bad", [10, 4, 60, -3, 25], 30),  # decreasing, past R, negative
+        ("empty_all", [0, 0, 0], 9),
+    ]
+    for i in range(3):
+        E = int(torch.randint(1, 40, (1,), generator=g))
+        R = int(torch.randint(0, 300, (1,), generator=g))
+        cuts = sorted(torch.randint(0, R + 1, (E,), generator=g).tolist())
+        cases.append((f"random{i}", cuts, R))
+    return cases
+
+
+@pytest.mark.parametrize("case", _offs_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("mode", [0, 1], ids=["rows", "ragged_k"])
+def test_tc_build_groups(emu, case, mode):
+    """Shapes, operand pointers and leading dimensions that CUTLASS reads, per expert, from offs
+    (any values: clamped as the exact path clamps them), and the zero fill of what CUTLASS does
+    not write; every other byte of the output is left alone."""
+    _, offs, R = case
+    E, elt, lda, ldb, b_se, N, K, M = len(offs), 2, 24, 40, 999, 16, 8, 12
+    if mode == 0:
+        ldd, d_se = N + 8, 0
+        d = torch.full((R, ldd), 7.0, dtype=torch.bfloat16)
+    else:
+        ldd, d_se = N + 8, M * (N + 8) + 4
+        d = torch.full((E * d_se,), 7.0, dtype=torch.bfloat16)
+    shapes, ptrs, lds = emu.tc_build_groups(
+        torch.tensor(offs, dtype=torch.int32), mode, R, elt, lda, ldb, b_se, d, ldd, d_se, M, N, K
+    )
+    seg = _segments(offs, R)
+    for e, (b, end) in enumerate(seg):
+        rows = end - b
+        if mode == 0:
+            assert shapes[e].tolist() == [rows, N, K], e
+            assert ptrs[:, e].tolist() == [b * lda * elt, e * b_se * elt, b * ldd * elt], e
+        else:
+            assert shapes[e].tolist() == ([M, N, rows] if rows else [0, 0, 0]), e
+            assert ptrs[:, e].tolist() == [b * lda * elt, b * ldb * elt, e * d_se * elt], e
+        assert lds[:, e].tolist() == [lda, ldb, ldd], e
+    expect = torch.full_like(d, 7.0)
+    if mode == 0:
+        last = seg[-1][1] if seg else 0
+        expect[last:, :N] = 0  # the padding columns past N are not the op's: untouched
+    else:
+        for e, (b, end) in enumerate(seg):
+            if end == b:
+                blk = expect[e * d_se : e * d_se + M * ldd].view(M, ldd)
+                blk[:, :N] = 0
+    assert torch.equal(d, expect)

@@ -250,3 +250,77 @@ def test_absent_extension(monkeypatch):
     monkeypatch.setenv("MOE_KERNELS_REQUIRE_BUILT", "_C,_C_cuda")
     result = cg.run(None, "8.0;9.0a")
     assert result["skipped"] and not result["ok"] and result["problems"]
+
+
+# --- the tensor-core (CUTLASS) rules -------------------------------------------------------------
+
+
+def _tc(arch, name, hmma=0, hgmma=0):
+    demangled = f"void cutlass::device_kernel<moe_kernels::cuda::tc::{name}_kernel>(P)"
+    return Kernel(arch, name, name=demangled, hmma=hmma, hgmma=hgmma)
+
+
+SELECTABLE = [("sm80_bf16_nn", 80), ("sm90_bf16_nn", 90)]
+
+
+def _good_tc():
+    return [
+        _tc("sm_80", "sm80_bf16_nn", hmma=64),
+        _tc("sm_90a", "sm80_bf16_nn", hmma=64),
+        _tc("sm_80", "sm90_bf16_nn"),  # the stub of an sm_90a-only kernel
+        _tc("sm_90a", "sm90_bf16_nn", hgmma=8),
+    ]
+
+
+def test_tc_rules_pass_good_kernels():
+    ks = _good_tc()
+    assert cg.check_tc(ks, ARCHS, SELECTABLE) == []
+    assert all(k.ok for k in ks)
+    assert cg.tc_name(ks[0].name) == "sm80_bf16_nn"
+    assert cg.tc_name("void moe_kernels::cuda::kernel_entry<X>(X)") is None
+
+
+def test_tc_rules_fail():
+    ks = _good_tc()
+    ks[3].hgmma = 0  # wgmma compiled out (e.g. built for compute_90 instead of 90a)
+    ks[1].hmma = 0
+    assert cg.check_tc(ks, ARCHS, SELECTABLE) == []
+    assert not ks[3].ok and "HGMMA" in ks[3].problems[0]
+    assert not ks[1].ok and "HMMA" in ks[1].problems[0]
+    missing = [k for k in _good_tc() if not (k.arch == "sm_90a" and k.mangled == "sm80_bf16_nn")]
+    assert cg.check_tc(missing, ARCHS, SELECTABLE) == [
+        "sm_90a: the dispatcher can select sm80_bf16_nn but the binary lacks it"
+    ]
+    extra = _good_tc() + [_tc("sm_80", "sm80_f16_tn", hmma=4)]
+    problems = cg.check_tc(extra, ARCHS, SELECTABLE)
+    assert problems == [
+        "CUTLASS instantiation sm80_f16_tn is built but the dispatcher cannot select it"
+    ]
+
+
+def test_dispatcher_set_is_the_gated_set():
+    """The CUTLASS instantiations the dispatcher can select (_C_cuda.tc_kernels(), each one chosen
+    by tc_select for some device, dtype and layout) are exactly those the gate finds in the
+    installed binary, each with its matrix instructions."""
+    so, why = cg.find_extension()
+    if so is None:
+        pytest.skip(why)
+    ext = pytest.importorskip("moe_kernels._C_cuda")
+    listed = {name for name, *_ in ext.tc_kernels()}
+    chosen = set()
+    for cc in (80, 86, 89, 90):
+        for dtype in (0, 1, 2):
+            for layout in (0, 1, 2):
+                for tile in (0, 1):
+                    i = ext.tc_select(cc, dtype, layout, tile)
+                    assert i >= 0, (cc, dtype, layout, tile)
+                    chosen.add(ext.tc_kernels()[i][0])
+    assert ext.tc_select(75, 1, 0) == -1 and ext.tc_select(100, 1, 0) == -1
+    assert chosen == listed, "an instantiation no device / dtype / layout selects"
+    kernels, problems = cg.gate_library(so, ARCHS, selectable=cg.dispatcher_tc_kernels())
+    in_binary = {cg.tc_name(k.name) for k in kernels} - {None}
+    assert in_binary == listed
+    assert problems == [] or not any("CUTLASS" in p or "lacks" in p for p in problems), problems
+    for k in kernels:
+        if cg.tc_name(k.name) is not None:
+            assert k.ok, (k.arch, k.name, k.problems)

@@ -10,10 +10,12 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "common/routing.h"
 #include "common/torch_output.h"
@@ -403,7 +405,208 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
 }
 
 // ----------------------------------------------------------------------------------------------
-// grouped GEMM: the exact path (kernels/grouped_gemm.h)
+// The tensor-core grouped GEMM (CUTLASS; tc_gemm.cu, kernels/tc_gemm.h) and its switches
+// ----------------------------------------------------------------------------------------------
+// fp32 GEMMs: tf32 tensor cores (default) or "ieee", the exact fp32 path.  MOE_KERNELS_CUDA_FP32
+// gives the initial value; moe_kernels.set_fp32_precision switches it (and Triton's) at run time.
+bool fp32_ieee_from_env() {
+  const char* v = std::getenv("MOE_KERNELS_CUDA_FP32");
+  return v != nullptr && std::string(v) == "ieee";
+}
+std::atomic<bool> g_fp32_ieee{fp32_ieee_from_env()};
+// MOE_KERNELS_CUDA_TENSOR_CORES=0: every GEMM on the exact SIMT path (a debugging aid).
+bool tc_from_env() {
+  const char* v = std::getenv("MOE_KERNELS_CUDA_TENSOR_CORES");
+  return v == nullptr || std::string(v) != "0";
+}
+std::atomic<bool> g_tc{tc_from_env()};
+
+void set_fp32_precision(const std::string& precision) {
+  TORCH_CHECK_VALUE(precision == "tf32" || precision == "ieee",
+                    "moe_kernels (cuda): precision must be 'tf32' or 'ieee', got '", precision,
+                    "'");
+  g_fp32_ieee.store(precision == "ieee", std::memory_order_relaxed);
+}
+std::string fp32_precision() { return g_fp32_ieee.load() ? "ieee" : "tf32"; }
+void set_tensor_cores(bool on) { g_tc.store(on, std::memory_order_relaxed); }
+
+struct DeviceInfo {
+  int cc = 0, sm_count = 0, index = 0;
+};
+DeviceInfo device_info(const at::Tensor& like) {
+  DeviceInfo d;
+#if !defined(MOE_KERNELS_CUDA_EMULATION)
+  // read once per device (attribute queries, no synchronisation)
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // cc << 16 | SMs; 0: not read
+  d.index = like.device().index();
+  int packed = d.index >= 0 && d.index < kMaxDevices ? cache[d.index].load() : 0;
+  if (packed == 0) {
+    int major = 0, minor = 0, sms = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d.index);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d.index);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d.index);
+    packed = (major * 10 + minor) << 16 | sms;
+    if (d.index >= 0 && d.index < kMaxDevices) cache[d.index].store(packed);
+  }
+  d.cc = packed >> 16;
+  d.sm_count = packed & 0xffff;
+#else
+  (void)like;
+#endif
+  return d;
+}
+
+// The tensor-core instantiation for this call, or -1: the device, the dtype (fp32 only in tf32
+// mode) and the switches decide; the layout was checked by the caller.
+int tc_kernel_for(FloatType ft, int layout, const DeviceInfo& dev, int tile = 0) {
+  if (!g_tc.load(std::memory_order_relaxed)) return -1;
+  if (ft == FloatType::kF32 && g_fp32_ieee.load(std::memory_order_relaxed)) return -1;
+  return tc_select(dev.cc, static_cast<int>(ft), layout, tile);
+}
+
+// Runs one grouped GEMM on the tensor cores (workspace from the caching allocator; the arrays are
+// built on the device, so nothing waits for the host).  false: nothing was launched.
+bool tc_run(TcGroupsParams p, int layout, FloatType ft, const at::Tensor& like, const char* op) {
+  const DeviceInfo dev = device_info(like);
+  // few rows per expert (decode): the tile with fewer rows, where there is one
+  const bool decode =
+      p.mode == TcMode::kRows && p.R <= kTcDecodeRowsPerExpert * std::max<int64_t>(p.E, 1);
+  const int k = tc_kernel_for(ft, layout, dev, decode ? 1 : 0);
+  if (k < 0) return false;
+  const size_t bytes = tc_workspace_bytes(k, p.E, dev.sm_count);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  check_launch(launch_tc_gemm(k, p, ws.data_ptr(), bytes, dev.index, dev.sm_count, stream()), op);
+  return true;
+}
+
+bool tc_ld_ok(int64_t ld, int64_t extent, int64_t al) { return ld >= extent && ld % al == 0; }
+bool tc_dims_ok(int64_t al, std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims)
+    if (d <= 0 || d % al != 0 || d > std::numeric_limits<int32_t>::max()) return false;
+  return true;
+}
+
+// out rows = a rows x B_e on the tensor cores when the strides allow (a's rows and one of B_e's
+// axes contiguous, 16-byte aligned rows and columns); false: run the exact path.
+bool tc_segment_gemm(FloatType ft, int64_t elt, const SegmentGemmParams& s, const at::Tensor& like,
+                     const char* op) {
+  const int64_t al = 16 / elt;
+  if (!tc_dims_ok(al, {s.N, s.K}) || s.R > std::numeric_limits<int32_t>::max()) return false;
+  if (s.a_sk != 1 || !tc_ld_ok(s.a_sr, s.K, al) || !aligned16(s.a) || !aligned16(s.b) ||
+      !aligned16(s.out) || s.b_se % al != 0)
+    return false;
+  int layout;
+  int64_t ldb;
+  if (s.b_sn == 1 && tc_ld_ok(s.b_sk, s.N, al)) {
+    layout = 0, ldb = s.b_sk;  // B_e row-major [K, N]
+  } else if (s.b_sk == 1 && tc_ld_ok(s.b_sn, s.K, al)) {
+    layout = 1, ldb = s.b_sn;  // B_e column-major
+  } else {
+    return false;
+  }
+  TcGroupsParams p;
+  p.mode = TcMode::kRows;
+  p.offs = s.offs;
+  p.E = s.E;
+  p.R = s.R;
+  p.elt = elt;
+  p.a = s.a;
+  p.lda = s.a_sr;
+  p.b = s.b;
+  p.ldb = ldb;
+  p.b_se = s.b_se;
+  p.d = s.out;
+  p.ldd = s.N;
+  p.N = s.N;
+  p.K = s.K;
+  return tc_run(p, layout, ft, like, op);
+}
+
+// G_e = A_e^T D_e over each expert's rows on the tensor cores (one GEMM per expert with its rows
+// as the reduction axis); false: run the exact path.
+bool tc_ragged_k(FloatType ft, int64_t elt, const RaggedKParams& r, const at::Tensor& like,
+                 const char* op) {
+  const int64_t al = 16 / elt;
+  if (!tc_dims_ok(al, {r.K, r.N}) || r.R > std::numeric_limits<int32_t>::max()) return false;
+  if (r.a_sk != 1 || r.d_sn != 1 || !tc_ld_ok(r.a_sm, r.K, al) || !tc_ld_ok(r.d_sm, r.N, al) ||
+      !aligned16(r.a) || !aligned16(r.d) || !aligned16(r.out) || r.o_se % al != 0)
+    return false;
+  TcGroupsParams p;
+  p.mode = TcMode::kRaggedK;
+  p.offs = r.offs;
+  p.E = r.E;
+  p.R = r.R;
+  p.elt = elt;
+  p.d = r.out;
+  p.d_se = r.o_se;
+  if (r.o_sn == 1 && tc_ld_ok(r.o_sk, r.N, al)) {
+    // G_e (K x N, row-major) = A_e^T (column-major view of a's rows) x D_e
+    p.a = r.a, p.lda = r.a_sm, p.b = r.d, p.ldb = r.d_sm, p.ldd = r.o_sk, p.M = r.K, p.N = r.N;
+  } else if (r.o_sk == 1 && tc_ld_ok(r.o_sn, r.K, al)) {
+    // G_e^T (N x K, row-major) = D_e^T x A_e
+    p.a = r.d, p.lda = r.d_sm, p.b = r.a, p.ldb = r.a_sm, p.ldd = r.o_sn, p.M = r.N, p.N = r.K;
+  } else {
+    return false;
+  }
+  return tc_run(p, 2, ft, like, op);
+}
+
+// The argument builder alone, for the tests: groups of `offs` over R rows with fake operand base
+// addresses a_base / b_base and the real output d (zero-filled where CUTLASS would not write).
+// Returns shapes [E, 3] int32, pointers [3, E] int64 (A and B relative to their bases, D to d's
+// data pointer) and leading dimensions [3, E] int64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tc_build_groups(
+    const at::Tensor& offs, int64_t mode, int64_t R, int64_t elt, int64_t lda, int64_t ldb,
+    int64_t b_se, const at::Tensor& d, int64_t ldd, int64_t d_se, int64_t M, int64_t N, int64_t K) {
+  check_cuda(offs, "offs");
+  check_same_device(d, offs, "d");
+  TORCH_CHECK_VALUE(offs.dim() == 1 && offs.scalar_type() == at::kInt, "offs must be int32 [E]");
+  TORCH_CHECK_VALUE(mode == 0 || mode == 1, "mode must be 0 (rows) or 1 (ragged K)");
+  MOE_DEVICE_GUARD(offs);
+  const at::Tensor o = offs.contiguous();
+  const int64_t E = o.size(0);
+  constexpr int64_t kABase = int64_t{1} << 40, kBBase = int64_t{1} << 44;
+  TcGroupsParams p;
+  p.mode = mode == 0 ? TcMode::kRows : TcMode::kRaggedK;
+  p.offs = o.data_ptr<int32_t>();
+  p.E = E;
+  p.R = R;
+  p.elt = elt;
+  p.a = reinterpret_cast<const void*>(kABase);
+  p.lda = lda;
+  p.b = reinterpret_cast<const void*>(kBBase);
+  p.ldb = ldb;
+  p.b_se = b_se;
+  p.d = d.data_ptr();
+  p.ldd = ldd;
+  p.d_se = d_se;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  at::Tensor ws = at::empty({static_cast<int64_t>(tc_group_arrays_bytes(std::max<int64_t>(E, 1)))},
+                            offs.options().dtype(at::kByte));
+  tc_carve_group_arrays(p, ws.data_ptr());
+  check_launch(launch_tc_groups(p, stream()), "tc_build_groups");
+  const auto i64 = offs.options().dtype(at::kLong);
+  at::Tensor shapes = at::from_blob(p.shapes, {E, 3}, offs.options()).clone();
+  // each array has its own 256-byte aligned slot
+  const auto rows = [&](std::initializer_list<const void*> arrays) {
+    std::vector<at::Tensor> out;
+    for (const void* a : arrays) out.push_back(at::from_blob(const_cast<void*>(a), {E}, i64));
+    return at::stack(out);
+  };
+  at::Tensor ptrs = rows({p.ptr_a, p.ptr_b, p.ptr_d});
+  at::Tensor lds = rows({p.out_lda, p.out_ldb, p.out_ldd});
+  const int64_t d_addr = static_cast<int64_t>(reinterpret_cast<uintptr_t>(d.data_ptr()));
+  ptrs[0] -= kABase;
+  ptrs[1] -= kBBase;
+  ptrs[2] -= d_addr;
+  return {shapes, ptrs, lds};
+}
+
+// ----------------------------------------------------------------------------------------------
+// grouped GEMM: the tensor cores where the layout allows, else the exact path
 // ----------------------------------------------------------------------------------------------
 void check_grouped(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, bool trans_b) {
   check_cuda(a, "a");
@@ -451,8 +654,9 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b_in, const 
   p.R = M;
   p.N = N;
   p.K = K;
-  check_launch(launch_segment_gemm(float_type(a, "a"), GemmTypes::kSame, p, stream()),
-               "grouped_gemm");
+  const FloatType ft = float_type(a, "a");
+  if (!tc_segment_gemm(ft, a.element_size(), p, a, "grouped_gemm"))
+    check_launch(launch_segment_gemm(ft, GemmTypes::kSame, p, stream()), "grouped_gemm");
   return out;
 }
 
@@ -494,8 +698,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cuda(const at::Tensor& 
       p.R = M;
       p.N = K;
       p.K = N;
-      check_launch(launch_segment_gemm(ft, GemmTypes::kSame, p, stream()),
-                   "grouped_gemm_backward (grad_a)");
+      if (!tc_segment_gemm(ft, a.element_size(), p, a, "grouped_gemm_backward (grad_a)"))
+        check_launch(launch_segment_gemm(ft, GemmTypes::kSame, p, stream()),
+                     "grouped_gemm_backward (grad_a)");
     }
   }
   if (need_grad_b) {
@@ -517,8 +722,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cuda(const at::Tensor& 
       p.R = M;
       p.K = K;
       p.N = N;
-      check_launch(launch_ragged_k(ft, GemmTypes::kSame, p, stream()),
-                   "grouped_gemm_backward (grad_b)");
+      if (!tc_ragged_k(ft, a.element_size(), p, a, "grouped_gemm_backward (grad_b)"))
+        check_launch(launch_ragged_k(ft, GemmTypes::kSame, p, stream()),
+                     "grouped_gemm_backward (grad_b)");
     }
     grad_b = gb.scalar_type() == b_in.scalar_type() ? gb : gb.to(b_in.scalar_type());
   }
@@ -575,6 +781,68 @@ ExpertEltParams elt(const Ffn& f, const std::optional<at::Tensor>& bias) {
     p.bias_sc = bias->stride(1);
   }
   return p;
+}
+
+// moe_ffn's GEMMs, on the tensor cores where they can run there: the fp32 intermediates that
+// are operands are rounded to the weights' type t first (bf16 / fp16; as the Triton backend keeps
+// the activation in t), the product is made in t and widened into the fp32 output.  In fp32 (t =
+// fp32, tf32 mode) nothing is converted.  Otherwise the exact mixed-type kernels run.
+bool tc_possible(const Ffn& f, const at::Tensor& like, int64_t n, int64_t k) {
+  if (!g_tc.load(std::memory_order_relaxed)) return false;
+  const int64_t al = f.ft == FloatType::kF32 ? 4 : 8;
+  return tc_kernel_for(f.ft, 0, device_info(like)) >= 0 && tc_dims_ok(al, {n, k});
+}
+
+at::Tensor f32_view(const void* p, int64_t rows, int64_t cols, int64_t sr, int64_t sc,
+                    const at::Tensor& like) {
+  return at::from_blob(const_cast<void*>(p), {rows, cols}, {sr, sc},
+                       like.options().dtype(at::kFloat));
+}
+
+void ffn_segment_gemm(const Ffn& f, GemmTypes types, const SegmentGemmParams& p,
+                      const at::Tensor& like, const char* op) {
+  const int64_t es = like.element_size();
+  if (f.ft == FloatType::kF32 || types == GemmTypes::kSame) {
+    if (tc_segment_gemm(f.ft, es, p, like, op)) return;
+  } else if (tc_possible(f, like, p.N, p.K)) {
+    SegmentGemmParams q = p;
+    at::Tensor a_t, out_t = at::empty({p.R, p.N}, like.options());
+    if (types == GemmTypes::kAF32) {
+      a_t = f32_view(p.a, p.R, p.K, p.a_sr, p.a_sk, like).to(like.scalar_type());
+      q.a = a_t.data_ptr();
+      q.a_sr = a_t.stride(0);
+      q.a_sk = a_t.stride(1);
+    }
+    q.out = out_t.data_ptr();
+    if (tc_segment_gemm(f.ft, es, q, like, op)) {
+      f32_view(p.out, p.R, p.N, p.N, 1, like).copy_(out_t);
+      return;
+    }
+  }
+  check_launch(launch_segment_gemm(f.ft, types, p, stream()), op);
+}
+
+void ffn_ragged_k(const Ffn& f, GemmTypes types, const RaggedKParams& r, const at::Tensor& like,
+                  const char* op) {
+  const int64_t es = like.element_size();
+  if (f.ft == FloatType::kF32 || types == GemmTypes::kSame) {
+    if (tc_ragged_k(f.ft, es, r, like, op)) return;
+  } else if (tc_possible(f, like, r.N, r.K)) {
+    RaggedKParams q = r;
+    const at::Tensor a_t = f32_view(r.a, r.R, r.K, r.a_sm, r.a_sk, like).to(like.scalar_type());
+    q.a = a_t.data_ptr();
+    q.a_sm = a_t.stride(0);
+    q.a_sk = a_t.stride(1);
+    at::Tensor d_t;
+    if (types == GemmTypes::kADF32) {
+      d_t = f32_view(r.d, r.R, r.N, r.d_sm, r.d_sn, like).to(like.scalar_type());
+      q.d = d_t.data_ptr();
+      q.d_sm = d_t.stride(0);
+      q.d_sn = d_t.stride(1);
+    }
+    if (tc_ragged_k(f.ft, es, q, like, op)) return;
+  }
+  check_launch(launch_ragged_k(f.ft, types, r, stream()), op);
 }
 
 // Route, permute and the forward intermediates of moe_ffn.
@@ -646,7 +914,7 @@ Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tens
   g1.R = f.R;
   g1.N = 2 * f.I;
   g1.K = f.H;
-  check_launch(launch_segment_gemm(f.ft, GemmTypes::kOutF32, g1, stream()), "moe_ffn (gemm 1)");
+  ffn_segment_gemm(f, GemmTypes::kOutF32, g1, x, "moe_ffn (gemm 1)");
   ExpertEltParams pa = elt(f, gate_up_bias);
   pa.in = f.h.data_ptr<float>();
   pa.out = f.a.data_ptr<float>();
@@ -667,7 +935,7 @@ Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tens
   g2.R = f.R;
   g2.N = f.H;
   g2.K = f.I;
-  check_launch(launch_segment_gemm(f.ft, GemmTypes::kAF32, g2, stream()), "moe_ffn (gemm 2)");
+  ffn_segment_gemm(f, GemmTypes::kAF32, g2, x, "moe_ffn (gemm 2)");
   if (down_bias.has_value()) {
     ExpertEltParams pb = elt(f, down_bias);
     pb.out = f.y.data_ptr<float>();
@@ -739,7 +1007,7 @@ moe_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
     g.R = f.R;
     g.N = f.I;
     g.K = f.H;
-    check_launch(launch_segment_gemm(f.ft, GemmTypes::kAF32, g, stream()), "moe_ffn_backward");
+    ffn_segment_gemm(f, GemmTypes::kAF32, g, x, "moe_ffn_backward");
     ExpertEltParams pa = elt(f, gate_up_bias);  // dh = act'(h + b, d_a)
     pa.in = f.h.data_ptr<float>();
     pa.in2 = d_a.data_ptr<float>();
@@ -756,7 +1024,7 @@ moe_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
     g.out = d_xp.data_ptr();
     g.N = f.H;
     g.K = 2 * f.I;
-    check_launch(launch_segment_gemm(f.ft, GemmTypes::kAF32, g, stream()), "moe_ffn_backward");
+    ffn_segment_gemm(f, GemmTypes::kAF32, g, x, "moe_ffn_backward");
   }
   RaggedKParams r;  // d_w_down[e] = gy^T a, d_w_gate_up[e] = dh^T xp (rows of segment e)
   r.offs = f.offs.data_ptr<int32_t>();
@@ -774,7 +1042,7 @@ moe_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
   r.o_sn = d_wd.stride(2);
   r.K = f.H;
   r.N = f.I;
-  check_launch(launch_ragged_k(f.ft, GemmTypes::kADF32, r, stream()), "moe_ffn_backward");
+  ffn_ragged_k(f, GemmTypes::kADF32, r, x, "moe_ffn_backward");
   r.a = dh.data_ptr();
   r.a_sm = 2 * f.I;
   r.d = f.xp.data_ptr();
@@ -786,7 +1054,7 @@ moe_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
   r.o_sn = d_wgu.stride(2);
   r.K = 2 * f.I;
   r.N = f.H;
-  check_launch(launch_ragged_k(f.ft, GemmTypes::kAF32, r, stream()), "moe_ffn_backward");
+  ffn_ragged_k(f, GemmTypes::kAF32, r, x, "moe_ffn_backward");
   if (gate_up_bias.has_value()) d_bgu = expert_sums(f, dh, *gate_up_bias);
   if (down_bias.has_value()) d_bd = expert_sums(f, gy, *down_bias);
   // d_x[t] = sum over t's slots of d_xp[row] (permute's backward)
@@ -823,6 +1091,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "every backend.");
   m.def("debug_mode", &moe_kernels::cuda::debug_mode,
         "Whether the CUDA kernels' debug mode is on.");
+  m.def("set_fp32_precision", &moe_kernels::cuda::set_fp32_precision, py::arg("precision"),
+        "fp32 GEMMs of the CUDA kernels: 'tf32' (tensor cores, the default) or 'ieee' (exact fp32 "
+        "FMA); the initial value is MOE_KERNELS_CUDA_FP32's at load.  Use "
+        "moe_kernels.set_fp32_precision, which switches the Triton kernels too.");
+  m.def("fp32_precision", &moe_kernels::cuda::fp32_precision);
+  m.def("set_tensor_cores", &moe_kernels::cuda::set_tensor_cores, py::arg("on"),
+        "Whether grouped GEMMs may run on the CUTLASS tensor-core kernels (default on; "
+        "MOE_KERNELS_CUDA_TENSOR_CORES=0 at load turns it off).");
+  m.def(
+      "tc_kernels",
+      [] {
+        std::vector<std::tuple<std::string, int, int, int, int>> out;
+        for (const auto& k : moe_kernels::cuda::kTcKernels)
+          out.emplace_back(k.name, k.sm, k.dtype, k.layout, k.tile);
+        return out;
+      },
+      "The CUTLASS instantiations the dispatcher can select: (name, sm, dtype, layout, tile).");
+  m.def(
+      "tc_select",
+      [](int cc, int dtype, int layout, int tile) {
+        return moe_kernels::cuda::tc_select(cc, dtype, layout, tile);
+      },
+      py::arg("cc"), py::arg("dtype"), py::arg("layout"), py::arg("tile") = 0,
+      "Index into tc_kernels() of the instantiation chosen for compute capability cc (major * 10 "
+      "+ minor), dtype (0 fp32/tf32, 1 bf16, 2 fp16), layout (0 nn, 1 nt, 2 tn) and tile (0 "
+      "prefill, 1 decode: falls back to 0 where there is none), or -1.");
+  m.def("tc_build_groups", &moe_kernels::cuda::tc_build_groups,
+        "The device-side argument builder of the tensor-core grouped GEMM alone (tests).");
 #if defined(MOE_KERNELS_CUDA_EMULATION)
   using namespace moe_kernels::cuda;
   using OptT = std::optional<at::Tensor>;

@@ -43,6 +43,15 @@ cudaError_t launch_segment_gemm(FloatType t, GemmTypes types, const SegmentGemmP
 cudaError_t launch_ragged_k(FloatType t, GemmTypes types, const RaggedKParams& p,
                             cudaStream_t stream);
 
+// The tensor-core grouped GEMM (csrc/cuda/tc_gemm.cu; kernels/tc_gemm.h says how a launch is
+// described and which instantiation tc_select picks).  workspace: tc_workspace_bytes(kernel,
+// p.E, sm_count) bytes of device memory, 256-byte aligned; p's output arrays are placed in it.
+size_t tc_workspace_bytes(int kernel, int64_t groups, int sm_count);
+cudaError_t launch_tc_gemm(int kernel, TcGroupsParams p, void* workspace, size_t workspace_bytes,
+                           int device, int sm_count, cudaStream_t stream);
+// The argument builder alone (its output arrays set in p), for the tests.
+cudaError_t launch_tc_groups(const TcGroupsParams& p, cudaStream_t stream);
+
 // moe_ffn's element-wise kernels (kernels/expert_ffn.h); sums: ExpertColumnSum's output.
 cudaError_t launch_expert_elementwise(ExpertOp op, FloatType t, const ExpertEltParams& p,
                                       void* sums, cudaStream_t stream);

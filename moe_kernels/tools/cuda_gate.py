@@ -18,6 +18,13 @@ frame, local and shared memory) and the SASS; ``c++filt`` demangles the names.  
 * a third-party kernel (CUB's scans, names in ``cub::``; anything else outside ``moe_kernels::``)
   spills: local memory or local-memory instructions.  A stack frame alone is reported, not a
   failure;
+* a tensor-core grouped GEMM instantiation that the dispatcher can select (``_C_cuda.tc_kernels()``,
+  the list of csrc/cuda/kernels/tc_gemm.h) is missing from the binary, or lacks its matrix
+  instructions: ``HMMA`` (mma.sync) in the sm_80 instantiations, on every architecture built,
+  ``HGMMA`` (wgmma) in the sm_90 ones in the ``sm_90a`` cubin (their ``sm_80`` copies are empty
+  stubs); or the binary holds an instantiation the dispatcher cannot select.  CUTLASS's kernels
+  are third-party kernels for the spill check above (kernels whose names hold
+  ``moe_kernels::cuda::tc::<name>_kernel``);
 * a kernel named by a rule of :data:`VEC128_RULES` lacks a 128-bit global load (``LDG.E.128``,
   ``LDG.E.128.CONSTANT``, ``LDG.E.ENL2.256`` or any other ``LDG`` of 128+ bits) or store
   (``STG.E.128`` or wider), or a rule matches no kernel of an architecture (the kernels were renamed
@@ -92,6 +99,8 @@ class Kernel:
     ld128: int = 0  # global loads of 128+ bits
     st128: int = 0  # global stores of 128+ bits
     global_ops: list[str] = field(default_factory=list)  # distinct LDG / STG opcodes
+    hmma: int = 0  # mma.sync tensor-core instructions
+    hgmma: int = 0  # wgmma (sm_90a) tensor-core instructions
     instances: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -215,6 +224,8 @@ def _sass_stats(opcodes: list[str]) -> dict:
         "ld128": sum(h == "LDG" and access_bits(op) >= 128 for h, op in zip(heads, opcodes)),
         "st128": sum(h == "STG" and access_bits(op) >= 128 for h, op in zip(heads, opcodes)),
         "global_ops": sorted({op for h, op in zip(heads, opcodes) if h in ("LDG", "STG")}),
+        "hmma": sum(h == "HMMA" for h in heads),
+        "hgmma": sum(h == "HGMMA" for h in heads),
     }
 
 
@@ -262,6 +273,8 @@ def parse_dump(text: str) -> list[Kernel]:
             k.local = max(k.local, r.get("LOCAL", 0))
             k.shared = max(k.shared, r.get("SHARED", 0))
             k.lmem_insts = max(k.lmem_insts, s["lmem_insts"])
+            k.hmma = max(k.hmma, s["hmma"])
+            k.hgmma = max(k.hgmma, s["hgmma"])
             k.global_ops = sorted(set(k.global_ops) | set(s["global_ops"]))
     return sorted(kernels.values(), key=lambda k: (k.arch, k.mangled))
 
@@ -377,6 +390,59 @@ def rule_matches(rule: VecRule, demangled: str) -> bool:
     return bool(args) and _int_arg(args[-1]) == rule.vec_bytes
 
 
+_TC_TAG = re.compile(r"moe_kernels::cuda::tc::(\w+)_kernel\b")
+
+
+def tc_name(demangled: str) -> str | None:
+    """The instantiation name of a CUTLASS grouped GEMM kernel (``sm90_bf16_nn`` for
+    ``cutlass::device_kernel<moe_kernels::cuda::tc::sm90_bf16_nn_kernel>(...)``), else None."""
+    m = _TC_TAG.search(demangled)
+    return m.group(1) if m else None
+
+
+def dispatcher_tc_kernels() -> list[tuple[str, int]] | None:
+    """(name, sm) of every CUTLASS instantiation the installed extension's dispatcher can select,
+    or None when the extension does not load."""
+    try:
+        import importlib
+
+        ext = importlib.import_module(EXTENSION)
+    except Exception:
+        return None
+    return [(name, sm) for name, sm, *_ in ext.tc_kernels()]
+
+
+def check_tc(
+    kernels: list[Kernel], archs: list[str], selectable: list[tuple[str, int]]
+) -> list[str]:
+    """The tensor-core rules: every selectable instantiation is in the binary with its matrix
+    instructions, and nothing else is."""
+    problems = []
+    listed = {name for name, _ in selectable}
+    built: dict[str, dict[str, Kernel]] = {}
+    for k in kernels:
+        name = tc_name(k.name or k.mangled)
+        if name is not None:
+            built.setdefault(name, {})[k.arch] = k
+    for name in sorted(built.keys() - listed):
+        problems.append(
+            f"CUTLASS instantiation {name} is built but the dispatcher cannot select it"
+        )
+    present = sorted({k.arch for k in kernels})
+    for name, sm in selectable:
+        for arch in sorted(set(archs) | set(present)):
+            needs = "HGMMA" if sm >= 90 else "HMMA"
+            if sm >= 90 and arch != "sm_90a":
+                continue  # wgmma exists on sm_90a only; other cubins hold a stub
+            k = built.get(name, {}).get(arch)
+            if k is None:
+                problems.append(f"{arch}: the dispatcher can select {name} but the binary lacks it")
+                continue
+            if (k.hgmma if needs == "HGMMA" else k.hmma) == 0:
+                k.problems.append(f"no {needs} instruction in tensor-core kernel {name}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # the checks
 
@@ -423,14 +489,20 @@ def check(
 
 
 def gate_library(
-    so_path: str, archs: list[str], rules: tuple[VecRule, ...] = VEC128_RULES
+    so_path: str,
+    archs: list[str],
+    rules: tuple[VecRule, ...] = VEC128_RULES,
+    selectable: list[tuple[str, int]] | None = None,
 ) -> tuple[list[Kernel], list[str]]:
-    """Dump, demangle and check one library: (kernels, problems not tied to one kernel)."""
+    """Dump, demangle and check one library: (kernels, problems not tied to one kernel).
+    ``selectable``: the dispatcher's CUTLASS instantiations (None: no tensor-core rules)."""
     kernels = parse_dump(dump(so_path))
     names = demangle(sorted({k.mangled for k in kernels}))
     for k in kernels:
         k.name = names.get(k.mangled, k.mangled)
     problems = check(kernels, archs, rules)
+    if selectable is not None:
+        problems += check_tc(kernels, archs, selectable)
     if not kernels:
         problems.append(f"no kernels found in {so_path} (no embedded cubins?)")
     return kernels, problems
@@ -458,12 +530,17 @@ def run(so_path: str | None = None, arch_list: str | None = None) -> dict:
                     "MOE_KERNELS_REQUIRE_BUILT names _C_cuda: it must be built"
                 )
             return result
+    selectable = dispatcher_tc_kernels()
+    if selectable is None:
+        result["problems"].append(f"{EXTENSION} does not load: the tensor-core rules cannot run")
+    result["tc_kernels"] = [name for name, _ in selectable or []]
     try:
-        kernels, problems = gate_library(so_path, archs)
+        kernels, problems = gate_library(so_path, archs, selectable=selectable or [])
     except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as exc:
         result.update(ok=False, kernels=[], problems=[f"cannot inspect {so_path}: {exc}"])
         return result
     failed = [k for k in kernels if not k.ok]
+    problems = result["problems"] + problems
     result["problems"] = problems
     result["kernels"] = [{**asdict(k), "short": k.short, "ok": k.ok} for k in kernels]
     result["ok"] = not failed and not problems
@@ -473,6 +550,7 @@ def run(so_path: str | None = None, arch_list: str | None = None) -> dict:
             a: sum(k.arch == a for k in kernels) for a in sorted({k.arch for k in kernels})
         },
         "own": sum(k.kind == "own" for k in kernels),
+        "tensor_core": sum(tc_name(k.name) is not None for k in kernels),
         "failed": len(failed),
         "problems": len(problems),
         "seconds": round(time.time() - t0, 1),
@@ -492,7 +570,7 @@ def report(result: dict, verbose: bool = True) -> str:
     if rows:
         hdr = (
             f"{'arch':<7}{'kind':<6}{'regs':>5}{'stack':>6}{'local':>6}{'ldl/stl':>8}"
-            f"{'shared':>7}{'ld128':>6}{'st128':>6}  ok    kernel"
+            f"{'shared':>7}{'ld128':>6}{'st128':>6}{'mma':>6}  ok    kernel"
         )
         lines.append(f"CUDA gate: {result['so']}")
         lines.append(hdr)
@@ -503,7 +581,8 @@ def report(result: dict, verbose: bool = True) -> str:
                 continue
             lines.append(
                 f"{r['arch']:<7}{r['kind']:<6}{r['regs']:>5}{r['stack']:>6}{r['local']:>6}"
-                f"{r['lmem_insts']:>8}{r['shared']:>7}{r['ld128']:>6}{r['st128']:>6}  "
+                f"{r['lmem_insts']:>8}{r['shared']:>7}{r['ld128']:>6}{r['st128']:>6}"
+                f"{r.get('hmma', 0) + r.get('hgmma', 0):>6}  "
                 f"{'ok  ' if r['ok'] else 'FAIL'}  {r['short']}"
             )
             lines += [f"          ! {p}" for p in r["problems"]]
@@ -513,7 +592,8 @@ def report(result: dict, verbose: bool = True) -> str:
     if s:
         per_arch = ", ".join(f"{a}: {n}" for a, n in s["per_arch"].items())
         lines.append(
-            f"CUDA gate: {s['kernels']} kernels ({per_arch}; {s['own']} ours), {s['failed']} "
+            f"CUDA gate: {s['kernels']} kernels ({per_arch}; {s['own']} ours, "
+            f"{s.get('tensor_core', 0)} CUTLASS tensor-core), {s['failed']} "
             f"failed, {s['problems']} other problems, {len(result['rules'])} 128-bit rules, "
             f"{s['seconds']} s: {'ok' if result['ok'] else 'FAIL'}"
         )

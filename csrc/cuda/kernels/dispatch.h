@@ -7,6 +7,7 @@
 #include "cuda/kernels/grouped_gemm.h"
 #include "cuda/kernels/permute.h"
 #include "cuda/kernels/routing.h"
+#include "cuda/kernels/tc_gemm.h"
 
 namespace moe_kernels::cuda {
 

@@ -1,0 +1,6 @@
+// One CUTLASS grouped GEMM instantiation (tc_kernels.cuh, tc_entry.h): sm80_tf32_tn.
+#include "cuda/cutlass/tc_kernels.cuh"
+
+namespace moe_kernels::cuda::tc {
+MOE_TC_DEFINE_SM80(sm80_tf32_tn, float, 2, 0)
+}  // namespace moe_kernels::cuda::tc

@@ -1,0 +1,7 @@
+// One CUTLASS grouped GEMM instantiation (tc_kernels.cuh, tc_entry.h): sm90_bf16_nn.
+#define MOE_TC_SM90
+#include "cuda/cutlass/tc_kernels.cuh"
+
+namespace moe_kernels::cuda::tc {
+MOE_TC_DEFINE_SM90(sm90_bf16_nn, cutlass::bfloat16_t, 0, 0)
+}  // namespace moe_kernels::cuda::tc

@@ -1,0 +1,7 @@
+// One CUTLASS grouped GEMM instantiation (tc_kernels.cuh, tc_entry.h): sm90_f16_tn.
+#define MOE_TC_SM90
+#include "cuda/cutlass/tc_kernels.cuh"
+
+namespace moe_kernels::cuda::tc {
+MOE_TC_DEFINE_SM90(sm90_f16_tn, cutlass::half_t, 2, 0)
+}  // namespace moe_kernels::cuda::tc
