@@ -55,14 +55,15 @@ def _want_cuda(torch) -> bool:
 
 def _cutlass_include() -> str:
     """CUTLASS's headers, from the installed ``nvidia-cutlass`` package (``cutlass_library``)."""
-    try:
-        import cutlass_library
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported
+    if spec is None or not spec.origin:
         sys.exit(
             "the CUDA extension needs CUTLASS's headers: pip install nvidia-cutlass "
             "(or set MOE_KERNELS_BUILD_CUDA=0 to build without CUDA)"
         )
-    inc = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    inc = os.path.join(os.path.dirname(spec.origin), "source", "include")
     if not os.path.exists(os.path.join(inc, "cutlass", "cutlass.h")):
         sys.exit(f"nvidia-cutlass is installed but {inc} holds no cutlass/cutlass.h")
     return inc

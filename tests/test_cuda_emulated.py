@@ -357,18 +357,21 @@ def _offs_cases():
 
 @pytest.mark.parametrize("case", _offs_cases(), ids=lambda c: c[0])
 @pytest.mark.parametrize("mode", [0, 1], ids=["rows", "ragged_k"])
-def test_tc_build_groups(emu, case, mode):
+@pytest.mark.parametrize("d_dtype", [torch.bfloat16, torch.float32], ids=["d_bf16", "d_fp32"])
+def test_tc_build_groups(emu, case, mode, d_dtype):
     """Shapes, operand pointers and leading dimensions that CUTLASS reads, per expert, from offs
     (any values: clamped as the exact path clamps them), and the zero fill of what CUTLASS does
-    not write; every other byte of the output is left alone."""
+    not write; every other byte of the output is left alone.  D in the operands' type or fp32."""
     _, offs, R = case
     E, elt, lda, ldb, b_se, N, K, M = len(offs), 2, 24, 40, 999, 16, 8, 12
+    elt_d = torch.finfo(d_dtype).bits // 8
+    # D rows and expert blocks 16-byte aligned, as the tensor-core path requires
     if mode == 0:
         ldd, d_se = N + 8, 0
-        d = torch.full((R, ldd), 7.0, dtype=torch.bfloat16)
+        d = torch.full((R, ldd), 7.0, dtype=d_dtype)
     else:
-        ldd, d_se = N + 8, M * (N + 8) + 4
-        d = torch.full((E * d_se,), 7.0, dtype=torch.bfloat16)
+        ldd, d_se = N + 8, M * (N + 8) + 8
+        d = torch.full((E * d_se,), 7.0, dtype=d_dtype)
     shapes, ptrs, lds = emu.tc_build_groups(
         torch.tensor(offs, dtype=torch.int32), mode, R, elt, lda, ldb, b_se, d, ldd, d_se, M, N, K
     )
@@ -377,10 +380,10 @@ def test_tc_build_groups(emu, case, mode):
         rows = end - b
         if mode == 0:
             assert shapes[e].tolist() == [rows, N, K], e
-            assert ptrs[:, e].tolist() == [b * lda * elt, e * b_se * elt, b * ldd * elt], e
+            assert ptrs[:, e].tolist() == [b * lda * elt, e * b_se * elt, b * ldd * elt_d], e
         else:
             assert shapes[e].tolist() == ([M, N, rows] if rows else [0, 0, 0]), e
-            assert ptrs[:, e].tolist() == [b * lda * elt, b * ldb * elt, e * d_se * elt], e
+            assert ptrs[:, e].tolist() == [b * lda * elt, b * ldb * elt, e * d_se * elt_d], e
         assert lds[:, e].tolist() == [lda, ldb, ldd], e
     expect = torch.full_like(d, 7.0)
     if mode == 0:

@@ -315,6 +315,10 @@ def test_dispatcher_set_is_the_gated_set():
                     i = ext.tc_select(cc, dtype, layout, tile)
                     assert i >= 0, (cc, dtype, layout, tile)
                     chosen.add(ext.tc_kernels()[i][0])
+                    j = ext.tc_select(cc, dtype, layout, tile, 1)  # fp32 output: some only
+                    if j >= 0:
+                        assert ext.tc_kernels()[j][5] == 1 and dtype != 0
+                        chosen.add(ext.tc_kernels()[j][0])
     assert ext.tc_select(75, 1, 0) == -1 and ext.tc_select(100, 1, 0) == -1
     assert chosen == listed, "an instantiation no device / dtype / layout selects"
     kernels, problems = cg.gate_library(so, ARCHS, selectable=cg.dispatcher_tc_kernels())

@@ -292,3 +292,46 @@ def ref_grads_last(a, b, offs, go):
         e = min(s + 65536, hi)
         db += a[s:e].double().t() @ go[s:e].double()
     return None, db
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["hf_layout", "gpt_oss_views"])
+def test_moe_ffn_clamped_activation(transposed, debug_mode):
+    """swiglu_oai with many values past its clamps (x scaled up, limit 1.5): the tensor-core path
+    keeps h in fp32 (fp32-output GEMM 1, or the exact path for transposed weights), so its output
+    and gradients stay within the bf16 budget of the float64 reference; a bf16-rounded h would
+    move values across the clamps."""
+    T, H, I, E, k = 300, 256, 128, 8, 2
+    g = torch.Generator(device=CUDA).manual_seed(9)
+    dt = torch.bfloat16
+    x = (torch.randn(T, H, device=CUDA, generator=g) * 4).to(dt)
+    if transposed:
+        wgu = (torch.randn(E, H, 2 * I, device=CUDA, generator=g) / H**0.5).to(dt).transpose(1, 2)
+        wd = (torch.randn(E, I, H, device=CUDA, generator=g) / I**0.5).to(dt).transpose(1, 2)
+    else:
+        wgu = (torch.randn(E, 2 * I, H, device=CUDA, generator=g) / H**0.5).to(dt)
+        wd = (torch.randn(E, H, I, device=CUDA, generator=g) / I**0.5).to(dt)
+    w, ids = moe_kernels.topk_gating(torch.randn(T, E, device=CUDA, generator=g), k)
+    go = torch.randn(T, H, device=CUDA, generator=g).to(dt)
+
+    def run(backend, *tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = moe_kernels.moe_ffn(
+            leaves[0],
+            leaves[1],
+            leaves[2],
+            leaves[3],
+            ids,
+            activation="swiglu_oai",
+            limit=1.5,
+            interleaved=True,
+            backend=backend,
+        )
+        out.backward(go.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    got = run(CUDA, x, wgu, wd, w)
+    want = run("reference", x.double(), wgu.double(), wd.double(), w.double())
+    for name, a, b in zip(("out", "grad_x", "grad_wgu", "grad_wd", "grad_w"), got, want):
+        assert torch.isfinite(a).all(), name
+        err = max_rel_err(a, b)
+        assert err <= tol(dt, name != "out"), f"{name}: {err:.3e}"

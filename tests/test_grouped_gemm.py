@@ -211,7 +211,10 @@ def check_against_reference(fwd, bwd, case, trans_b, dtype, dev, *, backward=Tru
 
     out = fwd(da, db, doffs, trans_b).cpu()
     exact = ref.grouped_gemm(*to64(a, b), offs, trans_b)
-    check_vs_reference(out, ref.grouped_gemm(a, b, offs, trans_b), exact, dtype, "out")
+    on = torch.device(dev).type
+    check_vs_reference(
+        out, ref.grouped_gemm(a, b, offs, trans_b), exact, dtype, "out", device_type=on
+    )
     assert torch.equal(out[used:], torch.zeros_like(out[used:])), "rows past offs[-1] not zero"
 
     if not backward:
@@ -222,9 +225,9 @@ def check_against_reference(fwd, bwd, case, trans_b, dtype, dev, *, backward=Tru
     ga, gb = bwd(dgo, da, db, doffs, trans_b, True, True)
     rga, rgb = ref.grouped_gemm_backward(go, a, b, offs, trans_b, True, True)
     tga, tgb = ref.grouped_gemm_backward(*to64(go, a, b), offs, trans_b, True, True)
-    check_vs_reference(ga.cpu()[:used], rga[:used], tga[:used], dtype, "grad_a")
+    check_vs_reference(ga.cpu()[:used], rga[:used], tga[:used], dtype, "grad_a", device_type=on)
     assert torch.equal(ga.cpu()[used:], torch.zeros_like(ga.cpu()[used:])), "grad_a past end"
-    check_vs_reference(gb.cpu(), rgb, tgb, dtype, "grad_b")
+    check_vs_reference(gb.cpu(), rgb, tgb, dtype, "grad_b", device_type=on)
     ends = offs.tolist()
     for e in range(E):
         if ends[e] == (ends[e - 1] if e else 0):
@@ -244,7 +247,14 @@ def test_backend_strided_b(backend):
     a = randn(20, 24, seed=4)
     out = op("grouped_gemm", backend)(a.to(dev), b_nk.to(dev).transpose(1, 2), offs.to(dev), False)
     exact = ref.grouped_gemm(a.double(), b_nk.double(), offs, True)
-    check_vs_reference(out.cpu(), ref.grouped_gemm(a, b_nk, offs, True), exact, torch.float32, "b")
+    check_vs_reference(
+        out.cpu(),
+        ref.grouped_gemm(a, b_nk, offs, True),
+        exact,
+        torch.float32,
+        "b",
+        device_type=torch.device(dev).type,
+    )
 
 
 @pytest.mark.parametrize("backend", backends(reference=False))
@@ -264,4 +274,6 @@ def test_backend_grads_match_reference(backend):
     got = grads(backend, torch.float32, dev)
     same, exact = grads(REF, torch.float32, "cpu"), grads(REF, F64, "cpu")
     for name, gt, s, e in zip(("a", "b"), got, same, exact, strict=True):
-        check_vs_reference(gt, s, e, torch.float32, f"grad of {name}")
+        check_vs_reference(
+            gt, s, e, torch.float32, f"grad of {name}", device_type=torch.device(dev).type
+        )

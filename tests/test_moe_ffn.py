@@ -284,13 +284,15 @@ def case_inputs(case, dtype, seed):
     return (x, wgu, wd, tw, ids, bgu, bd), (act, 1.702, limit, inter)
 
 
-#: backends whose fused FFN meets the "2x PyTorch's own error" rule in every dtype (cuda: fp32
-#: intermediates, shown on the emulated kernels by test_cuda_emulated.py).  The others
+#: backends whose fused FFN meets the "2x PyTorch's own error" rule in every dtype.  The others
 #: are held to the fixed budget of their input dtype (testutil.kernel_budget): the Triton kernels
 #: do in fp32 and within that budget in bf16 / fp16, but not within 2x of PyTorch there (their
 #: error is ~4x PyTorch's on the output and gradients, and their fp32 routing-weight gradient
-#: from bf16 inputs carries bf16-sized errors: ~1e-4 against PyTorch's 2e-7).
-TWO_X_BACKENDS = ("cpu", "cuda")
+#: from bf16 inputs carries bf16-sized errors: ~1e-4 against PyTorch's 2e-7).  So does the cuda
+#: backend on a GPU, whose tensor-core GEMMs take the activation and the gradients rounded to
+#: the input dtype; its exact composition (fp32 intermediates, the SIMT kernels) meets the 2x rule
+#: on the emulated kernels (test_cuda_emulated.py).
+TWO_X_BACKENDS = ("cpu",)
 
 
 def _budget(backend, dtype, device_type, grad=False):
@@ -332,7 +334,8 @@ def check_against_reference(fwd, bwd, case, dtype, dev, *, budget, backward=True
     rout = ref.moe_ffn(*tensors, *params)
     x64, wgu64, wd64, tw64, bgu64, bd64 = to64(x, wgu, wd, tw, bgu, bd)
     exact = ref.moe_ffn(x64, wgu64, wd64, tw64, ids, bgu64, bd64, *params)
-    check_vs_reference(out, rout, exact, dtype, "out", budget=budget(False))
+    on = torch.device(dev).type
+    check_vs_reference(out, rout, exact, dtype, "out", budget=budget(False), device_type=on)
 
     if not backward:
         return  # interpreter time: bf16 / fp16 backward on the first tiny row only there
@@ -347,7 +350,13 @@ def check_against_reference(fwd, bwd, case, dtype, dev, *, budget, backward=True
             continue
         assert gr.shape == inp.shape, name
         check_vs_reference(
-            gr, rg, eg, torch.float32 if inp is tw else dtype, name, budget=budget(True)
+            gr,
+            rg,
+            eg,
+            torch.float32 if inp is tw else dtype,
+            name,
+            budget=budget(True),
+            device_type=on,
         )
     # experts with no rows get exactly zero weight gradients
     used = set(ids[(ids >= 0) & (ids < wgu.shape[0])].tolist())
@@ -434,7 +443,7 @@ def test_backend_grads_match_reference(backend):
     got = grads(backend, torch.float32, dev)
     same, exact = grads(REF, torch.float32, "cpu"), grads(REF, F64, "cpu")
     for name, g, s, e in zip(GRAD_NAMES, got, same, exact, strict=True):
-        check_vs_reference(g, s, e, torch.float32, name)
+        check_vs_reference(g, s, e, torch.float32, name, device_type=torch.device(dev).type)
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -459,20 +459,22 @@ DeviceInfo device_info(const at::Tensor& like) {
 
 // The tensor-core instantiation for this call, or -1: the device, the dtype (fp32 only in tf32
 // mode) and the switches decide; the layout was checked by the caller.
-int tc_kernel_for(FloatType ft, int layout, const DeviceInfo& dev, int tile = 0) {
+int tc_kernel_for(FloatType ft, int layout, const DeviceInfo& dev, int tile = 0,
+                  bool out_f32 = false) {
   if (!g_tc.load(std::memory_order_relaxed)) return -1;
   if (ft == FloatType::kF32 && g_fp32_ieee.load(std::memory_order_relaxed)) return -1;
-  return tc_select(dev.cc, static_cast<int>(ft), layout, tile);
+  return tc_select(dev.cc, static_cast<int>(ft), layout, tile, out_f32 ? 1 : 0);
 }
 
 // Runs one grouped GEMM on the tensor cores (workspace from the caching allocator; the arrays are
-// built on the device, so nothing waits for the host).  false: nothing was launched.
+// built on the device, so nothing waits for the host).  p.elt_d 4 with 16-bit operands: fp32 D.
+// false: nothing was launched.
 bool tc_run(TcGroupsParams p, int layout, FloatType ft, const at::Tensor& like, const char* op) {
   const DeviceInfo dev = device_info(like);
   // few rows per expert (decode): the tile with fewer rows, where there is one
   const bool decode =
       p.mode == TcMode::kRows && p.R <= kTcDecodeRowsPerExpert * std::max<int64_t>(p.E, 1);
-  const int k = tc_kernel_for(ft, layout, dev, decode ? 1 : 0);
+  const int k = tc_kernel_for(ft, layout, dev, decode ? 1 : 0, p.elt_d != p.elt);
   if (k < 0) return false;
   const size_t bytes = tc_workspace_bytes(k, p.E, dev.sm_count);
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
@@ -490,7 +492,7 @@ bool tc_dims_ok(int64_t al, std::initializer_list<int64_t> dims) {
 // out rows = a rows x B_e on the tensor cores when the strides allow (a's rows and one of B_e's
 // axes contiguous, 16-byte aligned rows and columns); false: run the exact path.
 bool tc_segment_gemm(FloatType ft, int64_t elt, const SegmentGemmParams& s, const at::Tensor& like,
-                     const char* op) {
+                     const char* op, bool out_f32 = false) {
   const int64_t al = 16 / elt;
   if (!tc_dims_ok(al, {s.N, s.K}) || s.R > std::numeric_limits<int32_t>::max()) return false;
   if (s.a_sk != 1 || !tc_ld_ok(s.a_sr, s.K, al) || !aligned16(s.a) || !aligned16(s.b) ||
@@ -511,6 +513,7 @@ bool tc_segment_gemm(FloatType ft, int64_t elt, const SegmentGemmParams& s, cons
   p.E = s.E;
   p.R = s.R;
   p.elt = elt;
+  p.elt_d = out_f32 ? 4 : elt;
   p.a = s.a;
   p.lda = s.a_sr;
   p.b = s.b;
@@ -538,6 +541,7 @@ bool tc_ragged_k(FloatType ft, int64_t elt, const RaggedKParams& r, const at::Te
   p.E = r.E;
   p.R = r.R;
   p.elt = elt;
+  p.elt_d = elt;
   p.d = r.out;
   p.d_se = r.o_se;
   if (r.o_sn == 1 && tc_ld_ok(r.o_sk, r.N, al)) {
@@ -573,6 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tc_build_groups(
   p.E = E;
   p.R = R;
   p.elt = elt;
+  p.elt_d = d.element_size();
   p.a = reinterpret_cast<const void*>(kABase);
   p.lda = lda;
   p.b = reinterpret_cast<const void*>(kBBase);
@@ -783,10 +788,14 @@ ExpertEltParams elt(const Ffn& f, const std::optional<at::Tensor>& bias) {
   return p;
 }
 
-// moe_ffn's GEMMs, on the tensor cores where they can run there: the fp32 intermediates that
-// are operands are rounded to the weights' type t first (bf16 / fp16; as the Triton backend keeps
-// the activation in t), the product is made in t and widened into the fp32 output.  In fp32 (t =
-// fp32, tf32 mode) nothing is converted.  Otherwise the exact mixed-type kernels run.
+// moe_ffn's GEMMs, on the tensor cores where they can run there.  Their fp32 intermediates stay
+// fp32 where it matters: GEMM 1 writes h in fp32 (a rounding would move values across
+// swiglu_oai's clamps) and GEMM 2 the expert outputs in fp32 (the routing-weight gradient reads
+// them) -- both through the fp32-output instantiations, which exist for Hugging Face's weight
+// layout (nt); with other weight strides these two GEMMs run on the exact path.  An fp32
+// intermediate that is an A operand (the activation, the gradients) is rounded to the weights'
+// type t first, as the Triton backend does; the backward's dA products (d_a, d_xp) are made in t
+// and widened.  In fp32 (tf32 mode) nothing is converted.  Otherwise the exact mixed-type kernels.
 bool tc_possible(const Ffn& f, const at::Tensor& like, int64_t n, int64_t k) {
   if (!g_tc.load(std::memory_order_relaxed)) return false;
   const int64_t al = f.ft == FloatType::kF32 ? 4 : 8;
@@ -799,24 +808,30 @@ at::Tensor f32_view(const void* p, int64_t rows, int64_t cols, int64_t sr, int64
                        like.options().dtype(at::kFloat));
 }
 
+// which: 1 GEMM 1, 2 GEMM 2 (their outputs must stay fp32), 0 a backward dA product.
 void ffn_segment_gemm(const Ffn& f, GemmTypes types, const SegmentGemmParams& p,
-                      const at::Tensor& like, const char* op) {
+                      const at::Tensor& like, const char* op, int which = 0) {
   const int64_t es = like.element_size();
   if (f.ft == FloatType::kF32 || types == GemmTypes::kSame) {
     if (tc_segment_gemm(f.ft, es, p, like, op)) return;
   } else if (tc_possible(f, like, p.N, p.K)) {
     SegmentGemmParams q = p;
-    at::Tensor a_t, out_t = at::empty({p.R, p.N}, like.options());
+    at::Tensor a_t;
     if (types == GemmTypes::kAF32) {
       a_t = f32_view(p.a, p.R, p.K, p.a_sr, p.a_sk, like).to(like.scalar_type());
       q.a = a_t.data_ptr();
       q.a_sr = a_t.stride(0);
       q.a_sk = a_t.stride(1);
     }
-    q.out = out_t.data_ptr();
-    if (tc_segment_gemm(f.ft, es, q, like, op)) {
-      f32_view(p.out, p.R, p.N, p.N, 1, like).copy_(out_t);
-      return;
+    if (which != 0) {
+      if (tc_segment_gemm(f.ft, es, q, like, op, /*out_f32=*/true)) return;
+    } else {
+      const at::Tensor out_t = at::empty({p.R, p.N}, like.options());
+      q.out = out_t.data_ptr();
+      if (tc_segment_gemm(f.ft, es, q, like, op)) {
+        f32_view(p.out, p.R, p.N, p.N, 1, like).copy_(out_t);
+        return;
+      }
     }
   }
   check_launch(launch_segment_gemm(f.ft, types, p, stream()), op);
@@ -914,7 +929,7 @@ Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tens
   g1.R = f.R;
   g1.N = 2 * f.I;
   g1.K = f.H;
-  ffn_segment_gemm(f, GemmTypes::kOutF32, g1, x, "moe_ffn (gemm 1)");
+  ffn_segment_gemm(f, GemmTypes::kOutF32, g1, x, "moe_ffn (gemm 1)", 1);
   ExpertEltParams pa = elt(f, gate_up_bias);
   pa.in = f.h.data_ptr<float>();
   pa.out = f.a.data_ptr<float>();
@@ -935,7 +950,7 @@ Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tens
   g2.R = f.R;
   g2.N = f.H;
   g2.K = f.I;
-  ffn_segment_gemm(f, GemmTypes::kAF32, g2, x, "moe_ffn (gemm 2)");
+  ffn_segment_gemm(f, GemmTypes::kAF32, g2, x, "moe_ffn (gemm 2)", 2);
   if (down_bias.has_value()) {
     ExpertEltParams pb = elt(f, down_bias);
     pb.out = f.y.data_ptr<float>();
@@ -1102,21 +1117,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "tc_kernels",
       [] {
-        std::vector<std::tuple<std::string, int, int, int, int>> out;
+        std::vector<std::tuple<std::string, int, int, int, int, int>> out;
         for (const auto& k : moe_kernels::cuda::kTcKernels)
-          out.emplace_back(k.name, k.sm, k.dtype, k.layout, k.tile);
+          out.emplace_back(k.name, k.sm, k.dtype, k.layout, k.tile, k.out_f32);
         return out;
       },
-      "The CUTLASS instantiations the dispatcher can select: (name, sm, dtype, layout, tile).");
+      "The CUTLASS instantiations the dispatcher can select: (name, sm, dtype, layout, tile, "
+      "out_f32).");
   m.def(
       "tc_select",
-      [](int cc, int dtype, int layout, int tile) {
-        return moe_kernels::cuda::tc_select(cc, dtype, layout, tile);
+      [](int cc, int dtype, int layout, int tile, int out_f32) {
+        return moe_kernels::cuda::tc_select(cc, dtype, layout, tile, out_f32);
       },
       py::arg("cc"), py::arg("dtype"), py::arg("layout"), py::arg("tile") = 0,
+      py::arg("out_f32") = 0,
       "Index into tc_kernels() of the instantiation chosen for compute capability cc (major * 10 "
       "+ minor), dtype (0 fp32/tf32, 1 bf16, 2 fp16), layout (0 nn, 1 nt, 2 tn) and tile (0 "
-      "prefill, 1 decode: falls back to 0 where there is none), or -1.");
+      "prefill, 1 decode: falls back to 0 where there is none) and output type (out_f32 1: fp32 "
+      "D from 16-bit operands), or -1.");
   m.def("tc_build_groups", &moe_kernels::cuda::tc_build_groups,
         "The device-side argument builder of the tensor-core grouped GEMM alone (tests).");
 #if defined(MOE_KERNELS_CUDA_EMULATION)

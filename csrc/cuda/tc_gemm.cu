@@ -13,7 +13,8 @@ struct TcEntry {
   cudaError_t (*run)(const tc::TcLaunch& launch);
 };
 
-#define MOE_TC_ENTRY(name, sm, dtype, layout, tile) {&tc::tc_workspace_##name, &tc::tc_run_##name},
+#define MOE_TC_ENTRY(name, sm, dtype, layout, tile, out) \
+  {&tc::tc_workspace_##name, &tc::tc_run_##name},
 constexpr TcEntry kEntries[] = {MOE_TC_KERNELS(MOE_TC_ENTRY)};
 #undef MOE_TC_ENTRY
 

@@ -2,5 +2,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM80(sm80_bf16_nt, cutlass::bfloat16_t, 1, 0)
+MOE_TC_DEFINE_SM80(sm80_bf16_nt, cutlass::bfloat16_t, 1, 0, cutlass::bfloat16_t)
 }  // namespace moe_kernels::cuda::tc

@@ -2,5 +2,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM80(sm80_f16_nn, cutlass::half_t, 0, 0)
+MOE_TC_DEFINE_SM80(sm80_f16_nn, cutlass::half_t, 0, 0, cutlass::half_t)
 }  // namespace moe_kernels::cuda::tc

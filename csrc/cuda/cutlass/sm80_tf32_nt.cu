@@ -2,5 +2,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM80(sm80_tf32_nt, float, 1, 0)
+MOE_TC_DEFINE_SM80(sm80_tf32_nt, float, 1, 0, float)
 }  // namespace moe_kernels::cuda::tc

@@ -3,5 +3,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM90(sm90_bf16_nn_d, cutlass::bfloat16_t, 0, 1)
+MOE_TC_DEFINE_SM90(sm90_bf16_nn_d, cutlass::bfloat16_t, 0, 1, cutlass::bfloat16_t)
 }  // namespace moe_kernels::cuda::tc

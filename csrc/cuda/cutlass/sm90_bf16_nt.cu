@@ -3,5 +3,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM90(sm90_bf16_nt, cutlass::bfloat16_t, 1, 0)
+MOE_TC_DEFINE_SM90(sm90_bf16_nt, cutlass::bfloat16_t, 1, 0, cutlass::bfloat16_t)
 }  // namespace moe_kernels::cuda::tc

@@ -3,5 +3,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM90(sm90_f16_nn, cutlass::half_t, 0, 0)
+MOE_TC_DEFINE_SM90(sm90_f16_nn, cutlass::half_t, 0, 0, cutlass::half_t)
 }  // namespace moe_kernels::cuda::tc

@@ -3,5 +3,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM90(sm90_f16_nt, cutlass::half_t, 1, 0)
+MOE_TC_DEFINE_SM90(sm90_f16_nt, cutlass::half_t, 1, 0, cutlass::half_t)
 }  // namespace moe_kernels::cuda::tc

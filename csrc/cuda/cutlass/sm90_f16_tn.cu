@@ -3,5 +3,5 @@
 #include "cuda/cutlass/tc_kernels.cuh"
 
 namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM90(sm90_f16_tn, cutlass::half_t, 2, 0)
+MOE_TC_DEFINE_SM90(sm90_f16_tn, cutlass::half_t, 2, 0, cutlass::half_t)
 }  // namespace moe_kernels::cuda::tc

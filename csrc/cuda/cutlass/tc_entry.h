@@ -39,8 +39,8 @@ struct TcLaunch {
   cudaStream_t stream = nullptr;
 };
 
-#define MOE_TC_DECLARE(name, sm, dtype, layout, tile)   \
-  size_t tc_workspace_##name(int groups, int sm_count); \
+#define MOE_TC_DECLARE(name, sm, dtype, layout, tile, out) \
+  size_t tc_workspace_##name(int groups, int sm_count);    \
   cudaError_t tc_run_##name(const TcLaunch& launch);
 MOE_TC_KERNELS(MOE_TC_DECLARE)
 #undef MOE_TC_DECLARE

@@ -59,11 +59,13 @@ inline cudaError_t to_cuda_error(cutlass::Status s) {
 // sm_80: CUTLASS 2.x
 // ---------------------------------------------------------------------------------------------
 // tile 0 (prefill): 128 x 128 blocks of 4 warps of 64 x 64; tile 1 (decode, few rows per
-// expert): 64 x 128 blocks of 4 warps of 32 x 64, half the wasted rows of a short segment.
-template <class Element, int L, int TileId>
+// expert): 64 x 128 blocks of 4 warps of 32 x 64, half the wasted rows of a short segment (not
+// instantiated for sm_80 at present: the instantiation budget goes to the fp32-output kernels).
+template <class Element, int L, int TileId, class ElementD = Element>
 struct Sm80Config {
   static constexpr bool kTf32 = std::is_same_v<Element, float>;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
   static constexpr int kM = TileId == 1 ? 64 : 128, kWM = TileId == 1 ? 32 : 64;
   using Tile = std::conditional_t<kTf32, cutlass::gemm::GemmShape<kM, 128, 16>,
                                   cutlass::gemm::GemmShape<kM, 128, 32>>;
@@ -72,10 +74,10 @@ struct Sm80Config {
   using Instr = std::conditional_t<kTf32, cutlass::gemm::GemmShape<16, 8, 8>,
                                    cutlass::gemm::GemmShape<16, 8, 16>>;
   using Epilogue = cutlass::epilogue::thread::LinearCombination<
-      Element, kAlign, float, float, cutlass::epilogue::thread::ScaleType::OnlyAlphaScaling>;
+      ElementD, kAlignD, float, float, cutlass::epilogue::thread::ScaleType::OnlyAlphaScaling>;
   using Kernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
       Element, typename Layouts<L>::A, cutlass::ComplexTransform::kNone, kAlign, Element,
-      typename Layouts<L>::B, cutlass::ComplexTransform::kNone, kAlign, Element,
+      typename Layouts<L>::B, cutlass::ComplexTransform::kNone, kAlign, ElementD,
       cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, Tile,
       Warp, Instr, Epilogue, cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,
       kTf32 ? 3 : 4, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
@@ -90,6 +92,7 @@ template <class KernelT>
 cudaError_t sm80_run(const TcLaunch& l) {
   using Gemm = cutlass::gemm::device::GemmGrouped<KernelT>;
   using E = typename Gemm::ElementA;
+  using D = typename Gemm::ElementC;
   if (l.groups <= 0) return cudaSuccess;
   // resident blocks per SM: an occupancy query, made once per process and kernel
   static const int per_sm = Gemm::maximum_active_blocks();
@@ -98,8 +101,8 @@ cudaError_t sm80_run(const TcLaunch& l) {
   static_assert(sizeof(cutlass::gemm::GemmCoord) == 3 * sizeof(int32_t));
   typename Gemm::Arguments args(reinterpret_cast<cutlass::gemm::GemmCoord*>(l.shapes), l.groups,
                                 per_sm * l.sm_count, epilogue, reinterpret_cast<E**>(l.ptr_a),
-                                reinterpret_cast<E**>(l.ptr_b), reinterpret_cast<E**>(l.ptr_d),
-                                reinterpret_cast<E**>(l.ptr_d), l.lda, l.ldb, l.ldd, l.ldd,
+                                reinterpret_cast<E**>(l.ptr_b), reinterpret_cast<D**>(l.ptr_d),
+                                reinterpret_cast<D**>(l.ptr_d), l.lda, l.ldb, l.ldd, l.ldd,
                                 nullptr);
   Gemm gemm;
   cutlass::Status s = gemm.initialize(args, l.workspace, l.stream);
@@ -107,11 +110,11 @@ cudaError_t sm80_run(const TcLaunch& l) {
   return to_cuda_error(s);
 }
 
-#define MOE_TC_DEFINE_SM80(name, Element, layout, tile)                \
-  struct name##_kernel : Sm80Config<Element, layout, tile>::Kernel {}; \
-  size_t tc_workspace_##name(int groups, int sm_count) {               \
-    return sm80_workspace<name##_kernel>(groups, sm_count);            \
-  }                                                                    \
+#define MOE_TC_DEFINE_SM80(name, Element, layout, tile, ElementD)                \
+  struct name##_kernel : Sm80Config<Element, layout, tile, ElementD>::Kernel {}; \
+  size_t tc_workspace_##name(int groups, int sm_count) {                         \
+    return sm80_workspace<name##_kernel>(groups, sm_count);                      \
+  }                                                                              \
   cudaError_t tc_run_##name(const TcLaunch& l) { return sm80_run<name##_kernel>(l); }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,9 +123,10 @@ cudaError_t sm80_run(const TcLaunch& l) {
 #if defined(MOE_TC_SM90)
 // tile 0 (prefill): 128 x 128 x 64, cooperative (two consumer warp groups share each tile);
 // tile 1 (decode): 64 x 128 x 64, ping-pong (the two consumer warp groups alternate tiles).
-template <class Element, int L, int TileId>
+template <class Element, int L, int TileId, class ElementD = Element>
 struct Sm90Config {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
   static constexpr bool kPingpong = TileId == 1;
   using Problem = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
   using Tile = std::conditional_t<kPingpong, cute::Shape<cute::_64, cute::_128, cute::_64>,
@@ -137,9 +141,9 @@ struct Sm90Config {
   using LayoutD = cutlass::layout::RowMajor;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutD*, kAlign,
-      Element, LayoutD*, kAlign, EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementD, LayoutD*, kAlignD,
+      ElementD, LayoutD*, kAlignD, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, typename Layouts<L>::A*, kAlign,
       Element, typename Layouts<L>::B*, kAlign, float, Tile, Cluster,
@@ -157,6 +161,7 @@ typename cutlass::gemm::device::GemmUniversalAdapter<KernelT>::Arguments sm90_ar
   using StrideA = typename KernelT::InternalStrideA;
   using StrideB = typename KernelT::InternalStrideB;
   using StrideD = typename KernelT::InternalStrideD;
+  using D = typename Gemm::ElementD;
   // the builder writes one int64 leading dimension per group; these stride types hold exactly
   // that (their other modes are compile-time 1 and 0)
   static_assert(sizeof(StrideA) == sizeof(int64_t) && sizeof(StrideB) == sizeof(int64_t) &&
@@ -172,9 +177,9 @@ typename cutlass::gemm::device::GemmUniversalAdapter<KernelT>::Arguments sm90_ar
       {static_cast<const E**>(static_cast<void*>(l.ptr_a)), reinterpret_cast<StrideA*>(l.lda),
        static_cast<const E**>(static_cast<void*>(l.ptr_b)), reinterpret_cast<StrideB*>(l.ldb)},
       {{},
-       static_cast<const E**>(static_cast<void*>(l.ptr_d)),
+       static_cast<const D**>(static_cast<void*>(l.ptr_d)),
        reinterpret_cast<StrideD*>(l.ldd),
-       reinterpret_cast<E**>(l.ptr_d),
+       reinterpret_cast<D**>(l.ptr_d),
        reinterpret_cast<StrideD*>(l.ldd)},
       hw};
   auto& fusion = args.epilogue.thread;
@@ -209,11 +214,11 @@ cudaError_t sm90_run(const TcLaunch& l) {
   return to_cuda_error(s);
 }
 
-#define MOE_TC_DEFINE_SM90(name, Element, layout, tile)                \
-  struct name##_kernel : Sm90Config<Element, layout, tile>::Kernel {}; \
-  size_t tc_workspace_##name(int groups, int sm_count) {               \
-    return sm90_workspace<name##_kernel>(groups, sm_count);            \
-  }                                                                    \
+#define MOE_TC_DEFINE_SM90(name, Element, layout, tile, ElementD)                \
+  struct name##_kernel : Sm90Config<Element, layout, tile, ElementD>::Kernel {}; \
+  size_t tc_workspace_##name(int groups, int sm_count) {                         \
+    return sm90_workspace<name##_kernel>(groups, sm_count);                      \
+  }                                                                              \
   cudaError_t tc_run_##name(const TcLaunch& l) { return sm90_run<name##_kernel>(l); }
 #endif
 

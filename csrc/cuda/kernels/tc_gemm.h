@@ -19,42 +19,45 @@
 
 namespace moe_kernels::cuda {
 
-// The CUTLASS instantiations (csrc/cuda/cutlass/<name>.cu): X(name, sm, dtype, layout, tile) with
-// dtype 0 = fp32 on tf32 tensor cores, 1 = bf16, 2 = fp16 (FloatType's values); layout 0 = nn
+// The CUTLASS instantiations (csrc/cuda/cutlass/<name>.cu): X(name, sm, dtype, layout, tile, out)
+// with dtype 0 = fp32 on tf32 tensor cores, 1 = bf16, 2 = fp16 (FloatType's values); layout 0 = nn
 // (A and B row-major), 1 = nt (B column-major), 2 = tn (A column-major); tile 0 = the prefill
 // tile (128 rows), 1 = the decode tile (64 rows; forward and dA of bf16 / fp16 only: the weight
-// gradient's M is the hidden size, never small).  This list is the set the dispatcher can select;
-// the gate (moe_kernels/tools/cuda_gate.py) checks each one in the binary.
-#define MOE_TC_KERNELS(X)        \
-  X(sm80_bf16_nn, 80, 1, 0, 0)   \
-  X(sm80_bf16_nt, 80, 1, 1, 0)   \
-  X(sm80_bf16_tn, 80, 1, 2, 0)   \
-  X(sm80_f16_nn, 80, 2, 0, 0)    \
-  X(sm80_f16_nt, 80, 2, 1, 0)    \
-  X(sm80_f16_tn, 80, 2, 2, 0)    \
-  X(sm80_tf32_nn, 80, 0, 0, 0)   \
-  X(sm80_tf32_nt, 80, 0, 1, 0)   \
-  X(sm80_tf32_tn, 80, 0, 2, 0)   \
-  X(sm90_bf16_nn, 90, 1, 0, 0)   \
-  X(sm90_bf16_nt, 90, 1, 1, 0)   \
-  X(sm90_bf16_tn, 90, 1, 2, 0)   \
-  X(sm90_f16_nn, 90, 2, 0, 0)    \
-  X(sm90_f16_nt, 90, 2, 1, 0)    \
-  X(sm90_f16_tn, 90, 2, 2, 0)    \
-  X(sm80_bf16_nn_d, 80, 1, 0, 1) \
-  X(sm80_bf16_nt_d, 80, 1, 1, 1) \
-  X(sm80_f16_nn_d, 80, 2, 0, 1)  \
-  X(sm80_f16_nt_d, 80, 2, 1, 1)  \
-  X(sm90_bf16_nn_d, 90, 1, 0, 1) \
-  X(sm90_bf16_nt_d, 90, 1, 1, 1) \
-  X(sm90_f16_nn_d, 90, 2, 0, 1)  \
-  X(sm90_f16_nt_d, 90, 2, 1, 1)
+// gradient's M is the hidden size, never small; sm_90a only); out 0 = D in the operands' type,
+// 1 = fp32 D from bf16 / fp16 operands (moe_ffn's fp32 intermediates: h before the activation,
+// whose clamps a rounding would move, and the expert outputs the routing-weight gradient reads;
+// the nt layout of Hugging Face's weight storage only).  This list is the set the dispatcher can
+// select; the gate (moe_kernels/tools/cuda_gate.py) checks each one in the binary.
+#define MOE_TC_KERNELS(X)                \
+  X(sm80_bf16_nn, 80, 1, 0, 0, 0)        \
+  X(sm80_bf16_nt, 80, 1, 1, 0, 0)        \
+  X(sm80_bf16_tn, 80, 1, 2, 0, 0)        \
+  X(sm80_f16_nn, 80, 2, 0, 0, 0)         \
+  X(sm80_f16_nt, 80, 2, 1, 0, 0)         \
+  X(sm80_f16_tn, 80, 2, 2, 0, 0)         \
+  X(sm80_tf32_nn, 80, 0, 0, 0, 0)        \
+  X(sm80_tf32_nt, 80, 0, 1, 0, 0)        \
+  X(sm80_tf32_tn, 80, 0, 2, 0, 0)        \
+  X(sm80_bf16_nt_f32out, 80, 1, 1, 0, 1) \
+  X(sm80_f16_nt_f32out, 80, 2, 1, 0, 1)  \
+  X(sm90_bf16_nn, 90, 1, 0, 0, 0)        \
+  X(sm90_bf16_nt, 90, 1, 1, 0, 0)        \
+  X(sm90_bf16_tn, 90, 1, 2, 0, 0)        \
+  X(sm90_f16_nn, 90, 2, 0, 0, 0)         \
+  X(sm90_f16_nt, 90, 2, 1, 0, 0)         \
+  X(sm90_f16_tn, 90, 2, 2, 0, 0)         \
+  X(sm90_bf16_nn_d, 90, 1, 0, 1, 0)      \
+  X(sm90_bf16_nt_d, 90, 1, 1, 1, 0)      \
+  X(sm90_f16_nn_d, 90, 2, 0, 1, 0)       \
+  X(sm90_f16_nt_d, 90, 2, 1, 1, 0)       \
+  X(sm90_bf16_nt_f32out, 90, 1, 1, 0, 1) \
+  X(sm90_f16_nt_f32out, 90, 2, 1, 0, 1)
 
 struct TcKernelInfo {
   const char* name;
-  int sm, dtype, layout, tile;
+  int sm, dtype, layout, tile, out_f32;
 };
-#define MOE_TC_INFO(name, sm, dtype, layout, tile) {#name, sm, dtype, layout, tile},
+#define MOE_TC_INFO(name, sm, dtype, layout, tile, out) {#name, sm, dtype, layout, tile, out},
 inline constexpr TcKernelInfo kTcKernels[] = {MOE_TC_KERNELS(MOE_TC_INFO)};
 #undef MOE_TC_INFO
 constexpr int tc_kernel_count() {
@@ -62,10 +65,11 @@ constexpr int tc_kernel_count() {
 }
 
 // The instantiation for a device of compute capability cc (major * 10 + minor), an operand type
-// (0 fp32/tf32, 1 bf16, 2 fp16), a layout and the tile wanted (1: decode, where it exists), or -1
-// (then the exact SIMT path runs).  sm_90a code runs on compute capability 9.0 only; sm_80 code on
-// 8.x and 9.0 (tf32 on Hopper too).
-inline int tc_select(int cc, int dtype, int layout, int tile = 0) {
+// (0 fp32/tf32, 1 bf16, 2 fp16), a layout, the tile wanted (1: decode, where it exists) and the
+// output type (out_f32: fp32 D from 16-bit operands; never substituted), or -1 (then the exact
+// SIMT path runs).  sm_90a code runs on compute capability 9.0 only; sm_80 code on 8.x and 9.0
+// (tf32 on Hopper too).
+inline int tc_select(int cc, int dtype, int layout, int tile = 0, int out_f32 = 0) {
   int sm = 0;
   if (cc == 90 && dtype != 0)
     sm = 90;
@@ -74,7 +78,7 @@ inline int tc_select(int cc, int dtype, int layout, int tile = 0) {
   int found = -1;
   for (int i = 0; i < tc_kernel_count(); ++i) {
     const TcKernelInfo& k = kTcKernels[i];
-    if (k.sm != sm || k.dtype != dtype || k.layout != layout) continue;
+    if (k.sm != sm || k.dtype != dtype || k.layout != layout || k.out_f32 != out_f32) continue;
     if (k.tile == tile) return i;
     if (k.tile == 0) found = i;
   }
@@ -100,7 +104,8 @@ struct TcGroupsParams {
   TcMode mode = TcMode::kRows;
   const int32_t* offs = nullptr;  // [E]
   int64_t E = 0, R = 0;           // groups, rows of the segmented operands
-  int64_t elt = 2;                // element bytes
+  int64_t elt = 2;                // element bytes of A and B
+  int64_t elt_d = 2;              // element bytes of D
   const void* a = nullptr;
   int64_t lda = 0;
   const void* b = nullptr;
@@ -138,14 +143,14 @@ struct TcBuildGroups {
         s[2] = static_cast<int32_t>(p.K);
         p.ptr_a[e] = a + begin * p.lda * p.elt;
         p.ptr_b[e] = b + e * p.b_se * p.elt;
-        p.ptr_d[e] = d + begin * p.ldd * p.elt;
+        p.ptr_d[e] = d + begin * p.ldd * p.elt_d;
       } else {
         s[0] = rows > 0 ? static_cast<int32_t>(p.M) : 0;
         s[1] = rows > 0 ? static_cast<int32_t>(p.N) : 0;
         s[2] = static_cast<int32_t>(rows);
         p.ptr_a[e] = a + begin * p.lda * p.elt;
         p.ptr_b[e] = b + begin * p.ldb * p.elt;
-        p.ptr_d[e] = d + e * p.d_se * p.elt;
+        p.ptr_d[e] = d + e * p.d_se * p.elt_d;
       }
       p.out_lda[e] = p.lda;
       p.out_ldb[e] = p.ldb;
@@ -155,8 +160,10 @@ struct TcBuildGroups {
 };
 
 // What CUTLASS leaves unwritten is zero: kRows, the rows of D at and past the end of the last
-// segment (a block per row); kRaggedK, D_e (M x N) of every expert with an empty segment (a block
-// per expert).
+// segment; kRaggedK, D_e (M x N) of every expert with an empty segment.  The tensor-core path only
+// runs with 16-byte aligned D rows (base, leading dimension and row length), so the fill stores 16
+// bytes at a time; blocks take rows in turn (kRaggedK: expert e's M rows are rows e*M.. of a grid
+// over E*M rows).
 struct TcZeroFill {
   static constexpr int kThreads = 256;
   TcGroupsParams p;
@@ -164,24 +171,23 @@ struct TcZeroFill {
   template <class Ctx>
   MOE_HOST_DEVICE void operator()(Ctx& c) const {
     char* d = static_cast<char*>(p.d);
-    const int64_t row_bytes = p.N * p.elt;
+    const int64_t units = p.N * p.elt_d / 16;  // 16-byte units per row
     if (p.mode == TcMode::kRows) {
       int64_t begin = 0, end = 0;
       if (p.E > 0) segment_bounds(p.offs, p.E - 1, p.R, &begin, &end);
       for (int64_t r = end + c.bid(); r < p.R; r += c.nbid()) {
-        char* row = d + r * p.ldd * p.elt;
-        for (int64_t i = c.tid(); i < row_bytes; i += kThreads) row[i] = 0;
+        char* row = d + r * p.ldd * p.elt_d;
+        for (int64_t i = c.tid(); i < units; i += kThreads) store16(row + 16 * i, Vec16{});
       }
       return;
     }
-    const int64_t total = p.M * row_bytes;
-    for (int64_t e = c.bid(); e < p.E; e += c.nbid()) {
+    for (int64_t g = c.bid(); g < p.E * p.M; g += c.nbid()) {
+      const int64_t e = g / p.M, r = g % p.M;
       int64_t begin, end;
       segment_bounds(p.offs, e, p.R, &begin, &end);
       if (end > begin) continue;  // uniform over the block
-      char* base = d + e * p.d_se * p.elt;
-      for (int64_t i = c.tid(); i < total; i += kThreads)
-        base[(i / row_bytes) * p.ldd * p.elt + i % row_bytes] = 0;
+      char* row = d + (e * p.d_se + r * p.ldd) * p.elt_d;
+      for (int64_t i = c.tid(); i < units; i += kThreads) store16(row + 16 * i, Vec16{});
     }
   }
 };
@@ -219,7 +225,7 @@ void run_tc_groups(Exec& ex, const TcGroupsParams& p) {
   if (p.mode == TcMode::kRows && p.R > 0)
     ex.launch(TcZeroFill{p}, std::min<int64_t>(p.R, 1024), 0);
   else if (p.mode == TcMode::kRaggedK && p.M > 0)
-    ex.launch(TcZeroFill{p}, std::min<int64_t>(p.E, ex.max_blocks()), 0);
+    ex.launch(TcZeroFill{p}, std::min<int64_t>(p.E * p.M, ex.max_blocks()), 0);
 }
 
 }  // namespace moe_kernels::cuda

@@ -1,6 +1,0 @@
-// One CUTLASS grouped GEMM instantiation (tc_kernels.cuh, tc_entry.h): sm80_bf16_nn_d.
-#include "cuda/cutlass/tc_kernels.cuh"
-
-namespace moe_kernels::cuda::tc {
-MOE_TC_DEFINE_SM80(sm80_bf16_nn_d, cutlass::bfloat16_t, 0, 1)
-}  // namespace moe_kernels::cuda::tc

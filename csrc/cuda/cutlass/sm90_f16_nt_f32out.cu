@@ -1,0 +1,7 @@
+// One CUTLASS grouped GEMM instantiation (tc_kernels.cuh, tc_entry.h): sm90_f16_nt_f32out.
+#define MOE_TC_SM90
+#include "cuda/cutlass/tc_kernels.cuh"
+
+namespace moe_kernels::cuda::tc {
+MOE_TC_DEFINE_SM90(sm90_f16_nt_f32out, cutlass::half_t, 1, 0, float)
+}  // namespace moe_kernels::cuda::tc
