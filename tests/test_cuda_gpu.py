@@ -30,7 +30,7 @@ import os
 
 import pytest
 import torch
-from testutil import check_vs_reference, gen, op, randn, random_ids
+from testutil import check_vs_reference, cuda_backend_marks, gen, op, randn, random_ids
 
 import moe_kernels
 from moe_kernels import _debug
@@ -50,19 +50,7 @@ SANITIZER = os.environ.get("MOE_KERNELS_TEST_SANITIZER", "0") not in ("", "0")
 NAN, INF = float("nan"), float("inf")
 
 
-def _cuda_ok() -> tuple[bool, str]:
-    return moe_kernels.available_backends()["cuda"]
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    # without a device the conftest skips every gpu test ("needs a CUDA device"); with one, the
-    # cuda backend must be there (make test-gpu also requires it at session start)
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _cuda_ok()[0],
-        reason=f"the cuda backend is not available: {_cuda_ok()[1]}",
-    ),
-]
+pytestmark = cuda_backend_marks()
 
 big = pytest.mark.skipif(SANITIZER, reason="model-sized: too slow under compute-sanitizer")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testutil import cuda_backend_marks
 
 import moe_kernels
 from moe_kernels._tolerances import GPU_FP32_TOL, GRAD_FACTOR, KERNEL_TOL, max_rel_err
@@ -28,17 +29,7 @@ from moe_kernels._tolerances import GPU_FP32_TOL, GRAD_FACTOR, KERNEL_TOL, max_r
 CUDA = "cuda"
 
 
-def _cuda_ok() -> tuple[bool, str]:
-    return moe_kernels.available_backends()["cuda"]
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _cuda_ok()[0],
-        reason=f"the cuda backend is not available: {_cuda_ok()[1]}",
-    ),
-]
+pytestmark = cuda_backend_marks()
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DT_IDS = ["bf16", "fp16", "fp32"]

@@ -224,3 +224,18 @@ def random_ids(T, k, E, seed, drop=0.0, one_expert=None):
         bad = torch.where(torch.rand(T, k, generator=g) < 0.5, -1, E + 3)
         ids = torch.where(mask, bad, ids)
     return ids.to(torch.int32)
+
+
+def cuda_backend_marks() -> list:
+    """``pytestmark`` of the modules that test the cuda backend on a device: ``gpu`` (the conftest
+    skips those tests without a device) and, with a device, a skip saying why the cuda backend is
+    not available (``make test-gpu`` requires it at session start anyway)."""
+    import moe_kernels
+
+    ok, why = moe_kernels.available_backends()["cuda"]
+    return [
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            torch.cuda.is_available() and not ok, reason=f"the cuda backend is not available: {why}"
+        ),
+    ]

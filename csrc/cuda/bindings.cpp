@@ -482,6 +482,18 @@ bool tc_run(TcGroupsParams p, int layout, FloatType ft, const at::Tensor& like, 
   return true;
 }
 
+TcGroupsParams tc_params(TcMode mode, const int32_t* offs, int64_t E, int64_t R, int64_t elt,
+                         int64_t elt_d) {
+  TcGroupsParams p;
+  p.mode = mode;
+  p.offs = offs;
+  p.E = E;
+  p.R = R;
+  p.elt = elt;
+  p.elt_d = elt_d;
+  return p;
+}
+
 bool tc_ld_ok(int64_t ld, int64_t extent, int64_t al) { return ld >= extent && ld % al == 0; }
 bool tc_dims_ok(int64_t al, std::initializer_list<int64_t> dims) {
   for (int64_t d : dims)
@@ -507,13 +519,7 @@ bool tc_segment_gemm(FloatType ft, int64_t elt, const SegmentGemmParams& s, cons
   } else {
     return false;
   }
-  TcGroupsParams p;
-  p.mode = TcMode::kRows;
-  p.offs = s.offs;
-  p.E = s.E;
-  p.R = s.R;
-  p.elt = elt;
-  p.elt_d = out_f32 ? 4 : elt;
+  TcGroupsParams p = tc_params(TcMode::kRows, s.offs, s.E, s.R, elt, out_f32 ? 4 : elt);
   p.a = s.a;
   p.lda = s.a_sr;
   p.b = s.b;
@@ -535,13 +541,7 @@ bool tc_ragged_k(FloatType ft, int64_t elt, const RaggedKParams& r, const at::Te
   if (r.a_sk != 1 || r.d_sn != 1 || !tc_ld_ok(r.a_sm, r.K, al) || !tc_ld_ok(r.d_sm, r.N, al) ||
       !aligned16(r.a) || !aligned16(r.d) || !aligned16(r.out) || r.o_se % al != 0)
     return false;
-  TcGroupsParams p;
-  p.mode = TcMode::kRaggedK;
-  p.offs = r.offs;
-  p.E = r.E;
-  p.R = r.R;
-  p.elt = elt;
-  p.elt_d = elt;
+  TcGroupsParams p = tc_params(TcMode::kRaggedK, r.offs, r.E, r.R, elt, elt);
   p.d = r.out;
   p.d_se = r.o_se;
   if (r.o_sn == 1 && tc_ld_ok(r.o_sk, r.N, al)) {
