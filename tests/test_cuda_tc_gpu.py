@@ -288,7 +288,7 @@ def ref_grads_last(a, b, offs, go):
 @pytest.mark.parametrize("transposed", [False, True], ids=["hf_layout", "gpt_oss_views"])
 def test_moe_ffn_clamped_activation(transposed, debug_mode):
     """swiglu_oai with many values past its clamps (x scaled up, limit 1.5): the tensor-core path
-    keeps h in fp32 (fp32-output GEMM 1, or the exact path for transposed weights), so its output
+    keeps h in fp32 (fp32-output GEMM 1; transposed weights copied contiguous for it), so its output
     and gradients stay within the bf16 budget of the float64 reference; a bf16-rounded h would
     move values across the clamps."""
     T, H, I, E, k = 300, 256, 128, 8, 2

@@ -808,6 +808,14 @@ at::Tensor f32_view(const void* p, int64_t rows, int64_t cols, int64_t sr, int64
                        like.options().dtype(at::kFloat));
 }
 
+// w ([E, N, K]) as GEMM 1 / 2 want it for the fp32-output tensor-core kernels: contiguous rows
+// (B column-major, the nt layout); a contiguous copy when it is not and those kernels will run.
+at::Tensor ffn_nt_weights(const Ffn& f, const at::Tensor& w, const at::Tensor& like) {
+  if (f.ft == FloatType::kF32 || w.stride(2) == 1 || !tc_possible(f, like, w.size(1), w.size(2)))
+    return w;
+  return w.contiguous();
+}
+
 // which: 1 GEMM 1, 2 GEMM 2 (their outputs must stay fp32), 0 a backward dA product.
 void ffn_segment_gemm(const Ffn& f, GemmTypes types, const SegmentGemmParams& p,
                       const at::Tensor& like, const char* op, int which = 0) {
@@ -915,14 +923,19 @@ Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tens
   f.a = at::empty({f.R, f.I}, f32);
   f.y = at::empty({f.R, f.H}, f32);
   if (f.R == 0) return f;
+  // GEMMs 1 and 2 keep fp32 outputs through the nt-layout instantiations only: weights stored
+  // otherwise (gpt-oss's [E, H, 2I] / [E, I, H] as transposed views) are copied contiguous for
+  // them when the tensor cores will run, one copy per call (what it costs is in the timings)
+  const at::Tensor wgu = ffn_nt_weights(f, w_gate_up, x);
+  const at::Tensor wd = ffn_nt_weights(f, w_down, x);
   SegmentGemmParams g1;  // h = xp @ w_gate_up[e]^T
   g1.a = f.xp.data_ptr();
   g1.a_sr = f.xp.stride(0);
   g1.a_sk = f.xp.stride(1);
-  g1.b = w_gate_up.data_ptr();
-  g1.b_se = w_gate_up.stride(0);
-  g1.b_sk = w_gate_up.stride(2);
-  g1.b_sn = w_gate_up.stride(1);
+  g1.b = wgu.data_ptr();
+  g1.b_se = wgu.stride(0);
+  g1.b_sk = wgu.stride(2);
+  g1.b_sn = wgu.stride(1);
   g1.out = f.h.data_ptr();
   g1.offs = f.offs.data_ptr<int32_t>();
   g1.E = f.E;
@@ -940,10 +953,10 @@ Ffn ffn_forward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tens
   g2.a = f.a.data_ptr();
   g2.a_sr = f.I;
   g2.a_sk = 1;
-  g2.b = w_down.data_ptr();
-  g2.b_se = w_down.stride(0);
-  g2.b_sk = w_down.stride(2);
-  g2.b_sn = w_down.stride(1);
+  g2.b = wd.data_ptr();
+  g2.b_se = wd.stride(0);
+  g2.b_sk = wd.stride(2);
+  g2.b_sn = wd.stride(1);
   g2.out = f.y.data_ptr();
   g2.offs = f.offs.data_ptr<int32_t>();
   g2.E = f.E;
