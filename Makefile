@@ -63,6 +63,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/clang-format --dry-run -Werror $(CXX_SOURCES)
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(BIN)/shellcheck .ci/run bench/*.sh
 
 # Tests run against the installed package: pytest is started from tests/ so the source tree's
 # moe_kernels/ (which has no compiled extension) is not on sys.path.  The op modules run every

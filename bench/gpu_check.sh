@@ -45,6 +45,7 @@ grep -i "spill\|warning" "$OUT/build.log" | grep -v "^ *$" | sort | uniq -c | he
 
 stamp "tests: $TESTS"
 cd tests || exit 1
+read -r -a test_args <<<"$TESTS"  # a space-separated list of test files
 # the CPU-only modules (ISA emulation, the CUDA emulator, gloo processes, workflow linting) are left
 # to the CPU CI run; at the time limit pytest is interrupted (SIGINT), so it still prints its summary
 MOE_KERNELS_REQUIRE_BACKENDS=reference,cuda,triton MOE_KERNELS_REQUIRE_BUILT=_C,_C_cuda \
@@ -52,7 +53,7 @@ MOE_KERNELS_REQUIRE_BACKENDS=reference,cuda,triton MOE_KERNELS_REQUIRE_BUILT=_C,
   "$PY" -m pytest -q -p no:cacheprovider -n "$JOBS" -rfE --tb=short --durations=15 \
   --ignore=test_cpu_isa_emulated.py --ignore=test_cuda_emulated.py --ignore=test_parallel.py \
   --ignore=test_workflows.py --ignore=test_cpu_isa_env.py --ignore=test_cli.py \
-  --junitxml="$OUT/junit.xml" $TESTS >"$OUT/tests.log" 2>&1
+  --junitxml="$OUT/junit.xml" "${test_args[@]}" >"$OUT/tests.log" 2>&1
 rc=$?
 cd "$ROOT" || exit 1
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -60
