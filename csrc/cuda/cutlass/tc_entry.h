@@ -6,7 +6,8 @@
 // Every instantiation computes, for each group g of a launch, D_g = A_g * B_g (fp32 accumulation,
 // no source operand) over the per-group arrays that the device-side builder (kernels/tc_gemm.h)
 // writes from `offs`: problem sizes (m, n, k) as int32 triples, operand pointers and leading
-// dimensions.  D is row-major; A and B are row- or column-major by the instantiation's layout:
+// dimensions.  D is row-major, in the operands' type or fp32 (the *_f32out instantiations); A
+// and B are row- or column-major by the instantiation's layout:
 //   nn: A row-major, B row-major       (forward with b [E, K, N]; dA with b [E, N, K])
 //   nt: A row-major, B column-major    (forward with b [E, N, K]; dA with b [E, K, N])
 //   tn: A column-major, B row-major    (the weight gradient: a segment's rows are the K axis)

@@ -9,7 +9,8 @@
 //     (GroupScheduleMode::kDeviceOnly), mma.sync tensor cores, 128 x 128 tiles, multistage
 //     cp.async.
 //   sm_90a (Hopper): CUTLASS 3.x pointer-array grouped GEMM (GroupProblemShape, TMA loads,
-//     warp-specialised cooperative kernel, wgmma), problem shapes on the device only.
+//     warp-specialised cooperative (prefill) or ping-pong (decode) kernels, wgmma), problem
+//     shapes on the device only.
 // Neither needs the problem sizes on the host, so nothing synchronises and the launch can be
 // captured in a CUDA graph.  The epilogue scales by alpha = 1 only: no source operand is read.
 #include <cutlass/cutlass.h>
