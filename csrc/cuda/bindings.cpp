@@ -816,6 +816,17 @@ at::Tensor ffn_nt_weights(const Ffn& f, const at::Tensor& w, const at::Tensor& l
   return w.contiguous();
 }
 
+// An fp32 operand (rows x cols at p with strides s0, s1) rounded to like's dtype for the tensor
+// cores; p and the strides are pointed at the copy, which the caller keeps alive.
+at::Tensor round_operand(const void*& p, int64_t rows, int64_t cols, int64_t& s0, int64_t& s1,
+                         const at::Tensor& like) {
+  at::Tensor t = f32_view(p, rows, cols, s0, s1, like).to(like.scalar_type());
+  p = t.data_ptr();
+  s0 = t.stride(0);
+  s1 = t.stride(1);
+  return t;
+}
+
 // which: 1 GEMM 1, 2 GEMM 2 (their outputs must stay fp32), 0 a backward dA product.
 void ffn_segment_gemm(const Ffn& f, GemmTypes types, const SegmentGemmParams& p,
                       const at::Tensor& like, const char* op, int which = 0) {
@@ -825,12 +836,7 @@ void ffn_segment_gemm(const Ffn& f, GemmTypes types, const SegmentGemmParams& p,
   } else if (tc_possible(f, like, p.N, p.K)) {
     SegmentGemmParams q = p;
     at::Tensor a_t;
-    if (types == GemmTypes::kAF32) {
-      a_t = f32_view(p.a, p.R, p.K, p.a_sr, p.a_sk, like).to(like.scalar_type());
-      q.a = a_t.data_ptr();
-      q.a_sr = a_t.stride(0);
-      q.a_sk = a_t.stride(1);
-    }
+    if (types == GemmTypes::kAF32) a_t = round_operand(q.a, q.R, q.K, q.a_sr, q.a_sk, like);
     if (which != 0) {
       if (tc_segment_gemm(f.ft, es, q, like, op, /*out_f32=*/true)) return;
     } else {
@@ -852,17 +858,9 @@ void ffn_ragged_k(const Ffn& f, GemmTypes types, const RaggedKParams& r, const a
     if (tc_ragged_k(f.ft, es, r, like, op)) return;
   } else if (tc_possible(f, like, r.N, r.K)) {
     RaggedKParams q = r;
-    const at::Tensor a_t = f32_view(r.a, r.R, r.K, r.a_sm, r.a_sk, like).to(like.scalar_type());
-    q.a = a_t.data_ptr();
-    q.a_sm = a_t.stride(0);
-    q.a_sk = a_t.stride(1);
+    const at::Tensor a_t = round_operand(q.a, q.R, q.K, q.a_sm, q.a_sk, like);
     at::Tensor d_t;
-    if (types == GemmTypes::kADF32) {
-      d_t = f32_view(r.d, r.R, r.N, r.d_sm, r.d_sn, like).to(like.scalar_type());
-      q.d = d_t.data_ptr();
-      q.d_sm = d_t.stride(0);
-      q.d_sn = d_t.stride(1);
-    }
+    if (types == GemmTypes::kADF32) d_t = round_operand(q.d, q.R, q.N, q.d_sm, q.d_sn, like);
     if (tc_ragged_k(f.ft, es, q, like, op)) return;
   }
   check_launch(launch_ragged_k(f.ft, types, r, stream()), op);
