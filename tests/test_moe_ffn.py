@@ -264,6 +264,9 @@ CASES = [
     # interleaved, clamps active (small limit), transposed weight views without a copy
     (8, 16, 16, 3, 2, "swiglu_oai", False, True, 0.0, None, False, 1.5, True),  # clamp, big x
     (20, 16, 16, 4, 1, "swiglu", False, False, 0.0, 2, False, 7.0, True),  # all on one expert
+    (230, 67, 34, 3, 2, "swiglu_oai", True, True, 0.05, None, False, 1.0, False),  # prefill:
+    # 100-200 rows per expert (several token blocks of the bf16 routes), odd H, interleaved
+    (180, 48, 40, 2, 2, "swiglu", False, False, 0.0, None, False, 7.0, False),  # prefill, even K
 ]
 
 

@@ -36,6 +36,23 @@ void load_a_generic(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t
   }
 }
 
+int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) {
+  const int64_t P = (K + 1) / 2;
+  const int max_terms = A.dt == DType::kBF16 ? 1 : std::clamp(A.max_terms, 1, 3);
+  auto* x16 = reinterpret_cast<uint16_t*>(xp);
+  std::fill(xp, xp + max_terms * P * wb, 0u);
+  int terms = 1;
+  for (int64_t m = 0; m < mb; ++m) {
+    const char* rp = row_ptr(A, m);
+    for (int64_t k = 0; k < K; ++k) {
+      const Bf16Terms s = split_bf16_terms(load_elem(rp, A.dt, k * A.s1));
+      terms = std::max(terms, s.needed);
+      for (int t = 0; t < max_terms; ++t) x16[((t * P + k / 2) * wb + m) * 2 + (k & 1)] = s.t[t];
+    }
+  }
+  return std::min(terms, max_terms);
+}
+
 }  // namespace gemm_detail
 
 using namespace gemm_detail;
@@ -83,6 +100,11 @@ Isa gemm_isa() {
   return i == Isa::kAmx ? Isa::kAvx512 : i;
 }
 
+int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) {
+  const KernelSet& ks = kernels();
+  return ks.pack_tokens ? ks.pack_tokens(mb, K, A, wb, xp) : pack_tokens_generic(mb, K, A, wb, xp);
+}
+
 void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t ld) {
   if (M > 0 && K > 0) kernels().load_a(M, K, A, dst, ld);
 }
@@ -105,6 +127,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     return;
   }
   if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc)) return;
+  if (ks.wide && ks.wide(M, N, K, A, B, C, ldc)) return;
   const int mr = ks.mr, nr = ks.nr;
   const int64_t lda = ks.kc + 16;  // padding keeps the mr row streams off the same cache sets
   float* tmp = scratch(c_tmp, static_cast<int64_t>(mr) * nr);

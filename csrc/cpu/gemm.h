@@ -29,6 +29,10 @@ struct Operand {
   DType dt = DType::kF32;
   int64_t s0 = 0, s1 = 1;
   const int64_t* gather = nullptr;
+  // fp32 values multiplied with bf16 weights on the AVX-512-BF16 kernels are split into at most
+  // this many bf16 terms (their sum is the value): 3 keeps fp32 accuracy; 2 (16 significant
+  // bits, relative error <= 2^-17) suffices for a result that is rounded to bf16 or fp16.
+  int max_terms = 3;
 
   // The same operand starting at logical row i0 and column j0.
   Operand shifted(int64_t i0, int64_t j0) const {
@@ -60,6 +64,11 @@ void set_packed_route(GemmRoute route);
 // Which brgemm route gemm_nt takes for bf16 weights in this process (MOE_KERNELS_CPU_BRGEMM):
 // "vnni" (oneDNN's packed kernel, AMX), "plain" (forced without one) or "off".
 std::string brgemm_route_name();
+
+// Token rows A(m, k), m < mb <= wb, k < K, packed as bf16 terms in the VNNI layout of a [K, wb]
+// operand, one slab of ceil(K / 2) * wb dwords per term (gemm_impl.h, pack_tokens_generic, says
+// exactly); returns the number of terms (slabs) written.  The brgemm route's token operand.
+int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp);
 
 // The ISA gemm_nt uses in this process (after MOE_KERNELS_CPU_ISA).
 Isa gemm_isa();

@@ -14,6 +14,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -113,14 +114,6 @@ MOE_AVX512 void dot_row_bf16(int64_t M, int64_t K, const float* a, int64_t lda, 
 #define MOE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
 #endif
 
-inline uint16_t f32_to_bf16_rne(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 constexpr int kSplitTerms = 3;
 
 // dst[(m * 3 + t) * ldd + k]: the t-th bf16 term of a[m, k] (zero where unused); returns the
@@ -132,19 +125,11 @@ int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uint16_t* dst,
     uint16_t* d1 = d0 + ldd;
     uint16_t* d2 = d1 + ldd;
     for (int64_t k = 0; k < K; ++k) {
-      const float x = a[m * lda + k];
-      const uint16_t h = f32_to_bf16_rne(x);
-      const float r1 = x - bf16_bits_to_f32(h);
-      const uint16_t md = f32_to_bf16_rne(r1);
-      const float r2 = r1 - bf16_bits_to_f32(md);
-      const uint16_t lo = f32_to_bf16_rne(r2);
-      d0[k] = h;
-      d1[k] = md;
-      d2[k] = lo;
-      if ((lo & 0x7fffu) != 0)
-        terms = 3;
-      else if ((md & 0x7fffu) != 0 && terms < 2)
-        terms = 2;
+      const Bf16Terms sp = split_bf16_terms(a[m * lda + k]);
+      d0[k] = sp.t[0];
+      d1[k] = sp.t[1];
+      d2[k] = sp.t[2];
+      terms = std::max(terms, sp.needed);
     }
   }
   return terms;
@@ -203,6 +188,234 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
       [&](int64_t n) { dot_row_bf16(M, K, a, lda, B.shifted(n, 0), C + n, ldc); });
 }
 
+// ---- AVX-512-BF16 transposed product (bf16 weights, more rows than the dot path: prefill) ----
+//
+// C^T = B . A^T, so that the weights are used where they lie: B's rows (K-contiguous bf16, as
+// nn.Linear stores them) are read in place, one bf16 pair at a time broadcast to 16 lanes, and
+// only the token rows (at most kTw per block) are re-laid out: split into bf16 terms as above and
+// stored per K pair as [pair][token] dwords (the VNNI layout), so that one vdpbf16ps multiplies one
+// weight pair with 16 tokens.  No weight is converted or copied; a block of kTw tokens costs its
+// packing once and then reads the weights at 2 bytes per 2 x kTw FLOPs.  The register tile is NR
+// weight rows x (16 or 32) tokens with fp32 accumulators over the whole of K.
+constexpr int64_t kTw = 64;  // tokens per block at most (four zmm of dwords)
+
+MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
+  __m512bh r;
+  std::memcpy(&r, &v, 64);
+  return r;
+}
+
+// bf16(x) by round-to-nearest-even (NaN kept quiet), as fp32 values in 16 lanes: the exact
+// counterpart of f32_to_bf16_rne, with no flush of denormals.
+MOE_AVX512 inline __m512 round_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512i r =
+      _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), hi);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan,
+                            _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi));
+  return _mm512_castsi512_ps(r);
+}
+
+// Packs the token rows (fp32 a[j, 0..K), j < mb <= wb) as bf16 terms into
+// xp[(t * P + p) * wb + j] (dword = the pair k = 2p, 2p + 1; zeros for j >= mb and for k = K when
+// K is odd) and returns the number of terms used: 1 when every value is a bf16, else 2 or 3
+// (at most max_terms).  An infinite value is its first term alone (its remainder would be
+// inf - inf).
+MOE_AVX512 int pack_tokens_f32(int64_t mb, int64_t K, const float* a, int64_t lda, int64_t wb,
+                               int64_t P, int max_terms, uint32_t* xp) {
+  const int64_t k16 = K / 16 * 16;
+  __mmask16 need2 = 0, need3 = 0;
+  int terms = 1;
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  const __m512i lo16 = _mm512_set1_epi64(0xffff), hi16 = _mm512_set1_epi64(0xffff0000);
+  for (int64_t j = 0; j < mb; ++j) {
+    const float* row = a + j * lda;
+    for (int64_t k = 0; k < k16; k += 16) {
+      const __m512 x = _mm512_loadu_ps(row + k);
+      const __m512 t0 = round_bf16(x);
+      const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(t0), inf, _CMP_NEQ_UQ);
+      const __m512 r1 = _mm512_maskz_sub_ps(fin, x, t0);
+      const __m512 t1 = round_bf16(r1);
+      const __m512 t2 = round_bf16(_mm512_sub_ps(r1, t1));
+      need2 |= _mm512_test_epi32_mask(_mm512_castps_si512(t1), _mm512_set1_epi32(0x7fff0000));
+      need3 |= _mm512_test_epi32_mask(_mm512_castps_si512(t2), _mm512_set1_epi32(0x7fff0000));
+      const __m512 ts[3] = {t0, t1, t2};
+      for (int t = 0; t < max_terms; ++t) {
+        // the 8 pairs of this chunk: in each 64-bit lane, bf16 k (bits 16..31) in the low half
+        // of the low dword and bf16 k + 1 (bits 48..63) in its high half
+        const __m512i v = _mm512_castps_si512(ts[t]);
+        alignas(64) uint32_t d[16];
+        _mm512_store_si512(d, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi64(v, 16), lo16),
+                                              _mm512_and_si512(_mm512_srli_epi64(v, 32), hi16)));
+        uint32_t* o = xp + (t * P + k / 2) * wb + j;
+        for (int i = 0; i < 8; ++i) o[i * wb] = d[2 * i];
+      }
+    }
+    for (int64_t k = k16; k < 2 * P; ++k) {  // K tail, and the zero that pads an odd K
+      const Bf16Terms sp = split_bf16_terms(k < K ? row[k] : 0.f);
+      terms = std::max(terms, sp.needed);
+      for (int t = 0; t < max_terms; ++t) {
+        auto* o = reinterpret_cast<uint16_t*>(xp + (t * P + k / 2) * wb + j);
+        o[k & 1] = sp.t[t];
+      }
+    }
+  }
+  if (need3) terms = 3;
+  if (need2 && terms < 2) terms = 2;
+  terms = std::min(terms, max_terms);
+  for (int t = 0; t < terms; ++t)
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = mb; j < wb; ++j) xp[(t * P + p) * wb + j] = 0;
+  return terms;
+}
+
+// The same for bf16 token rows with K-contiguous storage: one term, the rows' own pairs.
+void pack_tokens_bf16(int64_t mb, int64_t K, const Operand& A, int64_t wb, int64_t P,
+                      uint32_t* xp) {
+  const int64_t P2 = K / 2;
+  for (int64_t j = 0; j < mb; ++j) {
+    const char* row = row_ptr(A, j);
+    for (int64_t p = 0; p < P2; ++p) std::memcpy(xp + p * wb + j, row + p * 4, 4);
+    if (P > P2) {  // odd K: the last value and a zero
+      uint16_t v;
+      std::memcpy(&v, row + P2 * 4, 2);
+      xp[P2 * wb + j] = v;
+    }
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t j = mb; j < wb; ++j) xp[p * wb + j] = 0;
+}
+
+// pack_tokens_generic's contract (gemm_impl.h), vectorised.
+int pack_tokens_avx512(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) {
+  const int64_t P = (K + 1) / 2;
+  if (A.dt == DType::kBF16 && A.s1 == 1) {
+    pack_tokens_bf16(mb, K, A, wb, P, xp);
+    return 1;
+  }
+  if (A.dt == DType::kBF16) return pack_tokens_generic(mb, K, A, wb, xp);
+  thread_local std::vector<float> a_buf;
+  if (static_cast<int64_t>(a_buf.size()) < mb * K) a_buf.resize(mb * K);
+  avx2_kernels().load_a(mb, K, A, a_buf.data(), K);
+  return pack_tokens_f32(mb, K, a_buf.data(), K, wb, P, std::clamp(A.max_terms, 1, 3), xp);
+}
+
+// One K pair of the tile: acc[r][z] += W_r(pair p) . x(pair p, tokens of z), term by term (a
+// weight pair is broadcast once per term: an L1 hit, and TZ x registers per term instead of
+// TERMS x TZ).  LAST: the pair holds only the row's last weight (odd K), read alone.
+template <int TZ, int NR, int TERMS, bool LAST>
+MOE_AVX512BF16 __attribute__((always_inline)) inline void tdot_step(__m512 (&acc)[NR][TZ],
+                                                                    int64_t p, const char* const* w,
+                                                                    const uint32_t* xp,
+                                                                    int64_t term_ld) {
+  constexpr int64_t wb = TZ * 16;
+#pragma GCC unroll 3
+  for (int t = 0; t < TERMS; ++t) {
+    __m512bh xv[TZ];
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z)
+      xv[z] = as_bh(_mm512_loadu_si512(xp + t * term_ld + p * wb + z * 16));
+#pragma GCC unroll 32
+    for (int r = 0; r < NR; ++r) {
+      uint32_t pair = 0;
+      if constexpr (LAST) {
+        uint16_t v;
+        std::memcpy(&v, w[r] + p * 4, 2);
+        pair = v;
+      } else {
+        std::memcpy(&pair, w[r] + p * 4, 4);
+      }
+      const __m512bh wv = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
+#pragma GCC unroll 4
+      for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], wv, xv[z]);
+    }
+  }
+}
+
+// out[r * TZ * 16 + j] = sum_k W_r(k) x_j(k) for NR weight rows w[r] (bf16, K = 2 * P2 + odd)
+// and TZ * 16 packed tokens (TERMS slabs of xp, term_ld dwords apart).
+template <int TZ, int NR, int TERMS>
+MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
+                              int64_t term_ld, float* out) {
+  constexpr int64_t wb = TZ * 16;
+  __m512 acc[NR][TZ];
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_setzero_ps();
+  // The weight rows stream from L3 or DRAM: every 16 pairs (one cache line of each row), ask for
+  // the line 8 lines ahead.
+  int64_t p = 0;
+  for (; p + 16 <= P2; p += 16) {
+#pragma GCC unroll 32
+    for (int r = 0; r < NR; ++r) _mm_prefetch(w[r] + (p + 128) * 4, _MM_HINT_T0);
+    for (int64_t q = p; q < p + 16; ++q) tdot_step<TZ, NR, TERMS, false>(acc, q, w, xp, term_ld);
+  }
+  for (; p < P2; ++p) tdot_step<TZ, NR, TERMS, false>(acc, p, w, xp, term_ld);
+  if (odd) tdot_step<TZ, NR, TERMS, true>(acc, P2, w, xp, term_ld);
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z) _mm512_storeu_ps(out + r * wb + z * 16, acc[r][z]);
+}
+
+// Weight rows per tile for TZ x 16 tokens: 24 accumulators, plus TZ x registers and a broadcast.
+constexpr int tdot_rows(int tz) { return 24 / tz; }
+
+template <int TZ>
+void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
+                     int64_t term_ld, float* out) {
+  constexpr int NR = tdot_rows(TZ);
+  switch (terms) {
+    case 1: return tdot_tile<TZ, NR, 1>(P2, odd, w, xp, term_ld, out);
+    case 2: return tdot_tile<TZ, NR, 2>(P2, odd, w, xp, term_ld, out);
+    default: return tdot_tile<TZ, NR, 3>(P2, odd, w, xp, term_ld, out);
+  }
+}
+
+// gemm_nt's route for bf16 K-contiguous weights on CPUs with AVX-512-BF16 (the "amx" level) when
+// the call has more rows than the dot path: the transposed product above.
+bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
+                  int64_t ldc) {
+  if (detected_isa() != Isa::kAmx || B.dt != DType::kBF16 || B.s1 != 1) return false;
+  const int64_t P = (K + 1) / 2, P2 = K / 2;
+  const bool odd = K % 2 != 0;
+  // Token blocks of at most kTw rows, near-equal and rounded up to 16 (one zmm): 33 rows are one
+  // block of 48, 70 rows blocks of 48 and 22 (as 32), so no block is a thin remainder (a 16-token
+  // tile broadcasts one weight pair per vdpbf16ps and runs at half the rate of the wider ones).
+  const int64_t nblk = (M + kTw - 1) / kTw;
+  const int64_t bs = ((M + nblk - 1) / nblk + 15) / 16 * 16;
+  thread_local std::vector<uint32_t> x_buf;
+  if (static_cast<int64_t>(x_buf.size()) < 3 * P * kTw) x_buf.resize(3 * P * kTw);
+  uint32_t* xp = x_buf.data();
+  alignas(64) float out[24 * 16];
+  const char* w[24];
+  for (int64_t m0 = 0; m0 < M; m0 += bs) {
+    const int64_t mb = std::min(bs, M - m0);
+    const int tz = static_cast<int>((mb + 15) / 16);
+    const int64_t wb = 16 * tz;
+    const int nr = tdot_rows(tz);
+    const int terms = pack_tokens_avx512(mb, K, A.shifted(m0, 0), wb, xp);
+    for (int64_t n0 = 0; n0 < N; n0 += nr) {
+      const int64_t nv = std::min<int64_t>(nr, N - n0);
+      // rows past N repeat the last one (valid memory); their results are not stored
+      for (int r = 0; r < nr; ++r) w[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
+      switch (tz) {
+        case 1: tdot_tile_terms<1>(terms, P2, odd, w, xp, P * wb, out); break;
+        case 2: tdot_tile_terms<2>(terms, P2, odd, w, xp, P * wb, out); break;
+        case 3: tdot_tile_terms<3>(terms, P2, odd, w, xp, P * wb, out); break;
+        default: tdot_tile_terms<4>(terms, P2, odd, w, xp, P * wb, out); break;
+      }
+      for (int64_t j = 0; j < mb; ++j)
+        for (int64_t r = 0; r < nv; ++r) C[(m0 + j) * ldc + n0 + r] = out[r * wb + j];
+    }
+  }
+  return true;
+}
+
 // Rows per call up to which bf16 weights take the vdpbf16ps kernel.  It splits the fp32 rows into
 // bf16 terms on every call (gemm_nt's decode tasks each call it), and fp32 rows (the down
 // projection's activations) need three terms, three instructions per row and 32 weights: past two
@@ -226,9 +439,18 @@ MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t ld
 
 const KernelSet& avx512_kernels() {
   // A rows are converted by the AVX2 loader (vectorised; the dot path calls it per task).
-  static const KernelSet ks{
-      kMr,        kNr, 256, 96, 256, 16, &micro_avx512, &pack_b_avx512, avx2_kernels().load_a,
-      &dot_avx512};
+  static const KernelSet ks{.mr = kMr,
+                            .nr = kNr,
+                            .kc = 256,
+                            .mc = 96,
+                            .nc = 256,
+                            .dot_max_m = 16,
+                            .micro = &micro_avx512,
+                            .pack_b = &pack_b_avx512,
+                            .load_a = avx2_kernels().load_a,
+                            .dot = &dot_avx512,
+                            .wide = &gemm_nt_tdot,
+                            .pack_tokens = &pack_tokens_avx512};
   return ks;
 }
 

@@ -1,20 +1,22 @@
 // gemm_nt through oneDNN's batch-reduce GEMM (at::native::cpublas::brgemm): the route of bf16
 // weights with more rows than the dot path takes, on CPUs where oneDNN runs it on AMX tiles.
 //
-// C[M, N] = A[M, K] * B[N, K]^T with B bf16.  A is converted once per call to bf16 rows
-// [M_pad, K_pad] (fp32 rows as three bf16 terms, see below).  For every block of kNb weight rows
-// and kKc of K, the block is laid out as brgemm's B operand [kc, kNb] (transposed from the
-// weights' [N, K] rows, then VNNI-packed by cpublas::pack where oneDNN has a packed kernel) and
-// multiplied with every kMb-row block of A, accumulating over K in an fp32 [M_pad, kNb] tile.
-// brgemm only ever sees (kMb, kNb, kKc or the K tail) shapes, so oneDNN generates (and torch
-// caches per thread) a handful of kernels per process.
+// C[M, N] = A[M, K] * B[N, K]^T with B bf16 and K-contiguous (nn.Linear's weights), computed as
+// C^T = B . A^T so that the weights are brgemm's A operand where they lie: a run of up to kRows
+// weight rows at one stride is [rows, K] with lda = that stride, which brgemm reads as it is (an
+// A operand is never packed).  Only the token rows are re-laid out, kTok at a time, as brgemm's B
+// operand [K, kTok] (gemm_pack_tokens: bf16 terms in the VNNI layout; fp32 rows as up to three
+// terms, multiplied one after the other into the same fp32 accumulator), once per block of tokens
+// and call.  So no weight is converted, transposed or packed per call, and brgemm sees (rows <=
+// kRows, kTok, K) shapes only: a handful of generated kernels per process.
 //
 // When it is used (MOE_KERNELS_CPU_BRGEMM, read once per process): "auto" (default) when the ISA
 // level is amx and cpublas::could_pack(bf16) (oneDNN's ukernel with AMX) and the packed kernel
-// passes a self-check; "1" always -- on a CPU without a packed kernel with B in the plain layout,
-// which torch runs through its reference brgemm: slow, but the same blocking, conversion, padding
-// and accumulation code, so the tests exercise it on any CPU; "0" never.  The prefill speed of
-// this route is unmeasured: no CPU with AMX was available to this project's benchmarks.
+// passes a self-check; "1" always -- with the ISA level capped below amx (MOE_KERNELS_CPU_ISA),
+// or on a CPU without a packed kernel, with B in the plain layout, which torch runs through its
+// reference brgemm: slow, but the same blocking, packing and accumulation code, so the tests
+// exercise it on any CPU; "0" never.  Odd K is left to the other paths (a VNNI pair would read
+// past a weight row).
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -31,33 +33,38 @@
 namespace moe_kernels::cpu {
 namespace {
 
-constexpr int64_t kMb = 32;    // A rows per brgemm call
-constexpr int64_t kNb = 64;    // weight rows (output columns) per B block
-constexpr int64_t kKc = 1024;  // K per B block: [1024, 64] bf16 = 128 KiB stays in L2
+constexpr int64_t kRows = 32;  // weight rows (output columns) per brgemm call: brgemm's M
+constexpr int64_t kTok = 32;   // tokens per block: brgemm's N
 
 enum class Route { kOff, kPlain, kVnni };
 
 using bf16 = c10::BFloat16;
 
-// The packed route is checked once, on the first call, against exact integer products (through
-// pack, a first call and an accumulating one) before it is trusted: it runs only on CPUs with
-// AMX, where these sources cannot be tested by their CI.
+// The packed route is checked once, on the first call, against exact integer products (the
+// token packing, a first call and an accumulating one) before it is trusted: it runs only on CPUs
+// with AMX, where these sources cannot be tested by their CI.
 bool vnni_self_check() {
-  constexpr int64_t M = kMb, N = kNb, K = 64;
-  std::vector<bf16> a(M * K), b(K * N), bv(K * N);
-  for (int64_t i = 0; i < M * K; ++i) a[i] = bf16(static_cast<float>(i * 7 % 5) - 2.f);
-  for (int64_t i = 0; i < K * N; ++i) b[i] = bf16(static_cast<float>(i * 3 % 7) - 3.f);
-  std::vector<float> c(M * N, -1.f);
-  at::native::cpublas::pack(K, N, N, N, at::kBFloat16, at::kBFloat16, b.data(), bv.data());
-  at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), bv.data(), c.data(), true);
-  at::native::cpublas::brgemm(M, N, K, K, N, N, true, a.data(), bv.data(), c.data(), true);
+  constexpr int64_t R = kRows, K = 64;
+  std::vector<bf16> w(R * K), x(kTok * K);
+  for (int64_t i = 0; i < R * K; ++i) w[i] = bf16(static_cast<float>(i * 7 % 5) - 2.f);
+  for (int64_t i = 0; i < kTok * K; ++i) x[i] = bf16(static_cast<float>(i * 3 % 7) - 3.f);
+  Operand X;
+  X.p = x.data();
+  X.dt = DType::kBF16;
+  X.s0 = K;
+  std::vector<uint32_t> xp(3 * (K / 2) * kTok);
+  if (gemm_pack_tokens(kTok, K, X, kTok, xp.data()) != 1) return false;
+  const auto* xv = reinterpret_cast<const bf16*>(xp.data());
+  std::vector<float> c(R * kTok, -1.f);
+  at::native::cpublas::brgemm(R, kTok, K, K, kTok, kTok, false, w.data(), xv, c.data(), true);
+  at::native::cpublas::brgemm(R, kTok, K, K, kTok, kTok, true, w.data(), xv, c.data(), true);
   at::native::cpublas::brgemm_release(true);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < N; ++n) {
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < kTok; ++j) {
       float want = 0.f;
       for (int64_t k = 0; k < K; ++k)
-        want += static_cast<float>(a[m * K + k]) * static_cast<float>(b[k * N + n]);
-      if (c[m * N + n] != 2.f * want) return false;
+        want += static_cast<float>(w[r * K + k]) * static_cast<float>(x[j * K + k]);
+      if (c[r * kTok + j] != 2.f * want) return false;
     }
   }
   return true;
@@ -67,10 +74,12 @@ Route route() {
   static const Route r = [] {
     const char* s = std::getenv("MOE_KERNELS_CPU_BRGEMM");
     const std::string v = s ? s : "";
-    const bool packs = at::native::cpublas::could_pack(at::kBFloat16);
+    // the packed (AMX) kernel only at the amx level: MOE_KERNELS_CPU_ISA caps this route too
+    const bool packs =
+        detected_isa() == Isa::kAmx && at::native::cpublas::could_pack(at::kBFloat16);
     Route want;
     if (v.empty() || v == "auto") {
-      want = detected_isa() == Isa::kAmx && packs ? Route::kVnni : Route::kOff;
+      want = packs ? Route::kVnni : Route::kOff;
     } else if (v == "1") {
       want = packs ? Route::kVnni : Route::kPlain;
     } else if (v == "0") {
@@ -96,85 +105,67 @@ Route route() {
   return r;
 }
 
-inline bf16 elem_bf16(const char* row, DType dt, int64_t off) {
-  if (dt == DType::kBF16) return reinterpret_cast<const bf16*>(row)[off];
-  return bf16(gemm_detail::load_elem(row, dt, off));
-}
-
 template <typename T>
 T* grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
 }
 
+// How many weight rows from n0 (at most kRows) form one brgemm A operand, and its lda: rows at a
+// constant stride of at least K elements (a row gather -- w_gate_up's gate and up rows -- is
+// consecutive runs); a single row otherwise.
+int64_t weight_run(const Operand& B, int64_t n0, int64_t N, int64_t K, int64_t* lda) {
+  using gemm_detail::row_ptr;
+  const char* r0 = row_ptr(B, n0);
+  *lda = K;
+  if (n0 + 1 >= N) return 1;
+  const std::ptrdiff_t step = row_ptr(B, n0 + 1) - r0;
+  if (step < 2 * K || step % 2 != 0) return 1;
+  int64_t len = 2;
+  while (len < kRows && n0 + len < N && row_ptr(B, n0 + len) == r0 + len * step) ++len;
+  *lda = step / 2;
+  return len;
+}
+
 bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
                     int64_t ldc) {
   const Route r = route();
-  if (r == Route::kOff || B.dt != DType::kBF16) return false;
-  using gemm_detail::row_ptr;
+  if (r == Route::kOff || B.dt != DType::kBF16 || B.s1 != 1 || K % 2 != 0) return false;
   const bool vnni = r == Route::kVnni;
-  const int64_t k_pad = (K + 1) / 2 * 2;  // VNNI pairs along K: an even K, zero-padded
-  const int64_t m_pad = (M + kMb - 1) / kMb * kMb;
-  thread_local std::vector<bf16> a_buf, b_plain, b_vnni;
+  const int64_t P = K / 2;
+  thread_local std::vector<uint32_t> x_buf;
+  thread_local std::vector<bf16> plain_buf;
   thread_local std::vector<float> c_buf;
-  // A: every row converted once, zero rows and columns in the padding.  A bf16 A is one term; an
-  // fp32 (or fp16) A is split into three bf16 terms whose sum is its value (hi, mid, lo: 3 x 8
-  // mantissa bits), multiplied with B one after the other into the same fp32 accumulator, so fp32
-  // activations and gradients keep fp32 accuracy (the AVX-512-BF16 dot kernel does the same).
-  const int terms = A.dt == DType::kBF16 ? 1 : 3;
-  const int64_t a_term = m_pad * k_pad;
-  bf16* a = grow(a_buf, terms * a_term);
-  for (int64_t m = 0; m < m_pad; ++m) {
+  uint32_t* xp = grow(x_buf, 3 * P * kTok);
+  float* c = grow(c_buf, kRows * kTok);
+  const bf16* bt[3];
+  for (int64_t m0 = 0; m0 < M; m0 += kTok) {
+    const int64_t mb = std::min(kTok, M - m0);
+    const int terms = gemm_pack_tokens(mb, K, A.shifted(m0, 0), kTok, xp);
     for (int t = 0; t < terms; ++t) {
-      bf16* row = a + t * a_term + m * k_pad;
-      std::fill(row, row + k_pad, bf16(0.f));
-    }
-    if (m >= M) continue;
-    const char* src = row_ptr(A, m);
-    bf16* dst = a + m * k_pad;
-    if (terms == 1) {
-      for (int64_t k = 0; k < K; ++k) dst[k] = elem_bf16(src, A.dt, k * A.s1);
-      continue;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      float v = gemm_detail::load_elem(src, A.dt, k * A.s1);
-      for (int t = 0; t < terms; ++t) {
-        const bf16 part(v);
-        dst[t * a_term + k] = part;
-        v -= static_cast<float>(part);
-      }
-    }
-  }
-  float* c = grow(c_buf, m_pad * kNb);
-  bf16* bp = grow(b_plain, kKc * kNb);
-  bf16* bv = vnni ? grow(b_vnni, kKc * kNb) : bp;
-  for (int64_t n0 = 0; n0 < N; n0 += kNb) {
-    const int64_t nb = std::min(kNb, N - n0);
-    for (int64_t k0 = 0; k0 < k_pad; k0 += kKc) {
-      const int64_t kc = std::min(kKc, k_pad - k0);
-      // B block [kc, kNb]: column j is weight row n0 + j over k0 .. k0 + kc (zeros past N, K)
-      for (int64_t j = 0; j < kNb; ++j) {
-        if (j >= nb) {
-          for (int64_t k = 0; k < kc; ++k) bp[k * kNb + j] = bf16(0.f);
-          continue;
-        }
-        const char* src = row_ptr(B, n0 + j);
-        for (int64_t k = 0; k < kc; ++k) {
-          const int64_t kk = k0 + k;
-          bp[k * kNb + j] = kk < K ? elem_bf16(src, DType::kBF16, kk * B.s1) : bf16(0.f);
-        }
-      }
+      const auto* v = reinterpret_cast<const uint16_t*>(xp + t * P * kTok);
       if (vnni) {
-        at::native::cpublas::pack(kc, kNb, kNb, kNb, at::kBFloat16, at::kBFloat16, bp, bv);
+        bt[t] = reinterpret_cast<const bf16*>(v);
+        continue;
       }
-      for (int64_t m0 = 0; m0 < m_pad; m0 += kMb) {
-        for (int t = 0; t < terms; ++t) {
-          at::native::cpublas::brgemm(kMb, kNb, kc, k_pad, kNb, kNb, /*add_C=*/k0 > 0 || t > 0,
-                                      a + t * a_term + m0 * k_pad + k0, bv, c + m0 * kNb, vnni);
-        }
-      }
+      // plain [K, kTok] for torch's reference brgemm: element (k, j) of the VNNI pairs
+      bf16* pl = grow(plain_buf, 3 * K * kTok) + t * K * kTok;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < kTok; ++j)
+          std::memcpy(&pl[k * kTok + j], &v[((k / 2) * kTok + j) * 2 + (k & 1)], 2);
+      bt[t] = pl;
     }
-    for (int64_t m = 0; m < M; ++m) std::memcpy(C + m * ldc + n0, c + m * kNb, nb * sizeof(float));
+    for (int64_t n0 = 0; n0 < N;) {
+      int64_t lda = K;
+      const int64_t len = weight_run(B, n0, N, K, &lda);
+      const auto* w = reinterpret_cast<const bf16*>(gemm_detail::row_ptr(B, n0));
+      for (int t = 0; t < terms; ++t)
+        at::native::cpublas::brgemm(len, kTok, K, lda, kTok, kTok, /*add_C=*/t > 0, w, bt[t], c,
+                                    vnni);
+      for (int64_t j = 0; j < mb; ++j)
+        for (int64_t i = 0; i < len; ++i) C[(m0 + j) * ldc + n0 + i] = c[i * kTok + j];
+      n0 += len;
+    }
   }
   at::native::cpublas::brgemm_release(vnni);
   return true;

@@ -1,6 +1,7 @@
 #pragma once
 // Internal interface between the GEMM driver (gemm.cpp) and the per-ISA kernels
 // (gemm_scalar.cpp, gemm_avx2.cpp, gemm_avx512.cpp).
+#include <cmath>
 #include <cstring>
 
 #include "cpu/gemm.h"
@@ -24,6 +25,11 @@ struct KernelSet {
   // copy of the rows: a kernel may reorder it in place (the AVX2 bf16 kernel does).
   void (*dot)(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B, float* C,
               int64_t ldc);
+  // Optional: the whole of gemm_nt for calls past the dot path that this kernel set serves
+  // better than the packed micro-kernel; returns false when it does not take the call.
+  GemmRoute wide = nullptr;
+  // pack_tokens_generic's contract, vectorised; null: the generic one.
+  int (*pack_tokens)(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) = nullptr;
 };
 
 const KernelSet& scalar_kernels();
@@ -38,6 +44,41 @@ inline float bf16_bits_to_f32(uint16_t b) {
   return f;
 }
 float half_bits_to_f32(uint16_t h);
+
+// fp32 -> bf16 bits, round to nearest even (NaN kept quiet).
+inline uint16_t f32_to_bf16_rne(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// x as three bf16 terms whose sum is x (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid):
+// 3 x 8 significant bits cover fp32's 24) and how many of them are needed (1-3).  An infinite hi
+// stands alone (its remainder would be inf - inf).
+struct Bf16Terms {
+  uint16_t t[3];
+  int needed;
+};
+inline Bf16Terms split_bf16_terms(float x) {
+  Bf16Terms s;
+  s.t[0] = f32_to_bf16_rne(x);
+  const float hi = bf16_bits_to_f32(s.t[0]);
+  const float r1 = std::isinf(hi) ? 0.f : x - hi;
+  s.t[1] = f32_to_bf16_rne(r1);
+  s.t[2] = f32_to_bf16_rne(r1 - bf16_bits_to_f32(s.t[1]));
+  s.needed = (s.t[2] & 0x7fffu) ? 3 : (s.t[1] & 0x7fffu) ? 2 : 1;
+  return s;
+}
+
+// Token rows packed for a product with bf16 weights read in place (the AVX-512-BF16 route of
+// gemm_nt and the brgemm route): for m < mb <= wb rows of A and P = ceil(K / 2) pairs of K, the
+// dword xp[(t * P + p) * wb + m] holds bf16 term t of A(m, 2p) (low half) and A(m, 2p + 1) (high
+// half) -- per term, the VNNI layout [K / 2][wb][2] of a [K, wb] operand; zeros for m >= mb and
+// for k = K when K is odd.  Returns the number of terms used: 1 for bf16 A, else what the values
+// need, at most A.max_terms.  Slabs past that count are left unwritten.
+int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp);
 
 inline float load_elem(const void* p, DType dt, int64_t i) {
   switch (dt) {

@@ -171,10 +171,15 @@ int64_t count_row_blocks(const Rows& rows) {
 // and the two threads' tasks interleave in memory), which costs a decode call measurably with
 // tasks of 1 MiB or less (bench/NOTES.md v12).  Otherwise `preferred` columns (the packed path's
 // blocking). Either way there are at least ~4 tasks per thread when the call is large enough.
-int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_t bytes_per_col) {
+// With bf16 weights on CPUs with AVX-512-BF16, gemm_nt reads the weights in place and packs the
+// token rows instead, once per call: 4x wider tasks pack them 4x less often.
+int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_t bytes_per_col,
+                          at::ScalarType wdt) {
   int64_t max_rows = 0;
   for (size_t e = 0; e < rows.begin.size(); ++e)
     max_rows = std::max(max_rows, rows.end[e] - rows.begin[e]);
+  if (max_rows > gemm_dot_max_rows() && wdt == at::kBFloat16 && detected_isa() == Isa::kAmx)
+    preferred *= 4;
   if (max_rows <= gemm_dot_max_rows()) {
     constexpr int64_t kTaskBytes = int64_t{8} << 20;
     int64_t nb = preferred;
@@ -207,7 +212,8 @@ struct Gemm1Job {
            const float* bias, bool act, float* o)
       : a(a_), w_gate_up(w), bias_gu(bias), apply_act(act), out(o) {
     // one column of h reads a gate and an up row of w_gate_up
-    const int64_t nb = forward_col_block(rows, a.I, 64, 2 * a.H * w.element_size());
+    const int64_t nb =
+        forward_col_block(rows, a.I, 64, 2 * a.H * w.element_size(), w.scalar_type());
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.I, kRowBlock, nb);
     X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
   }
@@ -258,12 +264,15 @@ struct Gemm2Job {
   const float* bias_d;
   const float* row_scale;
   float* y;
+  int h_terms;  // Operand::max_terms of h against bf16 weights
   std::vector<Task> tasks;
 
+  // h_terms: 3 where y must keep fp32 accuracy, 2 where it only feeds an output rounded to x's
+  // 16-bit dtype (the forward).
   Gemm2Job(const FfnArgs& a_, const Rows& rows, const float* h_, const at::Tensor& w,
-           const float* bias, const float* scale, float* y_)
-      : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_) {
-    const int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size());
+           const float* bias, const float* scale, float* y_, int h_terms_ = 3)
+      : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_), h_terms(h_terms_) {
+    const int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size(), w.scalar_type());
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.H, kRowBlock, nb);
   }
 
@@ -271,7 +280,8 @@ struct Gemm2Job {
     const int64_t H = a.H, I = a.I;
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
-    const Operand A = operand_f32(h + t.m0 * I, I, 1);
+    Operand A = operand_f32(h + t.m0 * I, I, 1);
+    A.max_terms = h_terms;
     const Operand W = operand(w_down, w_down.stride(1), w_down.stride(2),
                               t.e * w_down.stride(0) + t.n0 * w_down.stride(1));
     thread_local std::vector<float> tile;
@@ -372,7 +382,7 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
                     h.data_ptr<float>());
   const Gemm2Job j2(a, rows, h.data_ptr<float>(), w_down,
                     bd.defined() ? bd.data_ptr<float>() : nullptr, row_w.data(),
-                    y.data_ptr<float>());
+                    y.data_ptr<float>(), x.scalar_type() == at::kFloat ? 3 : 1);
   gemm1_gemm2_fused(j1, j2, a.E);
   timer.lap("gemms");
   // Tests only (set_test_fault("moe_ffn")): the last token row is left unwritten.
