@@ -390,9 +390,9 @@ def moe_ffn(
     Subnormals: on CPUs with AVX-512-BF16 or AMX, the cpu backend multiplies bf16 weights with
     instructions that treat subnormal inputs (magnitude below ~1.2e-38) as zero (``vdpbf16ps``,
     the AMX tiles: hardware behaviour), so such values of x, the activations or the weights count
-    as 0 there; every other path keeps them.  With bf16 weights and more than 16 rows on an
-    expert, those CPUs round the activation to bf16 before the down projection in the forward, as
-    the GPU backends do (fp32 intermediates otherwise).
+    as 0 there; every other path keeps them.  With bf16 weights, those CPUs round the activation
+    to bf16 before the down projection in the forward, as the GPU backends do (fp32 intermediates
+    otherwise).
     """
     args = (
         x,

@@ -123,7 +123,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     const int64_t lda = K;
     float* a = scratch(a_buf, M * lda);
     ks.load_a(M, K, A, a, lda);
-    ks.dot(M, N, K, a, lda, B, C, ldc);
+    ks.dot(M, N, K, a, lda, B, C, ldc, A.dt == DType::kBF16 ? 1 : std::clamp(A.max_terms, 1, 3));
     return;
   }
   if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc)) return;

@@ -431,7 +431,7 @@ MOE_AVX2 void dot_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda
 }
 
 MOE_AVX2 void dot_avx2(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
-                       float* C, int64_t ldc) {
+                       float* C, int64_t ldc, int /*a_terms: fp32 products throughout*/) {
   switch (B.dt) {
     case DType::kF32: return dot_t<DType::kF32>(M, N, K, a, lda, B, C, ldc);
     case DType::kBF16: return dot_bf16_eo(M, N, K, a, lda, B, C, ldc);

@@ -114,11 +114,48 @@ MOE_AVX512 void dot_row_bf16(int64_t M, int64_t K, const float* a, int64_t lda, 
 #define MOE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
 #endif
 
+// bf16(x) by round-to-nearest-even (NaN kept quiet), as fp32 values in 16 lanes: the exact
+// counterpart of f32_to_bf16_rne, with no flush of denormals.
+MOE_AVX512 inline __m512 round_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512i r =
+      _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), hi);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan,
+                            _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi));
+  return _mm512_castsi512_ps(r);
+}
+
+// The 16 bf16 values of 16 lanes that each hold a bf16 value as fp32, contiguous at dst.
+MOE_AVX512 inline void store_bf16x16(__m512 v, uint16_t* dst) {
+  // in each 64-bit lane, value 2i (bits 16..31) to the low half and 2i + 1 (bits 48..63) to the
+  // high half of the low dword; then the 8 low dwords together
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i d =
+      _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi64(u, 16), _mm512_set1_epi64(0xffff)),
+                      _mm512_and_si512(_mm512_srli_epi64(u, 32), _mm512_set1_epi64(0xffff0000)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_castsi512_si256(_mm512_maskz_compress_epi32(0x5555, d)));
+}
+
 constexpr int kSplitTerms = 3;
 
-// dst[(m * 3 + t) * ldd + k]: the t-th bf16 term of a[m, k] (zero where unused); returns the
-// number of terms the rows need (1-3).
-int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uint16_t* dst, int64_t ldd) {
+// dst[(m * 3 + t) * ldd + k]: the t-th bf16 term of a[m, k] for t < max_terms (the rest left
+// unwritten); returns the number of terms used (1-3: what the rows need, at most max_terms).
+MOE_AVX512 int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uint16_t* dst,
+                          int64_t ldd, int max_terms) {
+  if (max_terms == 1) {  // bf16(a): one rounding, vectorised
+    const int64_t k16 = K / 16 * 16;
+    for (int64_t m = 0; m < M; ++m) {
+      uint16_t* d0 = dst + (m * kSplitTerms) * ldd;
+      for (int64_t k = 0; k < k16; k += 16)
+        store_bf16x16(round_bf16(_mm512_loadu_ps(a + m * lda + k)), d0 + k);
+      for (int64_t k = k16; k < K; ++k) d0[k] = f32_to_bf16_rne(a[m * lda + k]);
+    }
+    return 1;
+  }
   int terms = 1;
   for (int64_t m = 0; m < M; ++m) {
     uint16_t* d0 = dst + (m * kSplitTerms) * ldd;
@@ -132,7 +169,7 @@ int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uint16_t* dst,
       terms = std::max(terms, sp.needed);
     }
   }
-  return terms;
+  return std::min(terms, max_terms);
 }
 
 template <int MM>
@@ -166,13 +203,13 @@ MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, 
 }
 
 MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
-                                const Operand& B, float* C, int64_t ldc) {
+                                const Operand& B, float* C, int64_t ldc, int a_terms) {
   thread_local std::vector<uint16_t> xs_buf;
   const int64_t ldx = (K + 31) / 32 * 32;
   if (static_cast<int64_t>(xs_buf.size()) < M * kSplitTerms * ldx)
     xs_buf.resize(M * kSplitTerms * ldx);
   uint16_t* xs = xs_buf.data();
-  const int terms = split_bf16(M, K, a, lda, xs, ldx);
+  const int terms = split_bf16(M, K, a, lda, xs, ldx, a_terms);
   for_row_groups(
       N, B,
       [&](int64_t n, const char* const* bp, const char* const* pf) {
@@ -203,20 +240,6 @@ MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
   __m512bh r;
   std::memcpy(&r, &v, 64);
   return r;
-}
-
-// bf16(x) by round-to-nearest-even (NaN kept quiet), as fp32 values in 16 lanes: the exact
-// counterpart of f32_to_bf16_rne, with no flush of denormals.
-MOE_AVX512 inline __m512 round_bf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  __m512i r =
-      _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), hi);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan,
-                            _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi));
-  return _mm512_castsi512_ps(r);
 }
 
 // Packs the token rows (fp32 a[j, 0..K), j < mb <= wb) as bf16 terms into
@@ -416,10 +439,12 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   return true;
 }
 
-// Rows per call up to which bf16 weights take the vdpbf16ps kernel.  It splits the fp32 rows into
-// bf16 terms on every call (gemm_nt's decode tasks each call it), and fp32 rows (the down
-// projection's activations) need three terms, three instructions per row and 32 weights: past two
-// rows that costs more than the AVX2 kernel's widening FMAs (bench/NOTES.md v16).
+// Rows per call up to which bf16 weights take the vdpbf16ps kernel when the rows need more than
+// one bf16 term.  It splits the fp32 rows into bf16 terms on every call (gemm_nt's decode tasks
+// each call it), and fp32 rows that keep fp32 accuracy need three terms, three instructions per
+// row and 32 weights: past two rows that costs more than the AVX2 kernel's widening FMAs
+// (bench/NOTES.md v16).  Rows of one term (bf16 x, or an activation rounded to bf16) take it at
+// every row count of the dot path: one instruction per row and 32 weights.
 constexpr int64_t kDpMaxRows = 2;
 
 // The dot path (up to 16 rows, as AVX2's): the AVX2 kernels' register tiles (four weight rows x
@@ -428,11 +453,11 @@ constexpr int64_t kDpMaxRows = 2;
 // a time under one weight row, measured slower than the AVX2 tiles at every row count, and rows
 // sent to the packed path convert and pack every weight block per call (bench/NOTES.md v16).
 MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
-                           float* C, int64_t ldc) {
+                           float* C, int64_t ldc, int a_terms) {
   // "amx" = the CPU has AVX-512-BF16 (cpu_info.cpp)
-  if (B.dt == DType::kBF16 && M <= kDpMaxRows && detected_isa() == Isa::kAmx)
-    return dot_bf16_dp(M, N, K, a, lda, B, C, ldc);
-  avx2_kernels().dot(M, N, K, a, lda, B, C, ldc);
+  if (B.dt == DType::kBF16 && (M <= kDpMaxRows || a_terms == 1) && detected_isa() == Isa::kAmx)
+    return dot_bf16_dp(M, N, K, a, lda, B, C, ldc, a_terms);
+  avx2_kernels().dot(M, N, K, a, lda, B, C, ldc, a_terms);
 }
 
 }  // namespace

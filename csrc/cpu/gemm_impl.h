@@ -22,9 +22,11 @@ struct KernelSet {
   // dst[m * lda + k] = A(m, k) as fp32, m < M, k < kc.
   void (*load_a)(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t lda);
   // C[M, N] = a[M rows, lda] * B(n, k)^T with B.s1 == 1 (fp32 a).  a is the caller's scratch
-  // copy of the rows: a kernel may reorder it in place (the AVX2 bf16 kernel does).
+  // copy of the rows: a kernel may reorder it in place (the AVX2 bf16 kernel does).  a_terms: the
+  // bf16 terms the rows need at most against bf16 weights (1: they are bf16 values, or their
+  // product only needs bf16 accuracy; see Operand::max_terms).
   void (*dot)(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B, float* C,
-              int64_t ldc);
+              int64_t ldc, int a_terms);
   // Optional: the whole of gemm_nt for calls past the dot path that this kernel set serves
   // better than the packed micro-kernel; returns false when it does not take the call.
   GemmRoute wide = nullptr;

@@ -25,7 +25,7 @@ void pack_b_scalar(int64_t N, int64_t kc, const Operand& B, float* dst) {
 }
 
 void dot_scalar(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B, float* C,
-                int64_t ldc) {
+                int64_t ldc, int /*a_terms: fp32 products throughout*/) {
   for (int64_t n = 0; n < N; ++n) {
     const char* bp = row_ptr(B, n);
     for (int64_t m = 0; m < M; ++m) C[m * ldc + n] = dot_tail(0.f, a + m * lda, bp, B.dt, 0, K);
