@@ -1,5 +1,6 @@
-// AVX-512 GEMM kernels (also used under "amx": the fp32 micro-kernel runs on AVX-512 units).
-// 8x32 register tile: 16 zmm accumulators, 2 B vectors, 1 broadcast.
+// AVX-512 GEMM kernels of the avx512 and amx levels: the AVX-512-BF16 dot kernel for decode and
+// the transposed-product route for bf16 weights past the dot path (amx level); the rest of the
+// engine (the AVX2 dot tiles, the packed fp32 path) is the AVX2 kernels'.
 //
 // Built with MOE_KERNELS_SIMDE defined (tests/cpp/gemm_check.cpp does this), the same source
 // compiles against SIMDe's portable implementations of the AVX-512 intrinsics, so that this path
@@ -23,8 +24,6 @@
 namespace moe_kernels::cpu::gemm_detail {
 namespace {
 
-constexpr int kMr = 8, kNr = 32;
-
 // 16 bf16 values widened to fp32.
 MOE_AVX512 inline __m512 ld16_bf16(const char* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -38,51 +37,6 @@ MOE_AVX512 inline float hsum16(__m512 v) {
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += t[i];
   return s;
-}
-
-MOE_AVX512 void micro_full(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                           int64_t ldc, bool accumulate) {
-  __m512 acc[kMr][2];
-#pragma GCC unroll 8
-  for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(b + k * kNr), b1 = _mm512_loadu_ps(b + k * kNr + 16);
-#pragma GCC unroll 8
-    for (int i = 0; i < kMr; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
-      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < kMr; ++i) {
-    float* ci = c + i * ldc;
-    if (accumulate) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
-    }
-    _mm512_storeu_ps(ci, acc[i][0]);
-    _mm512_storeu_ps(ci + 16, acc[i][1]);
-  }
-}
-
-// Fewer rows than the tile: run the full tile on a zero-padded copy of A and keep the rows.
-MOE_AVX512 void micro_avx512(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                             int64_t ldc, bool accumulate, int rows) {
-  if (rows == kMr) return micro_full(kc, a, lda, b, c, ldc, accumulate);
-  thread_local std::vector<float> ap, cp;
-  ap.assign(static_cast<size_t>(kMr) * kc, 0.f);
-  cp.resize(static_cast<size_t>(kMr) * kNr);
-  for (int i = 0; i < rows; ++i)
-    for (int64_t k = 0; k < kc; ++k) ap[i * kc + k] = a[i * lda + k];
-  micro_full(kc, ap.data(), kc, b, cp.data(), kNr, false);
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < kNr; ++j)
-      c[i * ldc + j] = accumulate ? c[i * ldc + j] + cp[i * kNr + j] : cp[i * kNr + j];
-}
-
-void pack_b_avx512(int64_t N, int64_t kc, const Operand& B, float* dst) {
-  pack_b_generic(N, kc, B, dst, kNr);
 }
 
 // C[m, 0] = a[m, :] . B(0, :) for one bf16 weight row, fp32 FMAs (the vdpbf16ps kernel's last
@@ -463,16 +417,20 @@ MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t ld
 }  // namespace
 
 const KernelSet& avx512_kernels() {
-  // A rows are converted by the AVX2 loader (vectorised; the dot path calls it per task).
-  static const KernelSet ks{.mr = kMr,
-                            .nr = kNr,
-                            .kc = 256,
-                            .mc = 96,
-                            .nc = 256,
+  // The packed path (more rows than the dot path, weights that are not bf16 or not K-contiguous)
+  // is the AVX2 kernels': an 8x32 AVX-512 fp32 tile measured 1.5x slower than their 6x16 one on
+  // an AMD Zen 4 (fp32 grouped_gemm 107 vs 163 GFLOP/s) and slower on an Intel Xeon with AMX too
+  // (bench/NOTES.md v19).  A rows are converted by the AVX2 loader.
+  const KernelSet& a2 = avx2_kernels();
+  static const KernelSet ks{.mr = a2.mr,
+                            .nr = a2.nr,
+                            .kc = a2.kc,
+                            .mc = a2.mc,
+                            .nc = a2.nc,
                             .dot_max_m = 16,
-                            .micro = &micro_avx512,
-                            .pack_b = &pack_b_avx512,
-                            .load_a = avx2_kernels().load_a,
+                            .micro = a2.micro,
+                            .pack_b = a2.pack_b,
+                            .load_a = a2.load_a,
                             .dot = &dot_avx512,
                             .wide = &gemm_nt_tdot,
                             .pack_tokens = &pack_tokens_avx512};
