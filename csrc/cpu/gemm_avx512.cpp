@@ -418,9 +418,8 @@ MOE_AVX512 void dot_avx512(int64_t M, int64_t N, int64_t K, float* a, int64_t ld
 
 const KernelSet& avx512_kernels() {
   // The packed path (more rows than the dot path, weights that are not bf16 or not K-contiguous)
-  // is the AVX2 kernels': an 8x32 AVX-512 fp32 tile measured 1.5x slower than their 6x16 one on
-  // an AMD Zen 4 (fp32 grouped_gemm 107 vs 163 GFLOP/s) and slower on an Intel Xeon with AMX too
-  // (bench/NOTES.md v19).  A rows are converted by the AVX2 loader.
+  // is the AVX2 kernels': a wider AVX-512 fp32 tile measured slower on both CPUs this level has
+  // been timed on (bench/NOTES.md v19).  A rows are converted by the AVX2 loader.
   const KernelSet& a2 = avx2_kernels();
   static const KernelSet ks{.mr = a2.mr,
                             .nr = a2.nr,
