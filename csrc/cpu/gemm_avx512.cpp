@@ -15,7 +15,6 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -187,7 +186,7 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
 // stored per K pair as [pair][token] dwords (the VNNI layout), so that one vdpbf16ps multiplies one
 // weight pair with 16 tokens.  No weight is converted or copied; a block of kTw tokens costs its
 // packing once and then reads the weights at 2 bytes per 2 x kTw FLOPs.  The register tile is NR
-// weight rows x (16 or 32) tokens with fp32 accumulators over the whole of K.
+// weight rows x 16 TZ tokens (TZ = 1-4) with fp32 accumulators over the whole of K.
 constexpr int64_t kTw = 64;  // tokens per block at most (four zmm of dwords)
 
 MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
