@@ -38,7 +38,7 @@ void load_a_generic(int64_t M, int64_t kc, const Operand& A, float* dst, int64_t
 
 int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) {
   const int64_t P = (K + 1) / 2;
-  const int max_terms = A.dt == DType::kBF16 ? 1 : std::clamp(A.max_terms, 1, 3);
+  const int max_terms = A.bf16_terms();
   auto* x16 = reinterpret_cast<uint16_t*>(xp);
   std::fill(xp, xp + max_terms * P * wb, 0u);
   int terms = 1;
@@ -123,7 +123,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     const int64_t lda = K;
     float* a = scratch(a_buf, M * lda);
     ks.load_a(M, K, A, a, lda);
-    ks.dot(M, N, K, a, lda, B, C, ldc, A.dt == DType::kBF16 ? 1 : std::clamp(A.max_terms, 1, 3));
+    ks.dot(M, N, K, a, lda, B, C, ldc, A.bf16_terms());
     return;
   }
   if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc)) return;

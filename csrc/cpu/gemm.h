@@ -13,6 +13,7 @@
 // B (decode: weights stream from DRAM once, converted to fp32 in registers), and a packed
 // register-blocked micro-kernel otherwise (B converted once per (row block, K block) into an fp32
 // panel that stays in L1/L2; A rows gathered and converted into an fp32 block in L2).
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -30,9 +31,12 @@ struct Operand {
   int64_t s0 = 0, s1 = 1;
   const int64_t* gather = nullptr;
   // fp32 values multiplied with bf16 weights on the AVX-512-BF16 kernels are split into at most
-  // this many bf16 terms (their sum is the value): 3 keeps fp32 accuracy; 2 (16 significant
-  // bits, relative error <= 2^-17) suffices for a result that is rounded to bf16 or fp16.
+  // this many bf16 terms (their sum is the value): 3 keeps fp32 accuracy; 2 gives 16 significant
+  // bits (relative error <= 2^-17); 1 rounds the values to bf16.
   int max_terms = 3;
+
+  // The bf16 terms this operand's values take at most: 1 for bf16 values, else max_terms (1-3).
+  int bf16_terms() const { return dt == DType::kBF16 ? 1 : std::clamp(max_terms, 1, 3); }
 
   // The same operand starting at logical row i0 and column j0.
   Operand shifted(int64_t i0, int64_t j0) const {

@@ -276,7 +276,7 @@ int pack_tokens_avx512(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint
   thread_local std::vector<float> a_buf;
   if (static_cast<int64_t>(a_buf.size()) < mb * K) a_buf.resize(mb * K);
   avx2_kernels().load_a(mb, K, A, a_buf.data(), K);
-  return pack_tokens_f32(mb, K, a_buf.data(), K, wb, P, std::clamp(A.max_terms, 1, 3), xp);
+  return pack_tokens_f32(mb, K, a_buf.data(), K, wb, P, A.bf16_terms(), xp);
 }
 
 // One K pair of the tile: acc[r][z] += W_r(pair p) . x(pair p, tokens of z), term by term (a

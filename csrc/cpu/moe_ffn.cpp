@@ -267,8 +267,8 @@ struct Gemm2Job {
   int h_terms;  // Operand::max_terms of h against bf16 weights
   std::vector<Task> tasks;
 
-  // h_terms: 3 where y must keep fp32 accuracy, 2 where it only feeds an output rounded to x's
-  // 16-bit dtype (the forward).
+  // h_terms: 3 where y must keep fp32 accuracy (the backward's recomputed outputs), 1 where y only
+  // feeds an output rounded to x's 16-bit dtype (the forward: h rounded, as the GPU backends do).
   Gemm2Job(const FfnArgs& a_, const Rows& rows, const float* h_, const at::Tensor& w,
            const float* bias, const float* scale, float* y_, int h_terms_ = 3)
       : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_), h_terms(h_terms_) {
