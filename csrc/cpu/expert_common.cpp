@@ -1,8 +1,41 @@
 #include "cpu/expert_common.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 
+#include "cpu/cpu_info.h"
+
 namespace moe_kernels::cpu {
+namespace {
+
+// bf16(p[0..8)) as 8 dwords: c10::BFloat16's conversion (round to nearest even, every NaN to
+// 0x7fc0).
+__attribute__((target("avx2"))) inline __m256i round8_bf16(const float* p) {
+  const __m256 x = _mm256_loadu_ps(p);
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+}
+
+// dst[j] = bf16(src[j]) for j < n, 16 at a time (the outputs of 16-bit models: the weight
+// gradients alone are a gigabyte per backward call at real layer shapes).
+__attribute__((target("avx2"))) void store_bf16_avx2(const float* src, c10::BFloat16* dst,
+                                                     int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    // packus interleaves the two inputs' 128-bit halves; the permute puts them back in order
+    const __m256i v = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(round8_bf16(src + j), round8_bf16(src + j + 8)), 0xd8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), v);
+  }
+  for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
+}
+
+}  // namespace
 
 void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_t stride) {
   switch (dt) {
@@ -17,6 +50,7 @@ void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_
     }
     case at::kBFloat16: {
       auto* d = static_cast<c10::BFloat16*>(dst);
+      if (stride == 1 && detected_isa() >= Isa::kAvx2) return store_bf16_avx2(src, d, n);
       for (int64_t j = 0; j < n; ++j) d[j * stride] = c10::BFloat16(src[j]);
       return;
     }

@@ -195,34 +195,83 @@ MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
   return r;
 }
 
+// Lanes [0, n) of 16 from or to memory (n <= 16): the lanes past n read as zero and are never
+// written.  Not masked loads and stores: SIMDe's portable ones, which the emulated kernel check
+// compiles this file against, read and write all 16 lanes.
+MOE_AVX512 inline __m512 load_ps_n(const float* p, int64_t n) {
+  if (n >= 16) return _mm512_loadu_ps(p);
+  alignas(64) float t[16] = {};
+  if (n > 0) std::memcpy(t, p, n * 4);
+  return _mm512_load_ps(t);
+}
+// 16 bf16 values widened to their bit patterns in the low half of 16 dwords.
+MOE_AVX512 inline __m512i load_bf16_bits_n(const uint16_t* p, int64_t n) {
+  if (n >= 16)
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  alignas(32) uint16_t t[16] = {};
+  if (n > 0) std::memcpy(t, p, n * 2);
+  return _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+}
+MOE_AVX512 inline void store_ps_n(float* p, __m512 v, int64_t n) {
+  if (n >= 16) return _mm512_storeu_ps(p, v);
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  if (n > 0) std::memcpy(p, t, n * 4);
+}
+MOE_AVX512 inline void store_epi32_n(uint32_t* p, __m512i v, int64_t n) {
+  if (n >= 16) return _mm512_storeu_si512(p, v);
+  alignas(64) uint32_t t[16];
+  _mm512_store_si512(t, v);
+  if (n > 0) std::memcpy(p, t, n * 4);
+}
+
+// x as three bf16 terms (as fp32 lanes) whose sum is x; need2 / need3 collect the lanes whose
+// second / third term is not zero.  An infinite first term stands alone (its remainder would be
+// inf - inf).
+struct Terms16 {
+  __m512 t[3];
+};
+MOE_AVX512 inline Terms16 split_terms16(__m512 x, __mmask16& need2, __mmask16& need3) {
+  const __m512 t0 = round_bf16(x);
+  const __mmask16 fin =
+      _mm512_cmp_ps_mask(_mm512_abs_ps(t0), _mm512_set1_ps(__builtin_inff()), _CMP_NEQ_UQ);
+  const __m512 r1 = _mm512_maskz_sub_ps(fin, x, t0);
+  const __m512 t1 = round_bf16(r1);
+  const __m512 t2 = round_bf16(_mm512_sub_ps(r1, t1));
+  need2 |= _mm512_test_epi32_mask(_mm512_castps_si512(t1), _mm512_set1_epi32(0x7fff0000));
+  need3 |= _mm512_test_epi32_mask(_mm512_castps_si512(t2), _mm512_set1_epi32(0x7fff0000));
+  return {{t0, t1, t2}};
+}
+
+// The term count of a packing: what the values need (need2 / need3 from split_terms16, terms
+// from the scalar tails), at most max_terms.
+inline int terms_used(int terms, __mmask16 need2, __mmask16 need3, int max_terms) {
+  if (need3) terms = 3;
+  if (need2 && terms < 2) terms = 2;
+  return std::min(terms, max_terms);
+}
+
 // Packs the token rows (fp32 a[j, 0..K), j < mb <= wb) as bf16 terms into
 // xp[(t * P + p) * wb + j] (dword = the pair k = 2p, 2p + 1; zeros for j >= mb and for k = K when
 // K is odd) and returns the number of terms used: 1 when every value is a bf16, else 2 or 3
-// (at most max_terms).  An infinite value is its first term alone (its remainder would be
-// inf - inf).
+// (at most max_terms).
 MOE_AVX512 int pack_tokens_f32(int64_t mb, int64_t K, const float* a, int64_t lda, int64_t wb,
                                int64_t P, int max_terms, uint32_t* xp) {
   const int64_t k16 = K / 16 * 16;
   __mmask16 need2 = 0, need3 = 0;
   int terms = 1;
-  const __m512 inf = _mm512_set1_ps(__builtin_inff());
   const __m512i lo16 = _mm512_set1_epi64(0xffff), hi16 = _mm512_set1_epi64(0xffff0000);
   for (int64_t j = 0; j < mb; ++j) {
     const float* row = a + j * lda;
     for (int64_t k = 0; k < k16; k += 16) {
       const __m512 x = _mm512_loadu_ps(row + k);
-      const __m512 t0 = round_bf16(x);
-      const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(t0), inf, _CMP_NEQ_UQ);
-      const __m512 r1 = _mm512_maskz_sub_ps(fin, x, t0);
-      const __m512 t1 = round_bf16(r1);
-      const __m512 t2 = round_bf16(_mm512_sub_ps(r1, t1));
-      need2 |= _mm512_test_epi32_mask(_mm512_castps_si512(t1), _mm512_set1_epi32(0x7fff0000));
-      need3 |= _mm512_test_epi32_mask(_mm512_castps_si512(t2), _mm512_set1_epi32(0x7fff0000));
-      const __m512 ts[3] = {t0, t1, t2};
+      // one term: the values rounded, no remainders to compute
+      const Terms16 ts =
+          max_terms == 1 ? Terms16{{round_bf16(x), x, x}} : split_terms16(x, need2, need3);
       for (int t = 0; t < max_terms; ++t) {
         // the 8 pairs of this chunk: in each 64-bit lane, bf16 k (bits 16..31) in the low half
         // of the low dword and bf16 k + 1 (bits 48..63) in its high half
-        const __m512i v = _mm512_castps_si512(ts[t]);
+        const __m512i v = _mm512_castps_si512(ts.t[t]);
         alignas(64) uint32_t d[16];
         _mm512_store_si512(d, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi64(v, 16), lo16),
                                               _mm512_and_si512(_mm512_srli_epi64(v, 32), hi16)));
@@ -239,13 +288,68 @@ MOE_AVX512 int pack_tokens_f32(int64_t mb, int64_t K, const float* a, int64_t ld
       }
     }
   }
-  if (need3) terms = 3;
-  if (need2 && terms < 2) terms = 2;
-  terms = std::min(terms, max_terms);
+  terms = terms_used(terms, need2, need3, max_terms);
   for (int t = 0; t < terms; ++t)
     for (int64_t p = 0; p < P; ++p)
       for (int64_t j = mb; j < wb; ++j) xp[(t * P + p) * wb + j] = 0;
   return terms;
+}
+
+// pack_tokens' contract for fp32 or bf16 rows that lie next to each other in memory (s0 == 1,
+// no gather: a [K, N] weight as stored, read along N, or the transposed activations of a weight
+// gradient), for n rows split into blocks of bs (a multiple of 16): block b, at
+// xp + b * blk_stride, holds rows b * bs.. in lanes of width wb (bs; wb_last for the last block),
+// lanes past n zero.  The dwords of pair p interleave the stored rows k = 2p and 2p + 1 16 lanes
+// at a time, so the source is read row after row, sequentially.
+MOE_AVX512 int pack_cols_blocked(int64_t n, int64_t K, const Operand& A, int64_t bs,
+                                 int64_t wb_last, int64_t blk_stride, int64_t P, uint32_t* xp) {
+  const int max_terms = A.bf16_terms();
+  const int64_t s1 = A.s1, nblk = (n + bs - 1) / bs;
+  __mmask16 need2 = 0, need3 = 0;
+  const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t k0 = 2 * p;
+    const bool pair = k0 + 1 < K;  // an odd K's last pair holds one value and a zero
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t wb = blk + 1 < nblk ? bs : wb_last;
+      uint32_t* out = xp + blk * blk_stride;
+      for (int64_t j = 0; j < wb; j += 16) {
+        const int64_t col = blk * bs + j;
+        // nl: the lanes read (col < n); ns: the lanes stored (j < wb, not always a multiple of 16)
+        const int64_t nl = std::clamp<int64_t>(n - col, 0, 16), ns = std::min<int64_t>(wb - j, 16);
+        if (A.dt == DType::kBF16) {
+          const uint16_t* r0 = static_cast<const uint16_t*>(A.p) + k0 * s1 + col;
+          const __m512i lo = load_bf16_bits_n(r0, nl);
+          const __m512i hi =
+              pair ? _mm512_slli_epi32(load_bf16_bits_n(r0 + s1, nl), 16) : _mm512_setzero_si512();
+          store_epi32_n(out + p * wb + j, _mm512_or_si512(lo, hi), ns);
+          continue;
+        }
+        const float* r0 = static_cast<const float*>(A.p) + k0 * s1 + col;
+        const __m512 xa = load_ps_n(r0, nl);
+        const __m512 xb = pair ? load_ps_n(r0 + s1, nl) : _mm512_setzero_ps();
+        if (max_terms == 1) {  // the values rounded to bf16: no remainders to compute
+          const __m512i d =
+              _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(xa)), 16),
+                              _mm512_and_si512(_mm512_castps_si512(round_bf16(xb)), hi16));
+          store_epi32_n(out + p * wb + j, d, ns);
+          continue;
+        }
+        const Terms16 a = split_terms16(xa, need2, need3);
+        const Terms16 b = split_terms16(xb, need2, need3);
+        for (int t = 0; t < max_terms; ++t) {
+          const __m512i d = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(a.t[t]), 16),
+                                            _mm512_and_si512(_mm512_castps_si512(b.t[t]), hi16));
+          store_epi32_n(out + (t * P + p) * wb + j, d, ns);
+        }
+      }
+    }
+  }
+  return A.dt == DType::kBF16 ? 1 : terms_used(1, need2, need3, max_terms);
+}
+
+inline bool cols_adjacent(const Operand& A) {
+  return A.s0 == 1 && A.s1 != 1 && !A.gather && A.dt != DType::kF16;
 }
 
 // The same for bf16 token rows with K-contiguous storage: one term, the rows' own pairs.
@@ -272,6 +376,7 @@ int pack_tokens_avx512(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint
     pack_tokens_bf16(mb, K, A, wb, P, xp);
     return 1;
   }
+  if (cols_adjacent(A)) return pack_cols_blocked(mb, K, A, wb, wb, 0, P, xp);
   if (A.dt == DType::kBF16) return pack_tokens_generic(mb, K, A, wb, xp);
   thread_local std::vector<float> a_buf;
   if (static_cast<int64_t>(a_buf.size()) < mb * K) a_buf.resize(mb * K);
@@ -392,6 +497,130 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   return true;
 }
 
+// ---- AVX-512-BF16 pair-packed product (bf16 products whose B is not K-contiguous) -----------
+//
+// What the transposed product cannot read in place: B stored along N (a [K, N] weight read as
+// W^T, as the backward's data gradients do) or any other layout, and B an fp32 operand that
+// may be rounded to bf16 (Operand::max_terms == 1: the backward's activations and gradients of a
+// bf16 model).  Both operands are packed per K pair (the VNNI layout of pack_tokens): A whole, as
+// [term][P][ma] dwords, and B per block of up to kTw columns as [P][wb] dwords, once per call.
+// The register tile is NR rows of A (each K pair broadcast, term by term) x 16 TZ columns of B,
+// fp32 accumulators over K blocks of kPairKc pairs: a block of B (kPairKc x wb dwords, 16 KiB)
+// then stays in L1 while every row of A passes over it.
+constexpr int64_t kPairKc = 64;
+
+template <int TZ, int NR, int TERMS>
+MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64_t a_term_ld,
+                              const uint32_t* bp, int mv, int nv, bool accumulate, float* C,
+                              int64_t ldc) {
+  constexpr int64_t wb = TZ * 16;
+  __m512 acc[NR][TZ];
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    __m512bh bv[TZ];
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z) bv[z] = as_bh(_mm512_loadu_si512(bp + p * wb + z * 16));
+    const uint32_t* a = ap + p * lda;
+#pragma GCC unroll 3
+    for (int t = 0; t < TERMS; ++t) {
+#pragma GCC unroll 32
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh av = as_bh(_mm512_set1_epi32(static_cast<int>(a[t * a_term_ld + r])));
+#pragma GCC unroll 4
+        for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], av, bv[z]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r) {
+    if (r >= mv) break;
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z) {
+      float* c = C + r * ldc + z * 16;
+      const int64_t n = nv - 16 * z;  // the tile's columns past nv are not C's
+      __m512 v = acc[r][z];
+      if (accumulate) v = _mm512_add_ps(v, load_ps_n(c, n));
+      store_ps_n(c, v, n);
+    }
+  }
+}
+
+template <int TZ>
+void pdot_tile_terms(int terms, int64_t np, const uint32_t* ap, int64_t lda, int64_t a_term_ld,
+                     const uint32_t* bp, int mv, int nv, bool accumulate, float* C, int64_t ldc) {
+  constexpr int NR = tdot_rows(TZ);
+  switch (terms) {
+    case 1: return pdot_tile<TZ, NR, 1>(np, ap, lda, a_term_ld, bp, mv, nv, accumulate, C, ldc);
+    case 2: return pdot_tile<TZ, NR, 2>(np, ap, lda, a_term_ld, bp, mv, nv, accumulate, C, ldc);
+    default: return pdot_tile<TZ, NR, 3>(np, ap, lda, a_term_ld, bp, mv, nv, accumulate, C, ldc);
+  }
+}
+
+// gemm_nt's route for bf16 products past the dot path that the transposed product does not
+// take: B bf16 in any layout, or fp32 with max_terms == 1; A bf16 or fp32 (its bf16 terms).
+bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
+                   int64_t ldc) {
+  if (detected_isa() != Isa::kAmx || A.dt == DType::kF16) return false;
+  if (B.dt != DType::kBF16 && !(B.dt == DType::kF32 && B.max_terms == 1)) return false;
+  const int64_t P = (K + 1) / 2;
+  // A's rows padded to a multiple of every tile height (24, 12, 8, 6): the padding rows are
+  // zeros, so a tile never reads past the packed block
+  const int64_t ma = (M + 23) / 24 * 24;
+  thread_local std::vector<uint32_t> a_buf, b_buf;
+  const int64_t a_need = A.bf16_terms() * P * ma;
+  if (static_cast<int64_t>(a_buf.size()) < a_need) a_buf.resize(a_need);
+  uint32_t* ap = a_buf.data();
+  const int terms = pack_tokens_avx512(M, K, A, ma, ap);
+  // column blocks of at most kTw, near-equal and rounded up to 16 (no thin remainder)
+  const int64_t nblk = (N + kTw - 1) / kTw;
+  const int64_t bs = ((N + nblk - 1) / nblk + 15) / 16 * 16;
+  const int64_t nb_last = N - (nblk - 1) * bs, wb_last = (nb_last + 15) / 16 * 16;
+  if (static_cast<int64_t>(b_buf.size()) < kPairKc * bs * nblk) b_buf.resize(kPairKc * bs * nblk);
+  uint32_t* bp = b_buf.data();
+  // K blocks of kPairKc pairs: B's block of every column packed at once (one pass over its rows),
+  // then every tile of C over it, accumulating into C after the first block
+  for (int64_t p0 = 0; p0 < P; p0 += kPairKc) {
+    const int64_t np = std::min(kPairKc, P - p0), kb = std::min(2 * np, K - 2 * p0);
+    const Operand Bk = B.shifted(0, 2 * p0);
+    if (cols_adjacent(Bk)) {
+      pack_cols_blocked(N, kb, Bk, bs, wb_last, np * bs, np, bp);
+    } else {
+      for (int64_t blk = 0; blk < nblk; ++blk)
+        pack_tokens_avx512(std::min(bs, N - blk * bs), kb, Bk.shifted(blk * bs, 0),
+                           blk + 1 < nblk ? bs : wb_last, bp + blk * np * bs);
+    }
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t n0 = blk * bs;
+      const int nv = static_cast<int>(std::min(bs, N - n0));
+      const int tz = (nv + 15) / 16;
+      const int nr = tdot_rows(tz);
+      const uint32_t* b = bp + blk * np * bs;
+      for (int64_t m0 = 0; m0 < M; m0 += nr) {
+        const int mv = static_cast<int>(std::min<int64_t>(nr, M - m0));
+        const uint32_t* a = ap + p0 * ma + m0;
+        float* c = C + m0 * ldc + n0;
+        switch (tz) {
+          case 1: pdot_tile_terms<1>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
+          case 2: pdot_tile_terms<2>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
+          case 3: pdot_tile_terms<3>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
+          default: pdot_tile_terms<4>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+// The AVX-512-BF16 routes past the dot path: the transposed product where the weights can be
+// read in place, the pair-packed product for the other bf16 products.
+bool gemm_nt_bf16_wide(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                       float* C, int64_t ldc) {
+  return gemm_nt_tdot(M, N, K, A, B, C, ldc) || gemm_nt_pairs(M, N, K, A, B, C, ldc);
+}
+
 // Rows per call up to which bf16 weights take the vdpbf16ps kernel when the rows need more than
 // one bf16 term.  It splits the fp32 rows into bf16 terms on every call (gemm_nt's decode tasks
 // each call it), and fp32 rows that keep fp32 accuracy need three terms, three instructions per
@@ -430,7 +659,7 @@ const KernelSet& avx512_kernels() {
                             .pack_b = a2.pack_b,
                             .load_a = a2.load_a,
                             .dot = &dot_avx512,
-                            .wide = &gemm_nt_tdot,
+                            .wide = &gemm_nt_bf16_wide,
                             .pack_tokens = &pack_tokens_avx512};
   return ks;
 }

@@ -10,6 +10,13 @@
 //      weight in the epilogue, fp32 rows in expert-sorted order;
 //   4. per token, the k rows are summed in slot order in fp32 and cast to x's dtype.
 // Tasks are handed out dynamically, so empty experts cost nothing and skewed routing balances.
+//
+// Backward: GEMM 1 is re-run for the pre-activation; gh = grad_out[token] @ w_down[e] per row
+// gives both the activation's gradient (times the routing weight) and the routing weight's
+// (<act, gh> + <grad_out, b_down>), so GEMM 2 is not re-run; then the weight gradients per expert
+// and grad_x through w_gate_up.  In a bf16 model the fp32 operands of these GEMMs enter them
+// rounded to bf16, as in bf16 autograd.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -40,7 +47,7 @@ struct PhaseTimer {
   void lap(const char* what) {
     if (!profile_on()) return;
     const auto now = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "moe_ffn %-8s %9.3f ms\n", what,
+    std::fprintf(stderr, "moe_ffn %-10s %9.3f ms\n", what,
                  std::chrono::duration<double, std::milli>(now - t).count());
     t = now;
   }
@@ -156,6 +163,11 @@ Rows sort_rows(const at::Tensor& topk_ids, int64_t E, int64_t k) {
   return r;
 }
 
+// The expert whose rows hold row r: the first e with end[e] > r (end is non-decreasing).
+int64_t expert_of_row(const Rows& rows, int64_t r) {
+  return std::upper_bound(rows.end.begin(), rows.end.end(), r) - rows.end.begin();
+}
+
 int64_t count_row_blocks(const Rows& rows) {
   int64_t n = 0;
   for (size_t e = 0; e < rows.begin.size(); ++e) {
@@ -267,10 +279,10 @@ struct Gemm2Job {
   int h_terms;  // Operand::max_terms of h against bf16 weights
   std::vector<Task> tasks;
 
-  // h_terms: 3 where y must keep fp32 accuracy (the backward's recomputed outputs), 1 where y only
-  // feeds an output rounded to x's 16-bit dtype (the forward: h rounded, as the GPU backends do).
+  // h_terms: 3 where y must keep fp32 accuracy (fp32 models), 1 where y only feeds an output
+  // rounded to x's 16-bit dtype (h rounded, as the GPU backends do).
   Gemm2Job(const FfnArgs& a_, const Rows& rows, const float* h_, const at::Tensor& w,
-           const float* bias, const float* scale, float* y_, int h_terms_ = 3)
+           const float* bias, const float* scale, float* y_, int h_terms_)
       : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_), h_terms(h_terms_) {
     const int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size(), w.scalar_type());
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.H, kRowBlock, nb);
@@ -300,12 +312,6 @@ struct Gemm2Job {
 void gemm1(const FfnArgs& a, const Rows& rows, const at::Tensor& x, const at::Tensor& w_gate_up,
            const float* bias_gu, bool apply_act, float* out) {
   const Gemm1Job job(a, rows, x, w_gate_up, bias_gu, apply_act, out);
-  parallel_tasks(static_cast<int64_t>(job.tasks.size()), [&](int64_t i, int64_t) { job.run(i); });
-}
-
-void gemm2(const FfnArgs& a, const Rows& rows, const float* h, const at::Tensor& w_down,
-           const float* bias_d, const float* row_scale, float* y) {
-  const Gemm2Job job(a, rows, h, w_down, bias_d, row_scale, y);
   parallel_tasks(static_cast<int64_t>(job.tasks.size()), [&](int64_t i, int64_t) { job.run(i); });
 }
 
@@ -393,12 +399,16 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
 }
 
 // Weight gradient of one expert: grad[e][m, n] = sum_r P[r, m] * Q[r, n] over the expert's rows
-// (P, Q fp32 row-major with P_cols = M, Q_cols = N).  Experts without rows get exact zeros.
+// (P, Q fp32 row-major with P_cols = M, Q_cols = N; terms: their Operand::max_terms).  Experts
+// without rows get exact zeros.
 void expert_weight_grad(const Rows& rows, const float* P, int64_t Mp, const float* Q, int64_t Nq,
-                        at::Tensor& grad) {
+                        int terms, at::Tensor& grad) {
   const int64_t E = grad.size(0);
   std::vector<int64_t> zero(E, 0), full(E, Mp);
-  const int64_t nb = pick_col_block(E * ((Mp + kRowBlock - 1) / kRowBlock), Nq, 256, 16);
+  // Each task packs its blocks of P and Q for the GEMM (K = the expert's rows, few): on the bf16
+  // routes (terms == 1), 512 columns pack P half as often as 256 and keep the fp32 tile in L2.
+  const int64_t nb =
+      pick_col_block(E * ((Mp + kRowBlock - 1) / kRowBlock), Nq, terms == 1 ? 512 : 256, 16);
   const std::vector<Task> tasks = make_tasks(E, zero.data(), full.data(), Nq, kRowBlock, nb, false);
   char* gp = static_cast<char*>(grad.data_ptr());
   const int64_t es = grad.element_size();
@@ -409,8 +419,9 @@ void expert_weight_grad(const Rows& rows, const float* P, int64_t Mp, const floa
     const int64_t r0 = rows.begin[t.e], nr = rows.end[t.e] - r0;
     thread_local std::vector<float> tile;
     if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
-    const Operand A = operand_f32(P + r0 * Mp + t.m0, 1, Mp);
-    const Operand B = operand_f32(Q + r0 * Nq + t.n0, 1, Nq);
+    Operand A = operand_f32(P + r0 * Mp + t.m0, 1, Mp);
+    Operand B = operand_f32(Q + r0 * Nq + t.n0, 1, Nq);
+    A.max_terms = B.max_terms = terms;
     gemm_nt(mb, nbt, nr, A, B, tile.data(), nbt);
     for (int64_t m = 0; m < mb; ++m)
       store_f32(tile.data() + m * nbt, gp + ((t.e * Mp + t.m0 + m) * Nq + t.n0) * es, gdt, nbt);
@@ -433,6 +444,21 @@ void expert_bias_grad(const Rows& rows, const float* G, int64_t N, at::Tensor& g
   });
 }
 
+// Data gradient through one weight of each expert: out[r, n] = sum_k G(r, k) * w[e][k, n] for
+// the rows r of expert e (G: an operand of R rows and K columns; w [E, K, N], any strides: the
+// weight read as W^T, so along N).
+void data_grad(const Rows& rows, const Operand& G, const at::Tensor& w, float* out) {
+  const int64_t E = w.size(0), K = w.size(1), N = w.size(2);
+  const int64_t nb = forward_col_block(rows, N, 128, K * w.element_size(), w.scalar_type());
+  const std::vector<Task> tasks =
+      make_tasks(E, rows.begin.data(), rows.end.data(), N, kRowBlock, nb);
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+    const Task& t = tasks[i];
+    const Operand W = operand(w, w.stride(2), w.stride(1), t.e * w.stride(0) + t.n0 * w.stride(2));
+    gemm_nt(t.m1 - t.m0, t.n1 - t.n0, K, G.shifted(t.m0, 0), W, out + t.m0 * N + t.n0, N);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate_up,
                      const at::Tensor& w_down, const at::Tensor& topk_weights,
@@ -447,6 +473,11 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
               "moe_kernels (cpu): grad_out must be [T=", a.T, ", H=", a.H, "], got ",
               grad_out.sizes());
   const int64_t T = a.T, H = a.H, I = a.I, k = a.k, E = a.E;
+  // The backward GEMMs of a bf16 model take their fp32 operands (the output and
+  // pre-activation gradients, the activations) rounded to bf16, as bf16 autograd and the GPU
+  // backends do: one bf16 term each against the weights and each other.
+  const int g_terms = x.scalar_type() == at::kBFloat16 ? 1 : 3;
+  PhaseTimer timer;
   const Rows rows = sort_rows(topk_ids, E, k);
   const int64_t R = rows.R;
   auto f32 = x.options().dtype(at::kFloat);
@@ -456,38 +487,39 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   const float* twp = tw.data_ptr<float>();
   const float* gop = go.data_ptr<float>();
 
-  // Recompute the forward pieces in expert-sorted order.
+  // Recompute the forward's pre-activation and activation in expert-sorted order.
   at::Tensor pre = at::empty({R, 2 * I}, f32), hact = at::empty({R, I}, f32);
-  at::Tensor yrow = at::empty({R, H}, f32), gy = at::empty({R, H}, f32);
+  at::Tensor gy = at::empty({R, H}, f32), gh = at::empty({R, I}, f32);
   float* prep = pre.data_ptr<float>();
   float* hp = hact.data_ptr<float>();
   float* gyp = gy.data_ptr<float>();
+  float* ghp = gh.data_ptr<float>();
   std::vector<float> row_w(R);
   for (int64_t r = 0; r < R; ++r) row_w[r] = twp[rows.pair[r]];
   if (R > 0) {
     gemm1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, false, prep);
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < I; ++j)
           hp[r * I + j] =
               act_forward(a.act, prep[r * 2 * I + gate_col(a, j)], prep[r * 2 * I + up_col(a, j)]);
-    });
-    gemm2(a, rows, hp, w_down, bd.defined() ? bd.data_ptr<float>() : nullptr, nullptr,
-          yrow.data_ptr<float>());
-    // gy[r] = w[r] * grad_out[token r]
-    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
+        // gy[r] = w[r] * grad_out[token r]
         const float* g = gop + rows.token[r] * H;
         for (int64_t n = 0; n < H; ++n) gyp[r * H + n] = row_w[r] * g[n];
       }
     });
+    // gh[r] = grad_out[token r] @ w_down[e]: the gradient of row r's unweighted output y_r
+    // through w_down (weighted by w[r] in the activation backward below)
+    data_grad(rows, operand_f32(gop, H, 1, rows.token.data()), w_down, ghp);
   }
+  timer.lap("recompute");
 
-  // grad_topk_weights[t, s] = <grad_out[t], y_row>
+  // grad_topk_weights[t, s] = <grad_out[t], y_r> with y_r = w_down[e] hact[r] + b_down[e], so
+  // = <hact[r], gh[r]> + <grad_out[t], b_down[e]>: the forward's second GEMM is not re-run
   at::Tensor gw32 = new_output({T, k}, f32);
   {
     float* gwp = gw32.data_ptr<float>();
-    const float* yp = yrow.data_ptr<float>();
+    const float* bdp = bd.defined() ? bd.data_ptr<float>() : nullptr;
     at::parallel_for(0, T * k, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = rows.row_of_pair[i];
@@ -495,46 +527,39 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
           gwp[i] = 0.f;
           continue;
         }
-        const float* g = gop + (i / k) * H;
         float acc = 0.f;
-        for (int64_t n = 0; n < H; ++n) acc += g[n] * yp[r * H + n];
+        for (int64_t j = 0; j < I; ++j) acc += hp[r * I + j] * ghp[r * I + j];
+        if (bdp != nullptr) {
+          const float* g = gop + (i / k) * H;
+          const float* b = bdp + expert_of_row(rows, r) * H;
+          for (int64_t n = 0; n < H; ++n) acc += g[n] * b[n];
+        }
         gwp[i] = acc;
       }
     });
   }
   at::Tensor grad_tw = gw32.to(topk_weights.scalar_type());
 
+  timer.lap("grad_tw");
   // grad_w_down[e] = gy^T hact; grad_down_bias[e] = sum gy
   at::Tensor grad_wd = new_output({E, H, I}, w_down.options());
-  expert_weight_grad(rows, gyp, H, hp, I, grad_wd);
+  expert_weight_grad(rows, gyp, H, hp, I, g_terms, grad_wd);
   at::Tensor grad_bd = at::empty({0}, x.options());
   if (down_bias.has_value()) {
     grad_bd = new_output({E, H}, down_bias->options());
     expert_bias_grad(rows, gyp, H, grad_bd);
   }
 
-  // gh = gy @ w_down[e]  -> d pre via the activation backward (into pre's storage)
-  at::Tensor gh = at::empty({R, I}, f32);
-  float* ghp = gh.data_ptr<float>();
+  timer.lap("grad_wd");
+  // d pre = act'(pre, w[r] gh[r]) (into pre's storage)
   if (R > 0) {
-    const int64_t nb = pick_col_block(count_row_blocks(rows), I, 128, 8);
-    const std::vector<Task> tasks =
-        make_tasks(E, rows.begin.data(), rows.end.data(), I, kRowBlock, nb);
-    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
-      const Task& t = tasks[i];
-      const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
-      const Operand A = operand_f32(gyp + t.m0 * H, H, 1);
-      const Operand W = operand(w_down, w_down.stride(2), w_down.stride(1),
-                                t.e * w_down.stride(0) + t.n0 * w_down.stride(2));
-      gemm_nt(mb, nbt, H, A, W, ghp + t.m0 * I + t.n0, I);
-    });
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         float* p = prep + r * 2 * I;
         for (int64_t j = 0; j < I; ++j) {
           float dg, du;
           const int64_t gc = gate_col(a, j), uc = up_col(a, j);
-          act_backward(a.act, p[gc], p[uc], ghp[r * I + j], &dg, &du);
+          act_backward(a.act, p[gc], p[uc], row_w[r] * ghp[r * I + j], &dg, &du);
           p[gc] = dg;
           p[uc] = du;
         }
@@ -542,6 +567,7 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
     });
   }
   const float* ggu = prep;  // now d(pre-activation) [R, 2I]
+  timer.lap("grad_pre");
 
   // grad_w_gate_up[e] = ggu^T x_rows; grad_gate_up_bias[e] = sum ggu
   at::Tensor xg = at::empty({R, H}, f32);
@@ -553,31 +579,26 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
     });
   }
   at::Tensor grad_wgu = new_output({E, 2 * I, H}, w_gate_up.options());
-  expert_weight_grad(rows, ggu, 2 * I, xgp, H, grad_wgu);
+  expert_weight_grad(rows, ggu, 2 * I, xgp, H, g_terms, grad_wgu);
   at::Tensor grad_bgu = at::empty({0}, x.options());
   if (gate_up_bias.has_value()) {
     grad_bgu = new_output({E, 2 * I}, gate_up_bias->options());
     expert_bias_grad(rows, ggu, 2 * I, grad_bgu);
   }
 
+  timer.lap("grad_wgu");
   // grad_x[t] = sum_s (ggu @ w_gate_up[e])[row]  (slot order)
   at::Tensor gxr = at::empty({R, H}, f32);
   float* gxp = gxr.data_ptr<float>();
   if (R > 0) {
-    const int64_t nb = pick_col_block(count_row_blocks(rows), H, 128, 8);
-    const std::vector<Task> tasks =
-        make_tasks(E, rows.begin.data(), rows.end.data(), H, kRowBlock, nb);
-    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
-      const Task& t = tasks[i];
-      const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
-      const Operand A = operand_f32(ggu + t.m0 * 2 * I, 2 * I, 1);
-      const Operand W = operand(w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1),
-                                t.e * w_gate_up.stride(0) + t.n0 * w_gate_up.stride(2));
-      gemm_nt(mb, nbt, 2 * I, A, W, gxp + t.m0 * H + t.n0, H);
-    });
+    Operand G = operand_f32(ggu, 2 * I, 1);
+    G.max_terms = g_terms;
+    data_grad(rows, G, w_gate_up, gxp);
   }
   at::Tensor grad_x = new_output({T, H}, x.options());
+  timer.lap("grad_xrow");
   if (T > 0 && H > 0) combine(rows, T, k, H, gxp, grad_x);
+  timer.lap("combine");
   return {grad_x, grad_wgu, grad_wd, grad_tw, grad_bgu, grad_bd};
 }
 

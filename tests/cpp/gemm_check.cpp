@@ -166,17 +166,23 @@ int main(int argc, char** argv) {
     const int alay = static_cast<int>(rng() % 4);
     const Mat A = make(rng, at, M, K, alay), B = make(rng, bt, N, K, blay);
     // fp32 A may be split into fewer bf16 terms against bf16 weights (Operand::max_terms): each
-    // term count adds its own relative error on A, 2^-9 for one term, 2^-17 for two
+    // term count adds its own relative error on A, at most 2^-8 for one term (bf16 keeps 8
+    // significant bits), 2^-16 for two
     const int terms = 1 + static_cast<int>(rng() % 3);
     Operand Aop = A.operand();
     Aop.max_terms = terms;
-    const double split_err = at == DType::kF32 && terms < 3 ? std::ldexp(1.0, -8 * terms - 1) : 0;
+    // so may an fp32 B (the backward's activations and gradients against each other)
+    const int bterms = 1 + static_cast<int>(rng() % 3);
+    Operand Bop = B.operand();
+    Bop.max_terms = bterms;
+    const double split_err = (at == DType::kF32 && terms < 3 ? std::ldexp(1.0, -8 * terms) : 0) +
+                             (bt == DType::kF32 && bterms < 3 ? std::ldexp(1.0, -8 * bterms) : 0);
     const int64_t ldc = N + static_cast<int64_t>(rng() % 5);
     const float kOutside = 12345.f;
     std::vector<float> C(M * ldc, kOutside);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = std::nanf("");
-    moe_kernels::cpu::gemm_nt(M, N, K, Aop, B.operand(), C.data(), ldc);
+    moe_kernels::cpu::gemm_nt(M, N, K, Aop, Bop, C.data(), ldc);
     for (int64_t m = 0; m < M && failures < 5; ++m) {
       for (int64_t n = 0; n < ldc; ++n) {
         const float got = C[m * ldc + n];
@@ -197,10 +203,10 @@ int main(int argc, char** argv) {
         const double tol = ((K + 8) * 1.2e-7 + split_err) * mag + 1e-30;
         if (!(std::fabs(got - want) <= tol)) {
           std::printf(
-              "case %d (M %ld N %ld K %ld, A %s layout %d, B %s layout %d): C[%ld, %ld] = %.9g, "
-              "want %.9g (tol %.3g)\n",
-              c, (long)M, (long)N, (long)K, name(at), alay, name(bt), blay, (long)m, (long)n, got,
-              want, tol);
+              "case %d (M %ld N %ld K %ld, A %s layout %d max_terms %d, B %s layout %d max_terms "
+              "%d): C[%ld, %ld] = %.9g, want %.9g (tol %.3g)\n",
+              c, (long)M, (long)N, (long)K, name(at), alay, terms, name(bt), blay, bterms, (long)m,
+              (long)n, got, want, tol);
           if (++failures >= 5) break;
         }
       }
