@@ -2,7 +2,8 @@
 
 Each build is a Python interpreter (a virtual environment) that imports its own ``moe_kernels``.
 Both run as long-lived worker processes holding the same inputs (same seeds); the driver asks them
-for one timed ``moe_ffn`` call in turns (A, B, read ceiling, A, B, ...), so that a shared or noisy
+for one timed ``moe_ffn`` call (``--pass bwd``: one ``moe_ffn_backward`` op call) in turns (A, B,
+read ceiling, A, B, ...), so that a shared or noisy
 machine slows both alike. Only one process computes at a time. Decode rows evict the caches before
 every call (a buffer of 3x the last-level cache is written), as in a real model where the other
 layers' weights have just streamed through them.
@@ -69,17 +70,24 @@ for line in sys.stdin:
         w = (w / w.sum(-1, keepdim=True)).float()
         ids = ids.int()
         state["args"] = (x, wgu, wd, w, ids)
+        state["grad"] = torch.randn(T, H, generator=g).bfloat16()
         distinct = int(torch.unique(ids).numel())
         state["bytes"] = distinct * 3 * H * I * 2
+        if msg["pass"] == "bwd":  # the backward op alone, on the forward's inputs
+            bwd = torch.ops.moe_kernels.moe_ffn_backward
+            extra = (None, None, "swiglu", 1.702, 7.0, False)
+            state["call"] = lambda: bwd(state["grad"], *state["args"], *extra)
+        else:
+            state["call"] = lambda: mk.moe_ffn(*state["args"], backend="cpu")
         with torch.inference_mode():
-            mk.moe_ffn(*state["args"], backend="cpu")
+            state["call"]()
         print(json.dumps({"bytes": state["bytes"]}), flush=True)
     elif msg["cmd"] == "time":
         with torch.inference_mode():
             if msg["evict"]:
                 evict_buf.add_(1.0)
             t0 = time.perf_counter()
-            mk.moe_ffn(*state["args"], backend="cpu")
+            state["call"]()
             dt = time.perf_counter() - t0
         print(json.dumps({"s": dt}), flush=True)
     elif msg["cmd"] == "sum":
@@ -146,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-evict", action="store_true", help="keep the caches warm between calls")
     p.add_argument(
+        "--pass",
+        dest="pass_",
+        choices=("fwd", "bwd"),
+        default="fwd",
+        help="time moe_ffn (fwd) or the moe_ffn_backward op alone (bwd)",
+    )
+    p.add_argument(
         "--settle",
         type=float,
         default=0.2,
@@ -166,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         for T in (int(t) for t in args.tokens.split(",")):
             nbytes = 0
             for w in workers.values():
-                nbytes = w.ask(cmd="setup", H=H, I=I, E=E, k=k, T=T, seed=0)["bytes"]
+                nbytes = w.ask(
+                    cmd="setup", H=H, I=I, E=E, k=k, T=T, seed=0, **{"pass": args.pass_}
+                )["bytes"]
             times: dict[str, list[float]] = {"A": [], "B": [], "sum": []}
             for rnd in range(args.rounds):
                 order = ("A", "B") if rnd % 2 == 0 else ("B", "A")

@@ -578,7 +578,10 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
   const int64_t nblk = (N + kTw - 1) / kTw;
   const int64_t bs = ((N + nblk - 1) / nblk + 15) / 16 * 16;
   const int64_t nb_last = N - (nblk - 1) * bs, wb_last = (nb_last + 15) / 16 * 16;
-  if (static_cast<int64_t>(b_buf.size()) < kPairKc * bs * nblk) b_buf.resize(kPairKc * bs * nblk);
+  // blocks a cache line more than their size apart: 16 KiB apart, the packing's stores to every
+  // block would fall in the same L1 sets
+  const int64_t blk_ld = kPairKc * bs + 16;
+  if (static_cast<int64_t>(b_buf.size()) < blk_ld * nblk) b_buf.resize(blk_ld * nblk);
   uint32_t* bp = b_buf.data();
   // K blocks of kPairKc pairs: B's block of every column packed at once (one pass over its rows),
   // then every tile of C over it, accumulating into C after the first block
@@ -586,18 +589,18 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
     const int64_t np = std::min(kPairKc, P - p0), kb = std::min(2 * np, K - 2 * p0);
     const Operand Bk = B.shifted(0, 2 * p0);
     if (cols_adjacent(Bk)) {
-      pack_cols_blocked(N, kb, Bk, bs, wb_last, np * bs, np, bp);
+      pack_cols_blocked(N, kb, Bk, bs, wb_last, blk_ld, np, bp);
     } else {
       for (int64_t blk = 0; blk < nblk; ++blk)
         pack_tokens_avx512(std::min(bs, N - blk * bs), kb, Bk.shifted(blk * bs, 0),
-                           blk + 1 < nblk ? bs : wb_last, bp + blk * np * bs);
+                           blk + 1 < nblk ? bs : wb_last, bp + blk * blk_ld);
     }
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const int64_t n0 = blk * bs;
       const int nv = static_cast<int>(std::min(bs, N - n0));
       const int tz = (nv + 15) / 16;
       const int nr = tdot_rows(tz);
-      const uint32_t* b = bp + blk * np * bs;
+      const uint32_t* b = bp + blk * blk_ld;
       for (int64_t m0 = 0; m0 < M; m0 += nr) {
         const int mv = static_cast<int>(std::min<int64_t>(nr, M - m0));
         const uint32_t* a = ap + p0 * ma + m0;
