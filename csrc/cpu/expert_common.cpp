@@ -91,6 +91,36 @@ std::vector<Task> make_tasks(int64_t E, const int64_t* begin, const int64_t* end
   return tasks;
 }
 
+void expert_weight_grad(const std::vector<int64_t>& begin, const std::vector<int64_t>& end,
+                        const Operand& P, const Operand& Q, at::Tensor& grad) {
+  constexpr int64_t kRows = 256;
+  const int64_t E = grad.size(0), Mp = grad.size(1), Nq = grad.size(2);
+  const std::vector<int64_t> zero(E, 0), full(E, Mp);
+  const std::vector<Task> tasks =
+      make_tasks(E, zero.data(), full.data(), Nq, kRows, std::max<int64_t>(Nq, 1), false);
+  // Columns per GEMM call: each call packs its blocks of P and Q (K = the expert's rows, few);
+  // on the bf16 routes, 512 columns pack P half as often as 256, with the fp32 tile in L2.
+  const bool bf16 = (P.dt == DType::kBF16 || P.max_terms == 1) &&
+                    (Q.dt == DType::kBF16 || Q.max_terms == 1) && bf16_routes(grad.scalar_type());
+  const int64_t nc = bf16 ? 512 : 256;
+  char* gp = static_cast<char*>(grad.data_ptr());
+  const int64_t es = grad.element_size();
+  const at::ScalarType gdt = grad.scalar_type();
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
+    const Task& t = tasks[i];
+    const int64_t mb = t.m1 - t.m0, rows = end[t.e] - begin[t.e];
+    thread_local std::vector<float> tile;
+    const Operand A = P.shifted(t.m0, begin[t.e]), B = Q.shifted(0, begin[t.e]);
+    for (int64_t n0 = 0; n0 < Nq; n0 += nc) {
+      const int64_t nb = std::min(nc, Nq - n0);
+      if (static_cast<int64_t>(tile.size()) < mb * nb) tile.resize(mb * nb);
+      gemm_nt(mb, nb, rows, A, B.shifted(n0, 0), tile.data(), nb);
+      for (int64_t m = 0; m < mb; ++m)
+        store_f32(tile.data() + m * nb, gp + ((t.e * Mp + t.m0 + m) * Nq + n0) * es, gdt, nb);
+    }
+  });
+}
+
 int64_t pick_col_block(int64_t total_row_blocks, int64_t N, int64_t preferred, int64_t minimum) {
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   int64_t nb = preferred;

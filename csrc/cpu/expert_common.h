@@ -57,4 +57,19 @@ std::vector<Task> make_tasks(int64_t E, const int64_t* begin, const int64_t* end
 // Column block so that there are at least ~4 tasks per thread when possible.
 int64_t pick_col_block(int64_t total_row_blocks, int64_t N, int64_t preferred, int64_t minimum);
 
+// The ragged-K weight gradient of every expert: grad[e][m, n] = sum_r P(m, r) * Q(n, r) over the
+// rows r in [begin[e], end[e]) (P, Q: operands of Mp and Nq logical rows whose K index is the
+// row; grad [E, Mp, Nq] contiguous, any float dtype).  Experts without rows get exact zeros.
+// A task is one expert's block of whole output rows, so that every task writes one contiguous
+// region (fresh output pages are faulted in by one thread per region).
+void expert_weight_grad(const std::vector<int64_t>& begin, const std::vector<int64_t>& end,
+                        const Operand& P, const Operand& Q, at::Tensor& grad);
+
+// Whether gemm_nt multiplies operands of this dtype past its dot path on the AVX-512-BF16
+// routes (bf16 at the amx level), which pack a call's rows once per call: tasks over more
+// columns then pack them less often than the packed path's blocking would.
+inline bool bf16_routes(at::ScalarType dt) {
+  return dt == at::kBFloat16 && detected_isa() == Isa::kAmx;
+}
+
 }  // namespace moe_kernels::cpu

@@ -61,7 +61,8 @@ void segmented_gemm(const at::Tensor& a_t, const std::vector<int64_t>& begin,
   int64_t row_blocks = 0;
   for (int64_t e = 0; e < E; ++e)
     if (end[e] > begin[e]) row_blocks += (end[e] - begin[e] + kRowBlock - 1) / kRowBlock;
-  const int64_t nb = pick_col_block(row_blocks, N, 256, 16);
+  // on the bf16 routes, a task packs its rows once for 8x the columns
+  const int64_t nb = pick_col_block(row_blocks, N, bf16_routes(a_t.scalar_type()) ? 2048 : 256, 16);
   const std::vector<Task> tasks = make_tasks(E, begin.data(), end.data(), N, kRowBlock, nb);
   const Operand A = operand(a_t, a_t.stride(0), a_t.stride(1));
   char* op = static_cast<char*>(out.data_ptr());
@@ -96,25 +97,9 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
 // grad[e] (shape [P_cols, Q_cols]) = P[seg e]^T @ Q[seg e]: the ragged-K weight gradient.
 void weight_grad(const at::Tensor& P, const at::Tensor& Q, const std::vector<int64_t>& begin,
                  const std::vector<int64_t>& end, at::Tensor& grad) {
-  const int64_t E = grad.size(0), Mp = grad.size(1), Nq = grad.size(2);
-  std::vector<int64_t> zero(E, 0), full(E, Mp);
-  const int64_t nb = pick_col_block(E * ((Mp + kRowBlock - 1) / kRowBlock), Nq, 256, 16);
-  const std::vector<Task> tasks = make_tasks(E, zero.data(), full.data(), Nq, kRowBlock, nb, false);
-  char* gp = static_cast<char*>(grad.data_ptr());
-  const int64_t es = grad.element_size();
-  const at::ScalarType gdt = grad.scalar_type();
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
-    const Task& t = tasks[i];
-    const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0, rows = end[t.e] - begin[t.e];
-    thread_local std::vector<float> tile;
-    if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
-    // A(m, r) = P[begin + r, m], B(n, r) = Q[begin + r, n]
-    const Operand A = operand(P, P.stride(1), P.stride(0), begin[t.e] * P.stride(0));
-    const Operand B = operand(Q, Q.stride(1), Q.stride(0), begin[t.e] * Q.stride(0));
-    gemm_nt(mb, nbt, rows, A.shifted(t.m0, 0), B.shifted(t.n0, 0), tile.data(), nbt);
-    for (int64_t m = 0; m < mb; ++m)
-      store_f32(tile.data() + m * nbt, gp + ((t.e * Mp + t.m0 + m) * Nq + t.n0) * es, gdt, nbt);
-  });
+  // A(m, r) = P[r, m], B(n, r) = Q[r, n]
+  expert_weight_grad(begin, end, operand(P, P.stride(1), P.stride(0)),
+                     operand(Q, Q.stride(1), Q.stride(0)), grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_backward_cpu(const at::Tensor& grad_out,

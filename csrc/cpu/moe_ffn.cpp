@@ -190,8 +190,7 @@ int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_
   int64_t max_rows = 0;
   for (size_t e = 0; e < rows.begin.size(); ++e)
     max_rows = std::max(max_rows, rows.end[e] - rows.begin[e]);
-  if (max_rows > gemm_dot_max_rows() && wdt == at::kBFloat16 && detected_isa() == Isa::kAmx)
-    preferred *= 16;
+  if (max_rows > gemm_dot_max_rows() && bf16_routes(wdt)) preferred *= 16;
   if (max_rows <= gemm_dot_max_rows()) {
     constexpr int64_t kTaskBytes = int64_t{8} << 20;
     int64_t nb = preferred;
@@ -398,36 +397,6 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
   return out;
 }
 
-// Weight gradient of one expert: grad[e][m, n] = sum_r P[r, m] * Q[r, n] over the expert's rows
-// (P, Q fp32 row-major with P_cols = M, Q_cols = N; terms: their Operand::max_terms).  Experts
-// without rows get exact zeros.
-void expert_weight_grad(const Rows& rows, const float* P, int64_t Mp, const float* Q, int64_t Nq,
-                        int terms, at::Tensor& grad) {
-  const int64_t E = grad.size(0);
-  std::vector<int64_t> zero(E, 0), full(E, Mp);
-  // Each task packs its blocks of P and Q for the GEMM (K = the expert's rows, few): on the bf16
-  // routes (terms == 1), 512 columns pack P half as often as 256 and keep the fp32 tile in L2.
-  const int64_t nb =
-      pick_col_block(E * ((Mp + kRowBlock - 1) / kRowBlock), Nq, terms == 1 ? 512 : 256, 16);
-  const std::vector<Task> tasks = make_tasks(E, zero.data(), full.data(), Nq, kRowBlock, nb, false);
-  char* gp = static_cast<char*>(grad.data_ptr());
-  const int64_t es = grad.element_size();
-  const at::ScalarType gdt = grad.scalar_type();
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
-    const Task& t = tasks[i];
-    const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
-    const int64_t r0 = rows.begin[t.e], nr = rows.end[t.e] - r0;
-    thread_local std::vector<float> tile;
-    if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
-    Operand A = operand_f32(P + r0 * Mp + t.m0, 1, Mp);
-    Operand B = operand_f32(Q + r0 * Nq + t.n0, 1, Nq);
-    A.max_terms = B.max_terms = terms;
-    gemm_nt(mb, nbt, nr, A, B, tile.data(), nbt);
-    for (int64_t m = 0; m < mb; ++m)
-      store_f32(tile.data() + m * nbt, gp + ((t.e * Mp + t.m0 + m) * Nq + t.n0) * es, gdt, nbt);
-  });
-}
-
 // bias gradient: grad[e][n] = sum over the expert's rows of G[r, n] (rows in order).
 void expert_bias_grad(const Rows& rows, const float* G, int64_t N, at::Tensor& grad) {
   const int64_t E = grad.size(0);
@@ -543,7 +512,9 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   timer.lap("grad_tw");
   // grad_w_down[e] = gy^T hact; grad_down_bias[e] = sum gy
   at::Tensor grad_wd = new_output({E, H, I}, w_down.options());
-  expert_weight_grad(rows, gyp, H, hp, I, g_terms, grad_wd);
+  Operand P = operand_f32(gyp, 1, H), Q = operand_f32(hp, 1, I);  // (m, r) = [r, m]
+  P.max_terms = Q.max_terms = g_terms;
+  expert_weight_grad(rows.begin, rows.end, P, Q, grad_wd);
   at::Tensor grad_bd = at::empty({0}, x.options());
   if (down_bias.has_value()) {
     grad_bd = new_output({E, H}, down_bias->options());
@@ -579,7 +550,10 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
     });
   }
   at::Tensor grad_wgu = new_output({E, 2 * I, H}, w_gate_up.options());
-  expert_weight_grad(rows, ggu, 2 * I, xgp, H, g_terms, grad_wgu);
+  P = operand_f32(ggu, 1, 2 * I);
+  Q = operand_f32(xgp, 1, H);
+  P.max_terms = Q.max_terms = g_terms;
+  expert_weight_grad(rows.begin, rows.end, P, Q, grad_wgu);
   at::Tensor grad_bgu = at::empty({0}, x.options());
   if (gate_up_bias.has_value()) {
     grad_bgu = new_output({E, 2 * I}, gate_up_bias->options());
