@@ -384,6 +384,15 @@ int pack_tokens_avx512(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint
   return pack_tokens_f32(mb, K, a_buf.data(), K, wb, P, A.bf16_terms(), xp);
 }
 
+// The fp32 accumulators of an NR x TZ register tile, zeroed.
+template <int NR, int TZ>
+MOE_AVX512 __attribute__((always_inline)) inline void zero_tile(__m512 (&acc)[NR][TZ]) {
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_setzero_ps();
+}
+
 // One K pair of the tile: acc[r][z] += W_r(pair p) . x(pair p, tokens of z), term by term (a
 // weight pair is broadcast once per term: an L1 hit, and TZ x registers per term instead of
 // TERMS x TZ).  LAST: the pair holds only the row's last weight (odd K), read alone.
@@ -423,10 +432,7 @@ MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const 
                               int64_t term_ld, float* out) {
   constexpr int64_t wb = TZ * 16;
   __m512 acc[NR][TZ];
-#pragma GCC unroll 32
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-    for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_setzero_ps();
+  zero_tile(acc);
   // The weight rows stream from L3 or DRAM: every 16 pairs (one cache line of each row), ask for
   // the line 8 lines ahead.
   int64_t p = 0;
@@ -515,10 +521,7 @@ MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64
                               int64_t ldc) {
   constexpr int64_t wb = TZ * 16;
   __m512 acc[NR][TZ];
-#pragma GCC unroll 32
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-    for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_setzero_ps();
+  zero_tile(acc);
   for (int64_t p = 0; p < np; ++p) {
     __m512bh bv[TZ];
 #pragma GCC unroll 4
