@@ -1,6 +1,7 @@
-// AVX-512 GEMM kernels of the avx512 and amx levels: the AVX-512-BF16 dot kernel for decode and
-// the transposed-product route for bf16 weights past the dot path (amx level); the rest of the
-// engine (the AVX2 dot tiles, the packed fp32 path) is the AVX2 kernels'.
+// AVX-512 GEMM kernels of the avx512 and amx levels: the AVX-512-BF16 dot kernel for decode, and
+// past the dot path (amx level) the transposed-product route for bf16 weights read in place and
+// the pair-packed route for the other bf16 products (the backward's); the rest of the engine
+// (the AVX2 dot tiles, the packed fp32 path) is the AVX2 kernels'.
 //
 // Built with MOE_KERNELS_SIMDE defined (tests/cpp/gemm_check.cpp does this), the same source
 // compiles against SIMDe's portable implementations of the AVX-512 intrinsics, so that this path
