@@ -2,9 +2,9 @@
 
 Each build is a Python interpreter (a virtual environment) that imports its own ``moe_kernels``.
 Both run as long-lived worker processes holding the same inputs (same seeds); the driver asks them
-for one timed ``moe_ffn`` call (``--pass bwd``: one ``moe_ffn_backward`` op call) in turns (A, B,
-read ceiling, A, B, ...), so that a shared or noisy
-machine slows both alike. Only one process computes at a time. Decode rows evict the caches before
+for one timed ``moe_ffn`` call (``--pass bwd``: one ``moe_ffn_backward`` op call; ``--op
+grouped_gemm``: the layer's first GEMM instead) in turns (A, B, read ceiling, A, B, ...), so that
+a shared or noisy machine slows both alike. Only one process computes at a time. Decode rows evict the caches before
 every call (a buffer of 3x the last-level cache is written), as in a real model where the other
 layers' weights have just streamed through them.
 
@@ -73,7 +73,19 @@ for line in sys.stdin:
         state["grad"] = torch.randn(T, H, generator=g).bfloat16()
         distinct = int(torch.unique(ids).numel())
         state["bytes"] = distinct * 3 * H * I * 2
-        if msg["pass"] == "bwd":  # the backward op alone, on the forward's inputs
+        if msg["op"] == "grouped_gemm":  # GEMM 1 of the layer on the expert-sorted token rows
+            flat = ids.flatten().long()
+            order = torch.argsort(flat, stable=True)
+            a = x[order // k].contiguous()
+            offs = torch.bincount(flat, minlength=E).cumsum(0).int()
+            go = torch.randn(a.shape[0], 2 * I, generator=g).bfloat16()
+            if msg["pass"] == "bwd":
+                gbwd = torch.ops.moe_kernels.grouped_gemm_backward
+                state["call"] = lambda: gbwd(go, a, wgu, offs, True, True, True)
+            else:
+                state["call"] = lambda: mk.grouped_gemm(a, wgu, offs, trans_b=True, backend="cpu")
+            state["bytes"] = distinct * 2 * H * I * 2
+        elif msg["pass"] == "bwd":  # the backward op alone, on the forward's inputs
             bwd = torch.ops.moe_kernels.moe_ffn_backward
             extra = (None, None, "swiglu", 1.702, 7.0, False)
             state["call"] = lambda: bwd(state["grad"], *state["args"], *extra)
@@ -150,6 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--shapes", default="qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b")
     p.add_argument("--tokens", default="1,16")
+    p.add_argument(
+        "--op",
+        choices=("moe_ffn", "grouped_gemm"),
+        default="moe_ffn",
+        help="the op timed: moe_ffn, or grouped_gemm on the layer's GEMM 1 (w_gate_up)",
+    )
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=0,
+        help="E of every shape (0: the model's), e.g. 16 for moe-bench's scaled-down layers",
+    )
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-evict", action="store_true", help="keep the caches warm between calls")
@@ -178,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'shape':<15} {'T':>4} {'A ms':>8} {'B ms':>8} {'B/A':>6} {'A %BW':>6} {'B %BW':>6}")
     for shape in args.shapes.split(","):
         H, I, E, k = SHAPES[shape]  # noqa: E741 (the layer symbols H, I, E, k)
+        E = args.experts or E
         for T in (int(t) for t in args.tokens.split(",")):
             nbytes = 0
             for w in workers.values():
                 nbytes = w.ask(
-                    cmd="setup", H=H, I=I, E=E, k=k, T=T, seed=0, **{"pass": args.pass_}
+                    cmd="setup", H=H, I=I, E=E, k=k, T=T, seed=0, op=args.op, **{"pass": args.pass_}
                 )["bytes"]
             times: dict[str, list[float]] = {"A": [], "B": [], "sum": []}
             for rnd in range(args.rounds):

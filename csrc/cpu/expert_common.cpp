@@ -109,14 +109,21 @@ void expert_weight_grad(const std::vector<int64_t>& begin, const std::vector<int
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, rows = end[t.e] - begin[t.e];
+    char* g0 = gp + (t.e * Mp + t.m0) * Nq * es;          // the task's rows: whole rows, contiguous
+    if (rows <= 0) return store_zeros(g0, gdt, mb * Nq);  // an expert without rows
     thread_local std::vector<float> tile;
     const Operand A = P.shifted(t.m0, begin[t.e]), B = Q.shifted(0, begin[t.e]);
     for (int64_t n0 = 0; n0 < Nq; n0 += nc) {
       const int64_t nb = std::min(nc, Nq - n0);
+      const Operand Bn = B.shifted(n0, 0);
+      // bf16 gradients: rounded in the GEMM's epilogue where a route does (no fp32 tile)
+      if (gdt == at::kBFloat16 &&
+          gemm_nt_bf16(mb, nb, rows, A, Bn, reinterpret_cast<uint16_t*>(g0) + n0, Nq))
+        continue;
       if (static_cast<int64_t>(tile.size()) < mb * nb) tile.resize(mb * nb);
-      gemm_nt(mb, nb, rows, A, B.shifted(n0, 0), tile.data(), nb);
+      gemm_nt(mb, nb, rows, A, Bn, tile.data(), nb);
       for (int64_t m = 0; m < mb; ++m)
-        store_f32(tile.data() + m * nb, gp + ((t.e * Mp + t.m0 + m) * Nq + n0) * es, gdt, nb);
+        store_f32(tile.data() + m * nb, g0 + (m * Nq + n0) * es, gdt, nb);
     }
   });
 }

@@ -109,6 +109,15 @@ void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t 
   if (M > 0 && K > 0) kernels().load_a(M, K, A, dst, ld);
 }
 
+bool gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, uint16_t* C,
+                  int64_t ldc) {
+  // B.s1 != 1: the dot path and the brgemm route, which read a K-contiguous B, would not take
+  // the call either, so gemm_nt would hand it to the same wide route
+  if (M <= 0 || N <= 0 || K <= 0 || B.s1 == 1) return false;
+  const KernelSet& ks = kernels();
+  return ks.wide_bf16 != nullptr && ks.wide_bf16(M, N, K, A, B, C, ldc);
+}
+
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
              int64_t ldc) {
   if (M <= 0 || N <= 0) return;

@@ -54,6 +54,13 @@ struct Operand {
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
              int64_t ldc);
 
+// gemm_nt's product rounded to bf16 (round to nearest even) straight into C[M, N] (leading
+// dimension ldc), for the calls whose B is not K-contiguous (B.s1 != 1: the weight gradients' and
+// data gradients' operands) where the ISA has a route that rounds in its epilogue; returns false
+// without writing C otherwise (the caller then takes gemm_nt and converts).  Serial.
+bool gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, uint16_t* C,
+                  int64_t ldc);
+
 // dst[m * ld + k] = A(m, k) as fp32 for m < M, k < K: the row loader of gemm_nt's A operand (row
 // gather, any strides and dtype).  Serial.
 void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t ld);

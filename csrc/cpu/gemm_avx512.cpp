@@ -516,10 +516,27 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
 // then stays in L1 while every row of A passes over it.
 constexpr int64_t kPairKc = 64;
 
+// The sink of a pair-packed tile: C (fp32, accumulated into after the first K block), or on the
+// last K block, when Cb is set, bf16 rows of Cb (C's partial sums added first, as fp32).
+struct PairsOut {
+  float* C;
+  int64_t ldc;
+  uint16_t* Cb;
+  int64_t ldb;
+  bool accumulate, to_bf16;
+};
+
+// bf16 of lanes [0, n) of v (round to nearest even, NaN quiet, as f32_to_bf16_rne) to p.
+MOE_AVX512 inline void store_bf16_n(uint16_t* p, __m512 v, int64_t n) {
+  if (n >= 16) return store_bf16x16(round_bf16(v), p);
+  alignas(32) uint16_t t[16];
+  store_bf16x16(round_bf16(v), t);
+  if (n > 0) std::memcpy(p, t, n * 2);
+}
+
 template <int TZ, int NR, int TERMS>
 MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64_t a_term_ld,
-                              const uint32_t* bp, int mv, int nv, bool accumulate, float* C,
-                              int64_t ldc) {
+                              const uint32_t* bp, int mv, int nv, const PairsOut& o) {
   constexpr int64_t wb = TZ * 16;
   __m512 acc[NR][TZ];
   zero_tile(acc);
@@ -543,33 +560,44 @@ MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64
     if (r >= mv) break;
 #pragma GCC unroll 4
     for (int z = 0; z < TZ; ++z) {
-      float* c = C + r * ldc + z * 16;
       const int64_t n = nv - 16 * z;  // the tile's columns past nv are not C's
       __m512 v = acc[r][z];
-      if (accumulate) v = _mm512_add_ps(v, load_ps_n(c, n));
-      store_ps_n(c, v, n);
+      if (o.accumulate) v = _mm512_add_ps(v, load_ps_n(o.C + r * o.ldc + z * 16, n));
+      if (o.to_bf16) {
+        store_bf16_n(o.Cb + r * o.ldb + z * 16, v, n);
+      } else {
+        store_ps_n(o.C + r * o.ldc + z * 16, v, n);
+      }
     }
   }
 }
 
 template <int TZ>
 void pdot_tile_terms(int terms, int64_t np, const uint32_t* ap, int64_t lda, int64_t a_term_ld,
-                     const uint32_t* bp, int mv, int nv, bool accumulate, float* C, int64_t ldc) {
+                     const uint32_t* bp, int mv, int nv, const PairsOut& o) {
   constexpr int NR = tdot_rows(TZ);
   switch (terms) {
-    case 1: return pdot_tile<TZ, NR, 1>(np, ap, lda, a_term_ld, bp, mv, nv, accumulate, C, ldc);
-    case 2: return pdot_tile<TZ, NR, 2>(np, ap, lda, a_term_ld, bp, mv, nv, accumulate, C, ldc);
-    default: return pdot_tile<TZ, NR, 3>(np, ap, lda, a_term_ld, bp, mv, nv, accumulate, C, ldc);
+    case 1: return pdot_tile<TZ, NR, 1>(np, ap, lda, a_term_ld, bp, mv, nv, o);
+    case 2: return pdot_tile<TZ, NR, 2>(np, ap, lda, a_term_ld, bp, mv, nv, o);
+    default: return pdot_tile<TZ, NR, 3>(np, ap, lda, a_term_ld, bp, mv, nv, o);
   }
 }
 
 // gemm_nt's route for bf16 products past the dot path that the transposed product does not
 // take: B bf16 in any layout, or fp32 with max_terms == 1; A bf16 or fp32 (its bf16 terms).
+// Cb set: C rounded to bf16 into Cb (leading dimension ldb) instead, C then the fp32 partial sums
+// of all K blocks but the last (null: a scratch block of M x N).
 bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
-                   int64_t ldc) {
+                   int64_t ldc, uint16_t* Cb = nullptr, int64_t ldb = 0) {
   if (detected_isa() != Isa::kAmx || A.dt == DType::kF16) return false;
   if (B.dt != DType::kBF16 && !(B.dt == DType::kF32 && B.max_terms == 1)) return false;
   const int64_t P = (K + 1) / 2;
+  thread_local std::vector<float> c_part;
+  if (Cb != nullptr && C == nullptr && P > kPairKc) {
+    if (static_cast<int64_t>(c_part.size()) < M * N) c_part.resize(M * N);
+    C = c_part.data();
+    ldc = N;
+  }
   // A's rows padded to a multiple of every tile height (24, 12, 8, 6): the padding rows are
   // zeros, so a tile never reads past the packed block
   const int64_t ma = (M + 23) / 24 * 24;
@@ -608,12 +636,17 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
       for (int64_t m0 = 0; m0 < M; m0 += nr) {
         const int mv = static_cast<int>(std::min<int64_t>(nr, M - m0));
         const uint32_t* a = ap + p0 * ma + m0;
-        float* c = C + m0 * ldc + n0;
+        const PairsOut o{C == nullptr ? nullptr : C + m0 * ldc + n0,
+                         ldc,
+                         Cb == nullptr ? nullptr : Cb + m0 * ldb + n0,
+                         ldb,
+                         p0 > 0,
+                         Cb != nullptr && p0 + kPairKc >= P};
         switch (tz) {
-          case 1: pdot_tile_terms<1>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
-          case 2: pdot_tile_terms<2>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
-          case 3: pdot_tile_terms<3>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
-          default: pdot_tile_terms<4>(terms, np, a, ma, P * ma, b, mv, nv, p0 > 0, c, ldc); break;
+          case 1: pdot_tile_terms<1>(terms, np, a, ma, P * ma, b, mv, nv, o); break;
+          case 2: pdot_tile_terms<2>(terms, np, a, ma, P * ma, b, mv, nv, o); break;
+          case 3: pdot_tile_terms<3>(terms, np, a, ma, P * ma, b, mv, nv, o); break;
+          default: pdot_tile_terms<4>(terms, np, a, ma, P * ma, b, mv, nv, o); break;
         }
       }
     }
@@ -626,6 +659,12 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
 bool gemm_nt_bf16_wide(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
                        float* C, int64_t ldc) {
   return gemm_nt_tdot(M, N, K, A, B, C, ldc) || gemm_nt_pairs(M, N, K, A, B, C, ldc);
+}
+
+// The pair-packed product rounded to bf16 in its epilogue (gemm_nt_bf16's route).
+bool gemm_nt_pairs_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                        uint16_t* C, int64_t ldc) {
+  return gemm_nt_pairs(M, N, K, A, B, nullptr, 0, C, ldc);
 }
 
 // Rows per call up to which bf16 weights take the vdpbf16ps kernel when the rows need more than
@@ -667,6 +706,7 @@ const KernelSet& avx512_kernels() {
                             .load_a = a2.load_a,
                             .dot = &dot_avx512,
                             .wide = &gemm_nt_bf16_wide,
+                            .wide_bf16 = &gemm_nt_pairs_bf16,
                             .pack_tokens = &pack_tokens_avx512};
   return ks;
 }

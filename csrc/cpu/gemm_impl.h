@@ -30,6 +30,9 @@ struct KernelSet {
   // Optional: the whole of gemm_nt for calls past the dot path that this kernel set serves
   // better than the packed micro-kernel; returns false when it does not take the call.
   GemmRoute wide = nullptr;
+  // Optional: gemm_nt_bf16 (gemm.h), C rounded to bf16 in the epilogue; false: not taken.
+  bool (*wide_bf16)(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                    uint16_t* C, int64_t ldc) = nullptr;
   // pack_tokens_generic's contract, vectorised; null: the generic one.
   int (*pack_tokens)(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) = nullptr;
 };

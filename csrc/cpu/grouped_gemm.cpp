@@ -71,9 +71,14 @@ void segmented_gemm(const at::Tensor& a_t, const std::vector<int64_t>& begin,
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
+    const Operand At = A.shifted(t.m0, 0), Bt = b_of(t.e).shifted(t.n0, 0);
+    if (odt == at::kBFloat16 &&
+        gemm_nt_bf16(mb, nbt, K, At, Bt, reinterpret_cast<uint16_t*>(op + (t.m0 * ldo + t.n0) * es),
+                     ldo))
+      return;
     thread_local std::vector<float> tile;
     if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
-    gemm_nt(mb, nbt, K, A.shifted(t.m0, 0), b_of(t.e).shifted(t.n0, 0), tile.data(), nbt);
+    gemm_nt(mb, nbt, K, At, Bt, tile.data(), nbt);
     for (int64_t m = 0; m < mb; ++m)
       store_f32(tile.data() + m * nbt, op + ((t.m0 + m) * ldo + t.n0) * es, odt, nbt);
   });

@@ -125,6 +125,13 @@ Mat make(std::mt19937_64& rng, DType dt, int64_t rows, int64_t cols, int layout)
 
 const char* name(DType d) { return d == DType::kF32 ? "f32" : d == DType::kBF16 ? "bf16" : "f16"; }
 
+// bf16 bits of a finite fp32 value, rounded to nearest even.
+uint16_t bf16_rne(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -154,7 +161,7 @@ int main(int argc, char** argv) {
   const int64_t Ns[] = {1, 3, 4, 5, 8, 17, 31, 32, 33, 70};
   const int64_t Ks[] = {1, 5, 8, 16, 17, 24, 33, 100, 257, 300};
   const DType dts[] = {DType::kF32, DType::kBF16, DType::kF16};
-  int failures = 0;
+  int failures = 0, bf16_taken = 0;
   for (int c = 0; c < cases && failures < 5; ++c) {
     // half the cases with 1-4 rows: every ISA's dot (decode) path serves those
     const int64_t M = rng() % 2 ? Ms[rng() % 4] : Ms[rng() % std::size(Ms)];
@@ -211,6 +218,30 @@ int main(int argc, char** argv) {
         }
       }
     }
+    // gemm_nt_bf16: where it takes the call, C rounded to bf16 (the same sums as gemm_nt's),
+    // every element written and nothing outside; where it does not, nothing written
+    const uint16_t kPoison = 0xabcd;
+    std::vector<uint16_t> Cb(M * ldc, kPoison);
+    const bool took = moe_kernels::cpu::gemm_nt_bf16(M, N, K, Aop, Bop, Cb.data(), ldc);
+    bf16_taken += took;
+    for (int64_t m = 0; m < M && failures < 5; ++m) {
+      for (int64_t n = 0; n < ldc; ++n) {
+        const uint16_t want = took && n < N ? bf16_rne(C[m * ldc + n]) : kPoison;
+        if (Cb[m * ldc + n] != want) {
+          std::printf("case %d (M %ld N %ld K %ld, B layout %d): gemm_nt_bf16 %s C[%ld, %ld] = "
+                      "0x%04x, want 0x%04x\n",
+                      c, (long)M, (long)N, (long)K, blay, took ? "took the call," : "declined,",
+                      (long)m, (long)n, Cb[m * ldc + n], want);
+          if (++failures >= 5) break;
+        }
+      }
+    }
+  }
+  // the AVX-512-BF16 level rounds into bf16 in the epilogue of the calls whose B is not
+  // K-contiguous (gemm_nt_bf16); the others never take it
+  if (failures == 0 && (isa == "amx") != (bf16_taken > 0)) {
+    std::printf("%s: gemm_nt_bf16 took %d calls\n", isa.c_str(), bf16_taken);
+    ++failures;
   }
   if (failures) {
     std::printf("%s: FAILED\n", isa.c_str());
