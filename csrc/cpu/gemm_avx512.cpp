@@ -526,11 +526,23 @@ struct PairsOut {
   bool accumulate, to_bf16;
 };
 
-// bf16 of lanes [0, n) of v (round to nearest even, NaN quiet, as f32_to_bf16_rne) to p.
-MOE_AVX512 inline void store_bf16_n(uint16_t* p, __m512 v, int64_t n) {
-  if (n >= 16) return store_bf16x16(round_bf16(v), p);
+// bf16 of lanes [0, n) of v, rounded to nearest even, to p.  vcvtneps2bf16 where the build has
+// it (denormal values round to zero); SIMDe has no such intrinsic, so the emulated build rounds
+// as f32_to_bf16_rne.
+MOE_AVX512BF16 inline __m256i bf16x16(__m512 v) {
+#if defined(MOE_KERNELS_SIMDE)
   alignas(32) uint16_t t[16];
   store_bf16x16(round_bf16(v), t);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+#else
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#endif
+}
+MOE_AVX512BF16 inline void store_bf16_n(uint16_t* p, __m512 v, int64_t n) {
+  const __m256i b = bf16x16(v);
+  if (n >= 16) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
+  alignas(32) uint16_t t[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), b);
   if (n > 0) std::memcpy(p, t, n * 2);
 }
 
