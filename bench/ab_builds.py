@@ -2,11 +2,12 @@
 
 Each build is a Python interpreter (a virtual environment) that imports its own ``moe_kernels``.
 Both run as long-lived worker processes holding the same inputs (same seeds); the driver asks them
-for one timed ``moe_ffn`` call (``--pass bwd``: one ``moe_ffn_backward`` op call; ``--op
-grouped_gemm``: the layer's first GEMM instead) in turns (A, B, read ceiling, A, B, ...), so that
-a shared or noisy machine slows both alike. Only one process computes at a time. Decode rows evict the caches before
-every call (a buffer of 3x the last-level cache is written), as in a real model where the other
-layers' weights have just streamed through them.
+for one timed ``moe_ffn`` call (``--pass bwd``: one ``moe_ffn_backward`` op call; ``--pass step``:
+a forward and backward through autograd; ``--op grouped_gemm``: the layer's first GEMM instead) in
+turns (A, B, read ceiling, A, B, ...), so that a shared or noisy machine slows both alike. Only
+one process computes at a time. Decode rows evict the caches before every call (a buffer of 3x the
+last-level cache is written), as in a real model where the other layers' weights have just
+streamed through them.
 
 Example (before/after a change, decode rows of the three preset shapes)::
 
@@ -85,17 +86,27 @@ for line in sys.stdin:
             else:
                 state["call"] = lambda: mk.grouped_gemm(a, wgu, offs, trans_b=True, backend="cpu")
             state["bytes"] = distinct * 2 * H * I * 2
+        elif msg["pass"] == "step":  # forward and backward through autograd (training)
+            leaves = [t.detach().requires_grad_() for t in (x, wgu, wd, w)]
+
+            def step():
+                with torch.enable_grad():
+                    mk.moe_ffn(*leaves, ids, backend="cpu").backward(state["grad"])
+                for t in leaves:
+                    t.grad = None
+
+            state["call"] = step
         elif msg["pass"] == "bwd":  # the backward op alone, on the forward's inputs
             bwd = torch.ops.moe_kernels.moe_ffn_backward
             extra = (None, None, "swiglu", 1.702, 7.0, False)
             state["call"] = lambda: bwd(state["grad"], *state["args"], *extra)
         else:
             state["call"] = lambda: mk.moe_ffn(*state["args"], backend="cpu")
-        with torch.inference_mode():
+        with torch.inference_mode(msg["pass"] != "step"):
             state["call"]()
         print(json.dumps({"bytes": state["bytes"]}), flush=True)
     elif msg["cmd"] == "time":
-        with torch.inference_mode():
+        with torch.inference_mode(msg["pass"] != "step"):
             if msg["evict"]:
                 evict_buf.add_(1.0)
             t0 = time.perf_counter()
@@ -180,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pass",
         dest="pass_",
-        choices=("fwd", "bwd"),
+        choices=("fwd", "bwd", "step"),
         default="fwd",
-        help="time moe_ffn (fwd) or the moe_ffn_backward op alone (bwd)",
+        help="time moe_ffn (fwd), the moe_ffn_backward op alone (bwd), or moe_ffn's forward and "
+        "backward through autograd, as in training (step)",
     )
     p.add_argument(
         "--settle",

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._backends import call_op
+from ._backends import call_op, call_train_op, needs_grad
 from ._debug import debug_mode
 from .plan import RoutingPlan, num_rows
 
@@ -361,6 +361,7 @@ def moe_ffn(
     limit: float = 7.0,
     interleaved: bool = False,
     backend: str | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """The whole routed expert MLP of a MoE layer.
 
@@ -383,6 +384,11 @@ def moe_ffn(
             the activation.
         interleaved: gate/up alternate along the 2I axis (gpt-oss) instead of being its halves.
         backend: see :func:`topk_gating`.
+        recompute: for a call that records gradients: on the cpu backend the forward keeps the
+            pre-activation of the first GEMM for the backward (``[T*k, 2I]`` float32, 8·k·I
+            bytes per token, held until the backward), so the backward does not re-run that GEMM;
+            ``True`` re-runs it instead (less memory, one more GEMM).  The other backends always
+            re-run it.
 
     Returns:
         [T, H] in x's dtype. Differentiable in x, both weights, both biases and topk_weights.
@@ -407,6 +413,10 @@ def moe_ffn(
         float(limit),
         bool(interleaved),
     )
+    if not recompute and needs_grad(args):
+        device, dtype = _check_moe_ffn(*args[:10])
+        out = call_train_op("moe_ffn", device, dtype, backend, args)
+        return call_op("moe_ffn", device, dtype, backend, args) if out is NotImplemented else out
     if isinstance(x, torch.Tensor):
         # A backend whose op checks every argument itself runs without the Python checks below
         # (with caches evicted, as in decode, they are a measurable part of a call: bench/NOTES.md,

@@ -351,6 +351,29 @@ def call_op(
         return overload(*args)
 
 
+#: forward op -> its op that also returns what the backward needs, on the backends whose kernels
+#: keep it (the others re-run that part of the forward in the backward)
+_TRAIN_OPS = {"moe_ffn": "moe_ffn_train"}
+_KEEPS_ACTIVATIONS = frozenset({"cpu"})
+
+
+def call_train_op(
+    op: str, device: torch.device, dtype: torch.dtype | None, backend: str | None, args: tuple
+):
+    """``op``'s output through its train op (:data:`_TRAIN_OPS`), for a call that needs
+    gradients, where the backend :func:`select_backend` names keeps the forward's activations for
+    the backward; ``NotImplemented`` where it does not.  ``args`` must have been checked."""
+    b = select_backend(op, device, dtype, backend)
+    if b.name not in _KEEPS_ACTIVATIONS:
+        return NotImplemented
+    return b.op(_TRAIN_OPS[op])(*args)[0]
+
+
+def needs_grad(args: tuple) -> bool:
+    """Whether a call with ``args`` records an autograd graph."""
+    return _needs_grad(args)
+
+
 def _choose(op: str, device: torch.device, dtype: torch.dtype | None, name: str | None) -> str:
     if name is not None:
         why = _why_not(_BACKENDS[name], op, device, dtype)

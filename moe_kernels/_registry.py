@@ -188,6 +188,17 @@ def _fake_moe_ffn_backward(
     return tuple(_none(x) if t is None else t.new_empty(t.shape) for t in outs)
 
 
+def _fake_moe_ffn_train(x, w_gate_up, w_down, topk_weights, topk_ids, *rest):
+    out = _fake_moe_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, *rest)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return out, x.new_empty(topk_ids.shape[0] * topk_ids.shape[1], w_gate_up.shape[1], dtype=dt)
+
+
+def _fake_moe_ffn_backward_saved(grad_out, pre, *args):
+    _one_device(grad_out, pre)
+    return _fake_moe_ffn_backward(grad_out, *args)
+
+
 _FAKES = {
     "topk_gating": _fake_topk_gating,
     "topk_gating_backward": _fake_topk_gating_backward,
@@ -199,6 +210,8 @@ _FAKES = {
     "grouped_gemm_backward": _fake_grouped_gemm_backward,
     "moe_ffn": _fake_moe_ffn,
     "moe_ffn_backward": _fake_moe_ffn_backward,
+    "moe_ffn_train": _fake_moe_ffn_train,
+    "moe_ffn_backward_saved": _fake_moe_ffn_backward_saved,
 }
 
 
@@ -271,6 +284,23 @@ def _register_autograd(suffix: str) -> None:
     def ffn_backward(ctx, grad):
         saved = ctx.saved_tensors
         grads = op("moe_ffn_backward")(grad, *saved, *ctx.args)
+        return ffn_grads(ctx, grads)
+
+    # moe_ffn_train: its pre-activation output is kept for the backward (not differentiable)
+    def ffn_train_setup(ctx, inputs, output):
+        ctx.args = inputs[7:]
+        ctx.has_bias = (inputs[5] is not None, inputs[6] is not None)
+        ctx.save_for_backward(*inputs[:7], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def ffn_train_backward(ctx, grad, _grad_pre):
+        *saved, pre = ctx.saved_tensors
+        if grad is None:  # the output was not used
+            return (None,) * 11
+        grads = op("moe_ffn_backward_saved")(grad, pre, *saved, *ctx.args)
+        return ffn_grads(ctx, grads)
+
+    def ffn_grads(ctx, grads):
         need = ctx.needs_input_grad
         gx, gwgu, gwd, gtw, gbgu, gbd = grads
         return (
@@ -293,11 +323,34 @@ def _register_autograd(suffix: str) -> None:
         "unpermute": (unpermute_backward, unpermute_setup),
         "grouped_gemm": (gemm_backward, gemm_setup),
         "moe_ffn": (ffn_backward, ffn_setup),
+        "moe_ffn_train": (ffn_train_backward, ffn_train_setup),
     }
     for name, (backward, setup) in table.items():
         torch.library.register_autograd(
             f"moe_kernels::{name}{suffix}", backward, setup_context=setup, lib=_lib
         )
+
+
+def _with_train_ops(impls: dict) -> dict:
+    """``impls`` with moe_ffn_train / moe_ffn_backward_saved made of its moe_ffn and
+    moe_ffn_backward where it has none: ``pre`` computed as the reference does, and the backward
+    re-running GEMM 1 (the same gradients as from moe_ffn_train's ``pre``).  The public functions
+    take these ops only on backends whose kernels keep the activations (``cpu``)."""
+    out = dict(impls)
+    ffn, bwd = impls.get("moe_ffn"), impls.get("moe_ffn_backward")
+    if ffn is not None and "moe_ffn_train" not in impls:
+
+        def train(*args):
+            return ffn(*args), reference.moe_ffn_pre(*args)
+
+        out["moe_ffn_train"] = train
+    if bwd is not None and "moe_ffn_backward_saved" not in impls:
+
+        def backward_saved(grad_out, pre, *args):
+            return bwd(grad_out, *args)
+
+        out["moe_ffn_backward_saved"] = backward_saved
+    return out
 
 
 def _register_family(suffix: str, impls: dict) -> None:
@@ -320,7 +373,7 @@ def _register_all() -> None:
         _lib.define(schema(name))
     _register_family(PY_SUFFIXES["reference"], {name: getattr(reference, name) for name in SCHEMAS})
     _load_triton()
-    _register_family(PY_SUFFIXES["triton"], _triton_impls)
+    _register_family(PY_SUFFIXES["triton"], _with_train_ops(_triton_impls))
     for suffix in ("", *PY_SUFFIXES.values()):
         for name, fake in _FAKES.items():
             torch.library.register_fake(f"moe_kernels::{name}{suffix}", fake, lib=_lib)

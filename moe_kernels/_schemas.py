@@ -20,6 +20,10 @@ Conventions:
   empty int32 tensor.
 * backward ops return an empty tensor (shape ``[0]``) for a gradient that was not requested or
   whose input was ``None``.
+* ``moe_ffn_train`` returns ``moe_ffn``'s output and ``pre``, ``[T*k, 2I]`` float32 (float64 for
+  float64 inputs): row ``t*k + s`` is ``x[t] @ w_gate_up[e]^T + gate_up_bias[e]`` (the
+  pre-activation, in w_gate_up's column order) for ``e = topk_ids[t, s]`` in ``[0, E)``, zeros for
+  a dropped pair.  ``moe_ffn_backward_saved`` is ``moe_ffn_backward`` given that ``pre``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,20 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "(Tensor grad_out, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, "
         "Tensor topk_ids, Tensor? gate_up_bias, Tensor? down_bias, str activation, float alpha, "
         "float limit, bool interleaved)",
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ),
+    # moe_ffn that also returns the pre-activation its backward needs (the path of a call that
+    # needs gradients, where the backend keeps it), and that backward
+    "moe_ffn_train": (
+        "(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, Tensor topk_ids, "
+        "Tensor? gate_up_bias, Tensor? down_bias, str activation, float alpha, float limit, "
+        "bool interleaved)",
+        "(Tensor, Tensor)",
+    ),
+    "moe_ffn_backward_saved": (
+        "(Tensor grad_out, Tensor pre, Tensor x, Tensor w_gate_up, Tensor w_down, "
+        "Tensor topk_weights, Tensor topk_ids, Tensor? gate_up_bias, Tensor? down_bias, "
+        "str activation, float alpha, float limit, bool interleaved)",
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     ),
 }

@@ -512,6 +512,100 @@ def moe_ffn(
     return out.to(x.dtype)
 
 
+def _pre_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def moe_ffn_pre(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, *_):
+    """``pre`` of :func:`moe_ffn_train` alone (the arguments are moe_ffn's)."""
+    cdt = compute_dtype(x.dtype, w_gate_up.dtype, w_down.dtype)
+    k = topk_ids.shape[1]
+    pre = torch.zeros(topk_ids.numel(), w_gate_up.shape[1], dtype=_pre_dtype(x), device=x.device)
+    for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
+        h = x[pairs // k].to(cdt) @ w_gate_up[e].to(cdt).t()
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].to(cdt)
+        pre[pairs] = h.to(pre.dtype)
+    return pre
+
+
+def moe_ffn_train(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_ffn`'s output and ``pre``, the pre-activation its backward needs.
+
+    Returns:
+        (out [T, H] in x's dtype, pre [T*k, 2I] float32, float64 for float64 x): row ``t*k + s``
+        of pre is ``W_gate_up[e] @ x[t] + b_gu[e]`` for ``e = topk_ids[t, s]`` in [0, E), zeros
+        for a dropped pair.
+    """
+    pre = moe_ffn_pre(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias)
+    out = moe_ffn(
+        x,
+        w_gate_up,
+        w_down,
+        topk_weights,
+        topk_ids,
+        gate_up_bias,
+        down_bias,
+        activation,
+        alpha,
+        limit,
+        interleaved,
+    )
+    return out, pre
+
+
+def moe_ffn_backward_saved(
+    grad_out: torch.Tensor,
+    pre: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`moe_ffn_backward` with the pre-activation ``pre`` of :func:`moe_ffn_train` (h is
+    read from it, not recomputed)."""
+    T, k = topk_ids.shape
+    if pre.dim() != 2 or pre.shape != (T * k, w_gate_up.shape[1]) or pre.dtype != _pre_dtype(x):
+        raise ValueError(
+            f"moe_kernels: pre must be moe_ffn_train's {_pre_dtype(x)} [T*k={T * k}, "
+            f"2I={w_gate_up.shape[1]}], got {pre.dtype} {list(pre.shape)}"
+        )
+    return _moe_ffn_backward(
+        grad_out,
+        x,
+        w_gate_up,
+        w_down,
+        topk_weights,
+        topk_ids,
+        gate_up_bias,
+        down_bias,
+        activation,
+        alpha,
+        limit,
+        interleaved,
+        pre,
+    )
+
+
 def moe_ffn_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -534,6 +628,38 @@ def moe_ffn_backward(
     dh = act'(h, go W_down[e]); dW_gate_up[e] = dh^T x[t]; db_gate_up[e] = sum dh;
     dx[t] += dh W_gate_up[e]. Experts without pairs get exactly zero gradients.
     """
+    return _moe_ffn_backward(
+        grad_out,
+        x,
+        w_gate_up,
+        w_down,
+        topk_weights,
+        topk_ids,
+        gate_up_bias,
+        down_bias,
+        activation,
+        alpha,
+        limit,
+        interleaved,
+        None,
+    )
+
+
+def _moe_ffn_backward(
+    grad_out,
+    x,
+    w_gate_up,
+    w_down,
+    topk_weights,
+    topk_ids,
+    gate_up_bias,
+    down_bias,
+    activation,
+    alpha,
+    limit,
+    interleaved,
+    pre,
+):
     cdt = compute_dtype(x.dtype, w_gate_up.dtype, w_down.dtype)
     T, k = topk_ids.shape
     G = grad_out.to(cdt)
@@ -555,6 +681,10 @@ def moe_ffn_backward(
             x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt
         )
         wgu, wd = w_gate_up[e].to(cdt), w_down[e].to(cdt)
+        if pre is not None:  # h as the forward kept it
+            h = pre[pairs].to(cdt)
+            a = gated_activation(h, *act_args)
+            o = a @ wd.t() + (0 if down_bias is None else down_bias[e].to(cdt))
         g = G[tok]
         dw[pairs] = (g * o).sum(dim=-1)
         go = g * w[pairs, None]

@@ -468,3 +468,107 @@ def test_backward_under_dispatch_mode(backend):
         out.sum().backward()
     for t in (x, wgu, wd, logits):
         assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# the training path: moe_ffn_train keeps the pre-activation, moe_ffn_backward_saved reads it
+# --------------------------------------------------------------------------------------------------
+
+TRAIN_CASES = [  # activation, interleaved, bias, dtype
+    ("swiglu", False, False, torch.bfloat16),
+    ("swiglu_oai", True, True, torch.float32),
+    ("geglu", False, True, torch.float16),
+]
+
+
+def _train_inputs(bias, dtype, seed, T=19, H=24, I=12, E=6, k=3):
+    ids = router_ids(T, k, E, seed=seed, drop=0.25)
+    ts = [
+        randn(T, H, seed=seed + 1),
+        randn(E, 2 * I, H, seed=seed + 2, scale=0.4),
+        randn(E, H, I, seed=seed + 3, scale=0.4),
+        torch.rand(T, k, generator=gen(seed + 4)) + 0.1,
+    ]
+    if bias:
+        ts += [randn(E, 2 * I, seed=seed + 5), randn(E, H, seed=seed + 6)]
+    return [t.to(dtype) for t in ts], ids
+
+
+@pytest.mark.skipif("cpu" not in backends(), reason="the cpu backend is not available")
+@pytest.mark.parametrize("activation,interleaved,bias,dtype", TRAIN_CASES)
+def test_cpu_keeps_pre_activation_for_backward(activation, interleaved, bias, dtype, debug_mode):
+    """A cpu call that records gradients runs moe_ffn_train and its backward reads the kept
+    pre-activation; output and every gradient equal, bit for bit, those of ``recompute=True``
+    (GEMM 1 re-run in the backward), whose graph is plain moe_ffn's."""
+    inputs, ids = _train_inputs(bias, dtype, seed=40)
+    go = randn(ids.shape[0], inputs[0].shape[1], seed=49).to(dtype)
+    runs = {}
+    for recompute in (False, True):
+        leaves = [leaf(t) for t in inputs]
+        bgu, bd = (leaves[4], leaves[5]) if bias else (None, None)
+        out = moe_kernels.moe_ffn(
+            *leaves[:4], ids, activation=activation, interleaved=interleaved, gate_up_bias=bgu,
+            down_bias=bd, alpha=1.5, limit=2.0, backend="cpu", recompute=recompute,
+        )  # fmt: skip
+        node = out.grad_fn.name()
+        out.backward(go)
+        runs[recompute] = (node, out.detach(), [t.grad for t in leaves])
+    assert "moe_ffn_train" in runs[False][0] and "moe_ffn_train" not in runs[True][0]
+    assert torch.equal(runs[False][1], runs[True][1])
+    assert torch.isfinite(runs[False][1]).all()
+    for name, g1, g2 in zip(GRAD_NAMES, runs[False][2], runs[True][2], strict=False):
+        assert torch.isfinite(g1).all(), name
+        assert torch.equal(g1, g2), name
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("activation,interleaved,bias,dtype", TRAIN_CASES)
+def test_train_op_pre_activation(backend, activation, interleaved, bias, dtype, debug_mode):
+    """moe_ffn_train: the output is moe_ffn's and ``pre`` holds each kept pair's pre-activation
+    (against the float64 reference), zeros for the dropped pairs, every element written."""
+    if backend == "cuda":
+        pytest.skip("moe_ffn_train has no CUDA kernel: the cuda backend re-runs GEMM 1")
+    dev = device_of(backend)
+    inputs, ids = _train_inputs(bias, dtype, seed=50)
+    args = [t.to(dev) for t in inputs]
+    bgu, bd = (args[4], args[5]) if bias else (None, None)
+    call = (*args[:4], ids.to(dev), bgu, bd, activation, 1.5, 2.0, interleaved)
+    out, pre = op("moe_ffn_train", backend)(*call)
+    assert pre.dtype == torch.float32 and pre.shape == (ids.numel(), args[1].shape[1])
+    assert torch.equal(out, op("moe_ffn", backend)(*call))
+    want = ref.moe_ffn_pre(*(to64(t)[0] if isinstance(t, torch.Tensor) else t for t in call))
+    dropped = ((ids < 0) | (ids >= args[1].shape[0])).reshape(-1).to(dev)
+    assert dropped.any() and (~dropped).any()
+    assert torch.equal(pre[dropped], torch.zeros_like(pre[dropped]))
+    assert_rel_close(pre.cpu().double(), want.cpu(), FP32_AGREE, "pre")
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_backward_saved_rejects_a_foreign_pre(backend):
+    """moe_ffn_backward_saved refuses a ``pre`` of the wrong shape or dtype (cpu and reference
+    read it; a family that re-runs GEMM 1 instead is not asked)."""
+    if backend not in ("cpu", REF):
+        pytest.skip("this backend re-runs GEMM 1 and does not read pre")
+    inputs, ids = _train_inputs(False, torch.float32, seed=60)
+    go = randn(ids.shape[0], inputs[0].shape[1], seed=61)
+    rest = (*inputs[:4], ids, None, None, "swiglu", 1.702, 7.0, False)
+    good = ref.moe_ffn_pre(*rest)
+    fn = op("moe_ffn_backward_saved", backend)
+    for bad in (good[:-1], good.double(), good.reshape(-1)):
+        with pytest.raises((RuntimeError, ValueError), match="pre"):
+            fn(go, bad, *rest)
+
+
+def test_reference_backward_saved_is_backward():
+    """The reference's backward from moe_ffn_train's pre equals its backward that recomputes."""
+    for activation, interleaved, bias, _ in TRAIN_CASES:
+        inputs, ids = _train_inputs(bias, F64, seed=70)
+        go = randn(ids.shape[0], inputs[0].shape[1], seed=71).double()
+        bgu, bd = (inputs[4], inputs[5]) if bias else (None, None)
+        rest = (*inputs[:4], ids, bgu, bd, activation, 1.5, 2.0, interleaved)
+        _, pre = ref.moe_ffn_train(*rest)
+        assert pre.dtype == F64
+        for g1, g2 in zip(
+            ref.moe_ffn_backward_saved(go, pre, *rest), ref.moe_ffn_backward(go, *rest), strict=True
+        ):
+            torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)

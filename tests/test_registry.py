@@ -131,6 +131,13 @@ def cases(op: str, device: str, forward_grad: bool):
             (go, x, wgu, wd, tw, ids, bgu, bd, "swiglu_oai", 1.702, 1.5, True),
             (go, x, wgu, wd, tw, ids, None, bd, "geglu", 1.702, 7.0, False),
         ]
+    if op == "moe_ffn_train":
+        return cases("moe_ffn", d, forward_grad)
+    if op == "moe_ffn_backward_saved":  # moe_ffn_backward's cases with moe_ffn_train's pre
+        return [
+            (c[0], moe_kernels.reference.moe_ffn_pre(*c[1:8]), *c[1:])
+            for c in cases("moe_ffn_backward", d, forward_grad)
+        ]
     raise KeyError(op)
 
 
@@ -219,7 +226,7 @@ def test_opcheck(family, op, device):
     if why:
         pytest.skip(why)
     fn = getattr(NS, op + FAMILIES[family])
-    forward = not op.endswith("_backward")
+    forward = "_backward" not in op
     for args in cases(op, device, forward_grad=forward):
         torch.library.opcheck(fn, args)
 

@@ -11,7 +11,8 @@
 //   4. per token, the k rows are summed in slot order in fp32 and cast to x's dtype.
 // Tasks are handed out dynamically, so empty experts cost nothing and skewed routing balances.
 //
-// Backward: GEMM 1 is re-run for the pre-activation; gh = grad_out[token] @ w_down[e] per row
+// Backward: GEMM 1 is re-run for the pre-activation (moe_ffn_backward), or the forward kept it
+// (moe_ffn_train, moe_ffn_backward_saved); gh = grad_out[token] @ w_down[e] per row
 // gives both the activation's gradient (times the routing weight) and the routing weight's
 // (<act, gh> + <grad_out, b_down>), so GEMM 2 is not re-run; then the weight gradients per expert
 // and grad_x through w_gate_up.  In a bf16 model the fp32 operands of these GEMMs enter them
@@ -216,12 +217,15 @@ struct Gemm1Job {
   const float* bias_gu;
   bool apply_act;
   float* out;
+  // apply_act: also the pre-activation [T*k, 2I] in pair order (row t*k + s), when not null
+  float* pre_pairs = nullptr;
+  const int64_t* pair_of_row;
   Operand X;
   std::vector<Task> tasks;
 
   Gemm1Job(const FfnArgs& a_, const Rows& rows, const at::Tensor& x, const at::Tensor& w,
            const float* bias, bool act, float* o)
-      : a(a_), w_gate_up(w), bias_gu(bias), apply_act(act), out(o) {
+      : a(a_), w_gate_up(w), bias_gu(bias), apply_act(act), out(o), pair_of_row(rows.pair.data()) {
     // one column of h reads a gate and an up row of w_gate_up
     const int64_t nb =
         forward_col_block(rows, a.I, 64, 2 * a.H * w.element_size(), w.scalar_type());
@@ -251,10 +255,15 @@ struct Gemm1Job {
       const float* cu = cg + nbt;
       if (apply_act) {
         float* h = out + (t.m0 + m) * I + t.n0;
+        float* p = pre_pairs ? pre_pairs + pair_of_row[t.m0 + m] * 2 * I : nullptr;
         for (int64_t j = 0; j < nbt; ++j) {
           const float g = cg[j] + (bg ? bg[cols[j]] : 0.f);
           const float u = cu[j] + (bg ? bg[cols[nbt + j]] : 0.f);
           h[j] = act_forward(a.act, g, u);
+          if (p != nullptr) {
+            p[cols[j]] = g;
+            p[cols[nbt + j]] = u;
+          }
         }
       } else {
         float* p = out + (t.m0 + m) * 2 * I;
@@ -360,17 +369,33 @@ void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* val
                    });
 }
 
-at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                       const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                       const std::optional<at::Tensor>& gate_up_bias,
-                       const std::optional<at::Tensor>& down_bias, c10::string_view activation,
-                       double alpha, double limit, bool interleaved) {
-  const FfnArgs a = check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
-                              activation, alpha, limit, interleaved);
+// The forward; pre (moe_ffn_train): a [T*k, 2I] fp32 tensor that receives the pre-activation of
+// every kept pair, zeros for the dropped ones, or undefined.
+at::Tensor ffn_forward(const FfnArgs& a, const at::Tensor& x, const at::Tensor& w_gate_up,
+                       const at::Tensor& w_down, const at::Tensor& topk_weights,
+                       const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_up_bias,
+                       const std::optional<at::Tensor>& down_bias, at::Tensor pre) {
   at::Tensor out = new_output({a.T, a.H}, x.options());
-  if (a.T == 0 || a.H == 0) return out;
+  if (a.T == 0) return out;
   PhaseTimer timer;
   const Rows rows = sort_rows(topk_ids, a.E, a.k);
+  if (pre.defined()) {
+    // the dropped pairs' rows; with H = 0, every row (the bias alone); GEMM 1 writes the others
+    float* pp = pre.data_ptr<float>();
+    const at::Tensor bgu = a.H == 0 ? to_f32_contig(gate_up_bias) : at::Tensor();
+    for (int64_t i = 0; i < a.T * a.k; ++i) {
+      const int64_t r = rows.row_of_pair[i];
+      if (r >= 0 && a.H > 0) continue;
+      float* row = pp + i * 2 * a.I;
+      if (r >= 0 && bgu.defined()) {
+        const float* b = bgu.data_ptr<float>() + expert_of_row(rows, r) * 2 * a.I;
+        std::copy(b, b + 2 * a.I, row);
+      } else {
+        std::fill(row, row + 2 * a.I, 0.f);
+      }
+    }
+  }
+  if (a.H == 0) return out;
   if (rows.R == 0) {
     out.zero_();
     return out;
@@ -383,8 +408,9 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
   at::Tensor h = at::empty({rows.R, a.I}, x.options().dtype(at::kFloat));
   at::Tensor y = at::empty({rows.R, a.H}, x.options().dtype(at::kFloat));
   timer.lap("setup");
-  const Gemm1Job j1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
-                    h.data_ptr<float>());
+  Gemm1Job j1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
+              h.data_ptr<float>());
+  if (pre.defined()) j1.pre_pairs = pre.data_ptr<float>();
   const Gemm2Job j2(a, rows, h.data_ptr<float>(), w_down,
                     bd.defined() ? bd.data_ptr<float>() : nullptr, row_w.data(),
                     y.data_ptr<float>(), x.scalar_type() == at::kFloat ? 3 : 1);
@@ -395,6 +421,31 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const a
   combine(rows, tokens, a.k, a.H, y.data_ptr<float>(), out);
   timer.lap("combine");
   return out;
+}
+
+at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                       const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                       const std::optional<at::Tensor>& gate_up_bias,
+                       const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                       double alpha, double limit, bool interleaved) {
+  const FfnArgs a = check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                              activation, alpha, limit, interleaved);
+  return ffn_forward(a, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                     at::Tensor());
+}
+
+// moe_ffn's output and the pre-activation its backward needs (moe_ffn_backward_saved).
+std::tuple<at::Tensor, at::Tensor> moe_ffn_train_cpu(
+    const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+    const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias,
+    c10::string_view activation, double alpha, double limit, bool interleaved) {
+  const FfnArgs a = check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
+                              activation, alpha, limit, interleaved);
+  at::Tensor pre = new_output({a.T * a.k, 2 * a.I}, x.options().dtype(at::kFloat));
+  at::Tensor out =
+      ffn_forward(a, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias, pre);
+  return {out, pre};
 }
 
 // bias gradient: grad[e][n] = sum over the expert's rows of G[r, n] (rows in order).
@@ -428,14 +479,25 @@ void data_grad(const Rows& rows, const Operand& G, const at::Tensor& w, float* o
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate_up,
-                     const at::Tensor& w_down, const at::Tensor& topk_weights,
-                     const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_up_bias,
-                     const std::optional<at::Tensor>& down_bias, c10::string_view activation,
-                     double alpha, double limit, bool interleaved) {
+using FfnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward; saved: moe_ffn_train's pre-activation [T*k, 2I] (fp32), or undefined (GEMM 1 is
+// re-run).
+FfnGrads ffn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& x,
+                      const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                      const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                      const std::optional<at::Tensor>& gate_up_bias,
+                      const std::optional<at::Tensor>& down_bias, c10::string_view activation,
+                      double alpha, double limit, bool interleaved) {
   const FfnArgs a = check_ffn(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, down_bias,
                               activation, alpha, limit, interleaved);
+  if (saved.defined()) {
+    check_cpu(saved, "pre");
+    TORCH_CHECK(saved.scalar_type() == at::kFloat && saved.dim() == 2 &&
+                    saved.size(0) == a.T * a.k && saved.size(1) == 2 * a.I,
+                "moe_kernels (cpu): pre must be moe_ffn_train's float32 [T*k=", a.T * a.k,
+                ", 2I=", 2 * a.I, "], got ", saved.scalar_type(), " ", saved.sizes());
+  }
   check_cpu(grad_out, "grad_out");
   check_float(grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == a.T && grad_out.size(1) == a.H,
@@ -466,9 +528,14 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   std::vector<float> row_w(R);
   for (int64_t r = 0; r < R; ++r) row_w[r] = twp[rows.pair[r]];
   if (R > 0) {
-    gemm1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, false, prep);
+    const at::Tensor sv = saved.defined() ? saved.contiguous() : at::Tensor();
+    const float* svp = sv.defined() ? sv.data_ptr<float>() : nullptr;
+    if (svp == nullptr)
+      gemm1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, false, prep);
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
+        if (svp != nullptr)  // the forward's pre-activation, into expert-sorted order
+          std::copy(svp + rows.pair[r] * 2 * I, svp + (rows.pair[r] + 1) * 2 * I, prep + r * 2 * I);
         for (int64_t j = 0; j < I; ++j)
           hp[r * I + j] =
               act_forward(a.act, prep[r * 2 * I + gate_col(a, j)], prep[r * 2 * I + up_col(a, j)]);
@@ -576,11 +643,36 @@ moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::
   return {grad_x, grad_wgu, grad_wd, grad_tw, grad_bgu, grad_bd};
 }
 
+FfnGrads moe_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                              const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                              const std::optional<at::Tensor>& gate_up_bias,
+                              const std::optional<at::Tensor>& down_bias,
+                              c10::string_view activation, double alpha, double limit,
+                              bool interleaved) {
+  return ffn_backward(grad_out, at::Tensor(), x, w_gate_up, w_down, topk_weights, topk_ids,
+                      gate_up_bias, down_bias, activation, alpha, limit, interleaved);
+}
+
+FfnGrads moe_ffn_backward_saved_cpu(const at::Tensor& grad_out, const at::Tensor& pre,
+                                    const at::Tensor& x, const at::Tensor& w_gate_up,
+                                    const at::Tensor& w_down, const at::Tensor& topk_weights,
+                                    const at::Tensor& topk_ids,
+                                    const std::optional<at::Tensor>& gate_up_bias,
+                                    const std::optional<at::Tensor>& down_bias,
+                                    c10::string_view activation, double alpha, double limit,
+                                    bool interleaved) {
+  return ffn_backward(grad_out, pre, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias,
+                      down_bias, activation, alpha, limit, interleaved);
+}
+
 }  // namespace
 
 void register_moe_ffn(torch::Library& m) {
   m.impl("moe_ffn", &moe_ffn_cpu);
   m.impl("moe_ffn_backward", &moe_ffn_backward_cpu);
+  m.impl("moe_ffn_train", &moe_ffn_train_cpu);
+  m.impl("moe_ffn_backward_saved", &moe_ffn_backward_saved_cpu);
 }
 
 }  // namespace moe_kernels::cpu
