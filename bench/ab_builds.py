@@ -102,11 +102,12 @@ for line in sys.stdin:
             state["call"] = lambda: bwd(state["grad"], *state["args"], *extra)
         else:
             state["call"] = lambda: mk.moe_ffn(*state["args"], backend="cpu")
+        state["pass"] = msg["pass"]
         with torch.inference_mode(msg["pass"] != "step"):
             state["call"]()
         print(json.dumps({"bytes": state["bytes"]}), flush=True)
     elif msg["cmd"] == "time":
-        with torch.inference_mode(msg["pass"] != "step"):
+        with torch.inference_mode(state["pass"] != "step"):
             if msg["evict"]:
                 evict_buf.add_(1.0)
             t0 = time.perf_counter()
