@@ -126,25 +126,39 @@ MOE_AVX512 int split_bf16(int64_t M, int64_t K, const float* a, int64_t lda, uin
   return std::min(terms, max_terms);
 }
 
-template <int MM>
-MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, int terms,
-                                    const float* a, int64_t lda, const char* const* bp, float* C,
-                                    int64_t ldc, const char* const* pf) {
+MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
+  __m512bh r;
+  std::memcpy(&r, &v, 64);
+  return r;
+}
+
+// MM token rows x NN = 4 weight rows; the loops over the tile are unrolled (TERMS a template
+// argument) so that the 4 MM accumulators stay in registers.
+template <int MM, int TERMS>
+MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, const float* a,
+                                    int64_t lda, const char* const* bp, float* C, int64_t ldc,
+                                    const char* const* pf) {
   constexpr int NN = 4;
   __m512 acc[MM][NN];
+#pragma GCC unroll 4
   for (int i = 0; i < MM; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < NN; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t k32 = K / 32 * 32;
   for (int64_t k = 0; k < k32; k += 32) {
     if (pf != nullptr) {
+#pragma GCC unroll 4
       for (int j = 0; j < NN; ++j) _mm_prefetch(pf[j] + k * 2, _MM_HINT_T1);
     }
     __m512bh w[NN];
-    for (int j = 0; j < NN; ++j) std::memcpy(&w[j], bp[j] + k * 2, 64);
+#pragma GCC unroll 4
+    for (int j = 0; j < NN; ++j) w[j] = as_bh(_mm512_loadu_si512(bp[j] + k * 2));
+#pragma GCC unroll 4
     for (int i = 0; i < MM; ++i) {
-      for (int t = 0; t < terms; ++t) {
-        __m512bh xv;
-        std::memcpy(&xv, xs + (i * kSplitTerms + t) * ldx + k, 64);
+#pragma GCC unroll 3
+      for (int t = 0; t < TERMS; ++t) {
+        const __m512bh xv = as_bh(_mm512_loadu_si512(xs + (i * kSplitTerms + t) * ldx + k));
+#pragma GCC unroll 4
         for (int j = 0; j < NN; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, w[j]);
       }
     }
@@ -153,6 +167,17 @@ MOE_AVX512BF16 void dot_tile_dpbf16(int64_t K, const uint16_t* xs, int64_t ldx, 
     for (int j = 0; j < NN; ++j) {
       C[i * ldc + j] = dot_tail(hsum16(acc[i][j]), a + i * lda, bp[j], DType::kBF16, k32, K);
     }
+  }
+}
+
+template <int MM>
+void dot_tile_dpbf16_terms(int terms, int64_t K, const uint16_t* xs, int64_t ldx, const float* a,
+                           int64_t lda, const char* const* bp, float* C, int64_t ldc,
+                           const char* const* pf) {
+  switch (terms) {
+    case 1: return dot_tile_dpbf16<MM, 1>(K, xs, ldx, a, lda, bp, C, ldc, pf);
+    case 2: return dot_tile_dpbf16<MM, 2>(K, xs, ldx, a, lda, bp, C, ldc, pf);
+    default: return dot_tile_dpbf16<MM, 3>(K, xs, ldx, a, lda, bp, C, ldc, pf);
   }
 }
 
@@ -169,11 +194,16 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
       [&](int64_t n, const char* const* bp, const char* const* pf) {
         int64_t m = 0;
         for (; m + 4 <= M; m += 4)
-          dot_tile_dpbf16<4>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
-                             C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
-        for (; m < M; ++m)
-          dot_tile_dpbf16<1>(K, xs + m * kSplitTerms * ldx, ldx, terms, a + m * lda, lda, bp,
-                             C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
+          dot_tile_dpbf16_terms<4>(terms, K, xs + m * kSplitTerms * ldx, ldx, a + m * lda, lda, bp,
+                                   C + m * ldc + n, ldc, m == 0 ? pf : nullptr);
+        // the last 1-3 token rows in one tile (each weight row read once more, not 1-3 times)
+        const uint16_t* xr = xs + m * kSplitTerms * ldx;
+        const float* ar = a + m * lda;
+        float* cr = C + m * ldc + n;
+        const char* const* pr = m == 0 ? pf : nullptr;
+        if (M - m == 3) dot_tile_dpbf16_terms<3>(terms, K, xr, ldx, ar, lda, bp, cr, ldc, pr);
+        if (M - m == 2) dot_tile_dpbf16_terms<2>(terms, K, xr, ldx, ar, lda, bp, cr, ldc, pr);
+        if (M - m == 1) dot_tile_dpbf16_terms<1>(terms, K, xr, ldx, ar, lda, bp, cr, ldc, pr);
       },
       // the last 1-3 weight rows, one at a time
       [&](int64_t n) { dot_row_bf16(M, K, a, lda, B.shifted(n, 0), C + n, ldc); });
@@ -189,12 +219,6 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
 // packing once and then reads the weights at 2 bytes per 2 x kTw FLOPs.  The register tile is NR
 // weight rows x 16 TZ tokens (TZ = 1-4) with fp32 accumulators over the whole of K.
 constexpr int64_t kTw = 64;  // tokens per block at most (four zmm of dwords)
-
-MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
-  __m512bh r;
-  std::memcpy(&r, &v, 64);
-  return r;
-}
 
 // Lanes [0, n) of 16 from or to memory (n <= 16): the lanes past n read as zero and are never
 // written.  Not masked loads and stores: SIMDe's portable ones, which the emulated kernel check
