@@ -559,7 +559,10 @@ MOE_AVX512BF16 inline __m256i bf16x16(__m512 v) {
   store_bf16x16(round_bf16(v), t);
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
 #else
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  __m256i r;
+  std::memcpy(&r, &b, 32);
+  return r;
 #endif
 }
 MOE_AVX512BF16 inline void store_bf16_n(uint16_t* p, __m512 v, int64_t n) {
