@@ -228,10 +228,11 @@ int main(int argc, char** argv) {
       for (int64_t n = 0; n < ldc; ++n) {
         const uint16_t want = took && n < N ? bf16_rne(C[m * ldc + n]) : kPoison;
         if (Cb[m * ldc + n] != want) {
-          std::printf("case %d (M %ld N %ld K %ld, B layout %d): gemm_nt_bf16 %s C[%ld, %ld] = "
-                      "0x%04x, want 0x%04x\n",
-                      c, (long)M, (long)N, (long)K, blay, took ? "took the call," : "declined,",
-                      (long)m, (long)n, Cb[m * ldc + n], want);
+          std::printf(
+              "case %d (M %ld N %ld K %ld, B layout %d): gemm_nt_bf16 %s C[%ld, %ld] = "
+              "0x%04x, want 0x%04x\n",
+              c, (long)M, (long)N, (long)K, blay, took ? "took the call," : "declined,", (long)m,
+              (long)n, Cb[m * ldc + n], want);
           if (++failures >= 5) break;
         }
       }
