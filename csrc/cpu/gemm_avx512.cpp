@@ -320,6 +320,11 @@ MOE_AVX512 int pack_tokens_f32(int64_t mb, int64_t K, const float* a, int64_t ld
   return terms;
 }
 
+// Pairs ahead whose two source rows a bf16 packing prefetches: it reads two interleaved row
+// streams, which the hardware prefetchers alone do not keep at the core's read rate
+// (bench/NOTES.md v22).
+constexpr int64_t kPackAhead = 2;
+
 // pack_tokens' contract for fp32 or bf16 rows that lie next to each other in memory (s0 == 1,
 // no gather: a [K, N] weight as stored, read along N, or the transposed activations of a weight
 // gradient), for n rows split into blocks of bs (a multiple of 16): block b, at
@@ -344,6 +349,11 @@ MOE_AVX512 int pack_cols_blocked(int64_t n, int64_t K, const Operand& A, int64_t
         const int64_t nl = std::clamp<int64_t>(n - col, 0, 16), ns = std::min<int64_t>(wb - j, 16);
         if (A.dt == DType::kBF16) {
           const uint16_t* r0 = static_cast<const uint16_t*>(A.p) + k0 * s1 + col;
+          if ((col & 31) == 0 && p + kPackAhead < P) {
+            _mm_prefetch(reinterpret_cast<const char*>(r0 + 2 * kPackAhead * s1), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(r0 + (2 * kPackAhead + 1) * s1),
+                         _MM_HINT_T0);
+          }
           const __m512i lo = load_bf16_bits_n(r0, nl);
           const __m512i hi =
               pair ? _mm512_slli_epi32(load_bf16_bits_n(r0 + s1, nl), 16) : _mm512_setzero_si512();
