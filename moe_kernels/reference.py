@@ -452,12 +452,20 @@ def _expert_pairs(topk_ids: torch.Tensor, E: int):
             yield e, pairs
 
 
-def _expert_forward(x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt):
-    """GEMM 1 -> activation -> GEMM 2 of expert ``e`` for the tokens ``tok``: (x_e, h, a, o)."""
-    xe = x[tok].to(cdt)
+def _expert_pre(xe, w_gate_up, gate_up_bias, e, cdt):
+    """GEMM 1 of expert ``e`` (with its bias) on its tokens' rows ``xe``: the pre-activation."""
     h = xe @ w_gate_up[e].to(cdt).t()
     if gate_up_bias is not None:
         h = h + gate_up_bias[e].to(cdt)
+    return h
+
+
+def _expert_forward(x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt, h=None):
+    """GEMM 1 (unless its result ``h`` is given) -> activation -> GEMM 2 of expert ``e`` for the
+    tokens ``tok``: (x_e, h, a, o)."""
+    xe = x[tok].to(cdt)
+    if h is None:
+        h = _expert_pre(xe, w_gate_up, gate_up_bias, e, cdt)
     a = gated_activation(h, *act_args)
     o = a @ w_down[e].to(cdt).t()
     if down_bias is not None:
@@ -522,9 +530,7 @@ def moe_ffn_pre(x, w_gate_up, w_down, topk_weights, topk_ids, gate_up_bias, *_):
     k = topk_ids.shape[1]
     pre = torch.zeros(topk_ids.numel(), w_gate_up.shape[1], dtype=_pre_dtype(x), device=x.device)
     for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
-        h = x[pairs // k].to(cdt) @ w_gate_up[e].to(cdt).t()
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].to(cdt)
+        h = _expert_pre(x[pairs // k].to(cdt), w_gate_up, gate_up_bias, e, cdt)
         pre[pairs] = h.to(pre.dtype)
     return pre
 
@@ -677,14 +683,11 @@ def _moe_ffn_backward(
     act_args = (activation, alpha, limit, interleaved)
     for e, pairs in _expert_pairs(topk_ids, w_gate_up.shape[0]):
         tok = pairs // k
+        kept = None if pre is None else pre[pairs].to(cdt)  # h as the forward kept it
         xe, h, a, o = _expert_forward(
-            x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt
+            x, w_gate_up, w_down, gate_up_bias, down_bias, e, tok, act_args, cdt, kept
         )
         wgu, wd = w_gate_up[e].to(cdt), w_down[e].to(cdt)
-        if pre is not None:  # h as the forward kept it
-            h = pre[pairs].to(cdt)
-            a = gated_activation(h, *act_args)
-            o = a @ wd.t() + (0 if down_bias is None else down_bias[e].to(cdt))
         g = G[tok]
         dw[pairs] = (g * o).sum(dim=-1)
         go = g * w[pairs, None]
