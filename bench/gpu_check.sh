@@ -55,6 +55,24 @@ MOE_KERNELS_REQUIRE_BACKENDS=reference,cuda,triton MOE_KERNELS_REQUIRE_BUILT=_C,
   --ignore=test_workflows.py --ignore=test_cpu_isa_env.py --ignore=test_cli.py \
   --junitxml="$OUT/junit.xml" "${test_args[@]}" >"$OUT/tests.log" 2>&1
 rc=$?
+# A test that kills its worker (a segfault or abort) is rerun alone, in one process, so that its
+# log shows where: Python's faulthandler traceback, and gdb's native backtrace where gdb exists.
+mapfile -t crashed < <(grep -o "crashed while running '[^']*'" "$OUT/tests.log" | cut -d"'" -f2 |
+  sort -u | head -n 4)
+for i in "${!crashed[@]}"; do
+  id="${crashed[$i]}"
+  stamp "rerun alone (crashed a worker): $id"
+  env_run=(env MOE_KERNELS_TEST_INSTALLED=1 PYTHONFAULTHANDLER=1 timeout 120)
+  if command -v gdb >/dev/null; then
+    "${env_run[@]}" gdb -q -batch -ex run -ex "bt 30" -ex "info registers rip" \
+      --args "$PY" -m pytest -q -p no:cacheprovider -x "$id" >"$OUT/crash-$i.log" 2>&1
+  else
+    "${env_run[@]}" "$PY" -m pytest -q -p no:cacheprovider -x "$id" >"$OUT/crash-$i.log" 2>&1
+  fi
+  echo "   rc=$?"
+  grep -E "Fatal Python|Segmentation|SIG|^#[0-9]+ |File \"|passed|failed" "$OUT/crash-$i.log" |
+    cut -c1-200 | head -n 40
+done
 cd "$ROOT" || exit 1
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -60
 tail -n 25 "$OUT/tests.log"
