@@ -51,6 +51,8 @@ def test_isa_path(isa):
     env = dict(os.environ, MOE_KERNELS_DEBUG="1", MOE_KERNELS_TEST_BACKENDS="cpu")
     if isa == "brgemm":
         env["MOE_KERNELS_CPU_BRGEMM"] = "1"
+        # passes of two token blocks: the tests' small K would put every block in one pass
+        env["MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS"] = "64"
         env.pop("MOE_KERNELS_CPU_ISA", None)
     else:
         env["MOE_KERNELS_CPU_ISA"] = isa

@@ -7,8 +7,9 @@
 // A operand is never packed).  Only the token rows are re-laid out, kTok at a time, as brgemm's B
 // operand [K, kTok] (gemm_pack_tokens: bf16 terms in the VNNI layout; fp32 rows as up to three
 // terms, multiplied one after the other into the same fp32 accumulator), once per block of tokens
-// and call.  So no weight is converted, transposed or packed per call, and brgemm sees (rows <=
-// kRows, kTok, K) shapes only: a handful of generated kernels per process.
+// and call, a pass of blocks at a time (pass_tokens).  So no weight is converted, transposed or
+// packed per call, and brgemm sees (rows <= kRows, kTok, K) shapes only: a handful of generated
+// kernels per process.
 //
 // When it is used (MOE_KERNELS_CPU_BRGEMM, read once per process): "auto" (default) when the ISA
 // level is amx and cpublas::could_pack(bf16) (oneDNN's ukernel with AMX) and the packed kernel
@@ -127,43 +128,77 @@ int64_t weight_run(const Operand& B, int64_t n0, int64_t N, int64_t K, int64_t* 
   return len;
 }
 
+// Tokens per pass of gemm_nt_brgemm (a multiple of kTok): the pass's token blocks are packed
+// first, then every weight run passes over all of them, so a run (kRows x K bf16, at most ~1 MiB)
+// is read from memory once per pass and from L2 for the pass's other blocks, where a pass of one
+// block would read the weights from memory once per kTok tokens: 2 x kTok FLOPs per weight byte,
+// less than AMX's rate needs from DRAM.  The pass's packing takes at most kPassBytes (the L2 of
+// AMX CPUs is 2 MiB a core); MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS (a tuning knob, read once)
+// overrides it.
+constexpr int64_t kPassBytes = int64_t{1} << 20;
+
+int64_t pass_tokens(int64_t K, int max_terms) {
+  static const int64_t knob = [] {
+    const char* s = std::getenv("MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS");
+    return s && *s ? std::max<int64_t>(std::atoll(s), 0) : int64_t{0};
+  }();
+  if (knob > 0) return (knob + kTok - 1) / kTok * kTok;
+  const int64_t block_bytes = max_terms * ((K + 1) / 2) * kTok * int64_t{4};
+  return std::max<int64_t>(1, kPassBytes / block_bytes) * kTok;
+}
+
 bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
                     int64_t ldc) {
   const Route r = route();
   if (r == Route::kOff || B.dt != DType::kBF16 || B.s1 != 1 || K % 2 != 0) return false;
   const bool vnni = r == Route::kVnni;
   const int64_t P = K / 2;
+  const int max_terms = A.bf16_terms();
+  const int64_t pass = std::min(pass_tokens(K, max_terms), (M + kTok - 1) / kTok * kTok);
+  const int64_t nblk = pass / kTok;
+  const int64_t slab = P * kTok;  // dwords of one term of one block
   thread_local std::vector<uint32_t> x_buf;
   thread_local std::vector<bf16> plain_buf;
   thread_local std::vector<float> c_buf;
-  uint32_t* xp = grow(x_buf, 3 * P * kTok);
+  thread_local std::vector<const bf16*> b_ptrs;
+  thread_local std::vector<int> b_terms;
+  uint32_t* xp = grow(x_buf, nblk * max_terms * slab);
   float* c = grow(c_buf, kRows * kTok);
-  const bf16* bt[3];
-  for (int64_t m0 = 0; m0 < M; m0 += kTok) {
-    const int64_t mb = std::min(kTok, M - m0);
-    const int terms = gemm_pack_tokens(mb, K, A.shifted(m0, 0), kTok, xp);
-    for (int t = 0; t < terms; ++t) {
-      const auto* v = reinterpret_cast<const uint16_t*>(xp + t * P * kTok);
-      if (vnni) {
-        bt[t] = reinterpret_cast<const bf16*>(v);
-        continue;
+  const bf16** bt = grow(b_ptrs, nblk * 3);
+  int* terms = grow(b_terms, nblk);
+  bf16* plain = vnni ? nullptr : grow(plain_buf, nblk * 3 * K * kTok);
+  for (int64_t p0 = 0; p0 < M; p0 += pass) {
+    const int64_t nb = std::min(nblk, (M - p0 + kTok - 1) / kTok);  // blocks in this pass
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t m0 = p0 + b * kTok;
+      uint32_t* xb = xp + b * max_terms * slab;
+      terms[b] = gemm_pack_tokens(std::min(kTok, M - m0), K, A.shifted(m0, 0), kTok, xb);
+      for (int t = 0; t < terms[b]; ++t) {
+        const auto* v = reinterpret_cast<const uint16_t*>(xb + t * slab);
+        if (vnni) {
+          bt[b * 3 + t] = reinterpret_cast<const bf16*>(v);
+          continue;
+        }
+        // plain [K, kTok] for torch's reference brgemm: element (k, j) of the VNNI pairs
+        bf16* pl = plain + (b * 3 + t) * K * kTok;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < kTok; ++j)
+            std::memcpy(&pl[k * kTok + j], &v[((k / 2) * kTok + j) * 2 + (k & 1)], 2);
+        bt[b * 3 + t] = pl;
       }
-      // plain [K, kTok] for torch's reference brgemm: element (k, j) of the VNNI pairs
-      bf16* pl = grow(plain_buf, 3 * K * kTok) + t * K * kTok;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < kTok; ++j)
-          std::memcpy(&pl[k * kTok + j], &v[((k / 2) * kTok + j) * 2 + (k & 1)], 2);
-      bt[t] = pl;
     }
     for (int64_t n0 = 0; n0 < N;) {
       int64_t lda = K;
       const int64_t len = weight_run(B, n0, N, K, &lda);
       const auto* w = reinterpret_cast<const bf16*>(gemm_detail::row_ptr(B, n0));
-      for (int t = 0; t < terms; ++t)
-        at::native::cpublas::brgemm(len, kTok, K, lda, kTok, kTok, /*add_C=*/t > 0, w, bt[t], c,
-                                    vnni);
-      for (int64_t j = 0; j < mb; ++j)
-        for (int64_t i = 0; i < len; ++i) C[(m0 + j) * ldc + n0 + i] = c[i * kTok + j];
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t m0 = p0 + b * kTok, mb = std::min(kTok, M - m0);
+        for (int t = 0; t < terms[b]; ++t)
+          at::native::cpublas::brgemm(len, kTok, K, lda, kTok, kTok, /*add_C=*/t > 0, w,
+                                      bt[b * 3 + t], c, vnni);
+        for (int64_t j = 0; j < mb; ++j)
+          for (int64_t i = 0; i < len; ++i) C[(m0 + j) * ldc + n0 + i] = c[i * kTok + j];
+      }
       n0 += len;
     }
   }
