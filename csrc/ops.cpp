@@ -132,6 +132,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_brgemm_route", &moe_kernels::cpu::brgemm_route_name,
         "The brgemm route of bf16 weights with many rows (after MOE_KERNELS_CPU_BRGEMM): "
         "'vnni' (oneDNN's packed kernel, AMX), 'plain' (forced, reference brgemm) or 'off'.");
+  m.def(
+      "cpu_cache_info",
+      [] {
+        const auto i = moe_kernels::cpu::block_cache_info();
+        py::dict d;
+        d["cached_bytes"] = i.cached_bytes;
+        d["cached_blocks"] = i.cached_blocks;
+        d["limit_bytes"] = i.limit_bytes;
+        d["min_bytes"] = i.min_bytes;
+        return d;
+      },
+      "The CPU ops' block cache of large tensors: bytes and blocks cached (freed, kept for reuse), "
+      "its limit (MOE_KERNELS_CPU_CACHE_MB) and the smallest tensor it serves, in bytes.");
+  m.def("cpu_cache_empty", &moe_kernels::cpu::block_cache_empty,
+        "Unmap every block the CPU ops' block cache holds (tensors in use are not affected).");
   m.def("set_debug_mode", &moe_kernels::cpu::set_debug_mode, py::arg("on"),
         "Switch the CPU kernels' debug mode (NaN / INT_MIN-poisoned outputs); its initial value "
         "is MOE_KERNELS_DEBUG's at load.  Use moe_kernels._debug.set_debug_mode, which switches "

@@ -31,6 +31,7 @@ from . import (
 )
 from ._api import grouped_gemm, moe_ffn, permute, route, topk_gating, unpermute
 from ._backends import BackendUnavailableError, available_backends, use_backend
+from ._memory import cpu_cache_info, empty_cpu_cache
 from ._precision import set_fp32_precision
 from .layers import MoE
 from .plan import RoutingPlan
@@ -42,6 +43,8 @@ __all__ = [
     "MoE",
     "RoutingPlan",
     "available_backends",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "grouped_gemm",
     "losses",
     "moe_ffn",

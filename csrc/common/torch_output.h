@@ -20,13 +20,22 @@ inline bool debug_from_env() {
 // An output every element of which the kernels write.  In debug mode it starts filled with NaN
 // (floats), INT_MIN (int32 / int64) or a value that fits narrower types, so that an element a
 // kernel fails to write shows up in the tests.
+// The debug mode's fill of an output (see output_tensor).
+inline void poison(at::Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  if (at::isFloatingType(s)) {
+    t.fill_(std::numeric_limits<float>::quiet_NaN());
+  } else if (s == at::kInt || s == at::kLong) {
+    t.fill_(std::numeric_limits<int32_t>::min());
+  } else {
+    t.fill_(s == at::kBool ? 1 : 0x5a);
+  }
+}
+
 inline at::Tensor output_tensor(at::IntArrayRef sizes, const at::TensorOptions& opts, bool debug) {
-  if (!debug) return at::empty(sizes, opts);
-  const at::ScalarType t = opts.dtype().toScalarType();
-  if (at::isFloatingType(t)) return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), opts);
-  if (t == at::kInt || t == at::kLong)
-    return at::full(sizes, std::numeric_limits<int32_t>::min(), opts);
-  return at::full(sizes, t == at::kBool ? 1 : 0x5a, opts);
+  at::Tensor t = at::empty(sizes, opts);
+  if (debug) poison(t);
+  return t;
 }
 
 }  // namespace moe_kernels

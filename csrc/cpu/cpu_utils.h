@@ -31,8 +31,19 @@ TestFault test_fault();
 // name: "" (off), "permute" or "moe_ffn"; anything else raises ValueError.
 void set_test_fault(const std::string& name);
 
-// Output tensor of the given shape; every element must be written by the kernel.
+// Output tensor of the given shape; every element must be written by the kernel.  Contiguous;
+// large ones come from the block cache below.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
+// Scratch tensor of a kernel (not poisoned in debug mode), from the block cache when large.
+at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
+// The block cache of large CPU tensors (cpu_utils.cpp): its cached (freed, kept) bytes and
+// blocks, its limit, and a call that unmaps every cached block.
+struct BlockCacheInfo {
+  int64_t cached_bytes, cached_blocks, limit_bytes, min_bytes;
+};
+BlockCacheInfo block_cache_info();
+void block_cache_empty();
 // Output tensor that starts as zeros (kernels that only write some elements).
 at::Tensor new_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts);
 

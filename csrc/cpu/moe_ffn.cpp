@@ -405,8 +405,8 @@ at::Tensor ffn_forward(const FfnArgs& a, const at::Tensor& x, const at::Tensor& 
   const float* twp = tw.data_ptr<float>();
   std::vector<float> row_w(rows.R);
   for (int64_t r = 0; r < rows.R; ++r) row_w[r] = twp[rows.pair[r]];
-  at::Tensor h = at::empty({rows.R, a.I}, x.options().dtype(at::kFloat));
-  at::Tensor y = at::empty({rows.R, a.H}, x.options().dtype(at::kFloat));
+  at::Tensor h = new_buffer({rows.R, a.I}, x.options().dtype(at::kFloat));
+  at::Tensor y = new_buffer({rows.R, a.H}, x.options().dtype(at::kFloat));
   timer.lap("setup");
   Gemm1Job j1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
               h.data_ptr<float>());
@@ -519,8 +519,8 @@ FfnGrads ffn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const
   const float* gop = go.data_ptr<float>();
 
   // Recompute the forward's pre-activation and activation in expert-sorted order.
-  at::Tensor pre = at::empty({R, 2 * I}, f32), hact = at::empty({R, I}, f32);
-  at::Tensor gy = at::empty({R, H}, f32), gh = at::empty({R, I}, f32);
+  at::Tensor pre = new_buffer({R, 2 * I}, f32), hact = new_buffer({R, I}, f32);
+  at::Tensor gy = new_buffer({R, H}, f32), gh = new_buffer({R, I}, f32);
   float* prep = pre.data_ptr<float>();
   float* hp = hact.data_ptr<float>();
   float* gyp = gy.data_ptr<float>();
@@ -608,7 +608,7 @@ FfnGrads ffn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const
   timer.lap("grad_pre");
 
   // grad_w_gate_up[e] = ggu^T x_rows; grad_gate_up_bias[e] = sum ggu
-  at::Tensor xg = at::empty({R, H}, f32);
+  at::Tensor xg = new_buffer({R, H}, f32);
   float* xgp = xg.data_ptr<float>();
   if (R > 0) {
     const Operand X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
@@ -629,7 +629,7 @@ FfnGrads ffn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const
 
   timer.lap("grad_wgu");
   // grad_x[t] = sum_s (ggu @ w_gate_up[e])[row]  (slot order)
-  at::Tensor gxr = at::empty({R, H}, f32);
+  at::Tensor gxr = new_buffer({R, H}, f32);
   float* gxp = gxr.data_ptr<float>();
   if (R > 0) {
     Operand G = operand_f32(ggu, 2 * I, 1);
