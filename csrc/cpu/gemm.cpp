@@ -109,12 +109,20 @@ void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t 
   if (M > 0 && K > 0) kernels().load_a(M, K, A, dst, ld);
 }
 
+// Whether gemm_nt takes KernelSet::dot_n for these operands.
+bool takes_dot_n(const KernelSet& ks, int64_t M, const Operand& B) {
+  return ks.dot_n != nullptr && M <= ks.dot_n_max_m && B.dt == DType::kBF16 && B.s0 == 1 &&
+         B.s1 != 1 && B.gather == nullptr;
+}
+
 bool gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, uint16_t* C,
                   int64_t ldc) {
   // B.s1 != 1: the dot path and the brgemm route, which read a K-contiguous B, would not take
-  // the call either, so gemm_nt would hand it to the same wide route
+  // the call either, so gemm_nt would hand it to the same wide route (unless dot_n takes it:
+  // then gemm_nt's sums, converted by the caller, are the ones to return)
   if (M <= 0 || N <= 0 || K <= 0 || B.s1 == 1) return false;
   const KernelSet& ks = kernels();
+  if (takes_dot_n(ks, M, B)) return false;
   return ks.wide_bf16 != nullptr && ks.wide_bf16(M, N, K, A, B, C, ldc);
 }
 
@@ -133,6 +141,13 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     float* a = scratch(a_buf, M * lda);
     ks.load_a(M, K, A, a, lda);
     ks.dot(M, N, K, a, lda, B, C, ldc, A.bf16_terms());
+    return;
+  }
+  if (takes_dot_n(ks, M, B)) {
+    // Few rows against a weight stored along N: its stored rows streamed once, nothing packed.
+    float* a = scratch(a_buf, M * K);
+    ks.load_a(M, K, A, a, K);
+    ks.dot_n(M, N, K, a, K, B, C, ldc);
     return;
   }
   if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc)) return;

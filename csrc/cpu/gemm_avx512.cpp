@@ -716,6 +716,102 @@ bool gemm_nt_pairs_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const
   return gemm_nt_pairs(M, N, K, A, B, nullptr, 0, C, ldc);
 }
 
+// ---- Few rows against bf16 weights stored along N (the data gradients of small batches) ------
+//
+// B(n, k) with B.s0 == 1: B's stored rows are its K index, N-contiguous (a [K, N] weight read as
+// W^T, as the backward's data gradients read w_down and w_gate_up).  C[m, :] = sum_k a[m, k] *
+// B(:, k) is then a sum of stored rows: each is read once, 64 bytes (32 columns) at a time, widened
+// in registers and added, scaled by a[m, k], into up to kAxRows rows of accumulators (fp32 FMAs,
+// k in order).  Nothing is packed, which the pair-packed route must do first (two interleaved
+// row streams written and read back: about half the read rate of the dot path, bench/NOTES.md
+// v22).  Two FMAs per row and 32 weights: past kAxRows rows the pair-packed route's vdpbf16ps
+// (one instruction per row and 32 weight pairs) is faster despite its packing (v25).
+constexpr int kAxRows = 8;
+constexpr int64_t kAxKb = 16;      // stored rows per block: their next lines are read together
+constexpr int64_t kAxAhead = 256;  // elements ahead in each stored row that are prefetched
+
+// C's rows m < MM, columns [0, nv) (nv <= 32; FULL: nv == 32), plus the products of stored rows
+// k < kb (ACC: C holds the sums of the earlier rows, else they start at zero).
+template <int MM, bool FULL>
+MOE_AVX512 void axpy_tile(int64_t kb, bool accumulate, const float* a, int64_t lda,
+                          const uint16_t* b, int64_t ldb, int64_t nv, float* C, int64_t ldc) {
+  __m512 acc[MM][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MM; ++m) {
+    if (accumulate) {
+      acc[m][0] = load_ps_n(C + m * ldc, FULL ? 16 : nv);
+      acc[m][1] = load_ps_n(C + m * ldc + 16, FULL ? 16 : nv - 16);
+    } else {
+      acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < kb; ++k) {
+    const uint16_t* w = b + k * ldb;
+    _mm_prefetch(reinterpret_cast<const char*>(w + kAxAhead), _MM_HINT_T0);
+    __m512i lo, hi;
+    if constexpr (FULL) {
+      lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+      hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)));
+    } else {
+      lo = load_bf16_bits_n(w, nv);
+      hi = load_bf16_bits_n(w + 16, nv - 16);
+    }
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; ++m) {
+      const __m512 am = _mm512_set1_ps(a[m * lda + k]);
+      acc[m][0] = _mm512_fmadd_ps(am, w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(am, w1, acc[m][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MM; ++m) {
+    store_ps_n(C + m * ldc, acc[m][0], FULL ? 16 : nv);
+    store_ps_n(C + m * ldc + 16, acc[m][1], FULL ? 16 : nv - 16);
+  }
+}
+
+template <bool FULL>
+MOE_AVX512 void axpy_rows(int mm, int64_t kb, bool accumulate, const float* a, int64_t lda,
+                          const uint16_t* b, int64_t ldb, int64_t nv, float* C, int64_t ldc) {
+  switch (mm) {
+    case 1: return axpy_tile<1, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    case 2: return axpy_tile<2, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    case 3: return axpy_tile<3, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    case 4: return axpy_tile<4, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    case 5: return axpy_tile<5, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    case 6: return axpy_tile<6, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    case 7: return axpy_tile<7, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+    default: return axpy_tile<8, FULL>(kb, accumulate, a, lda, b, ldb, nv, C, ldc);
+  }
+}
+
+// KernelSet::dot_n: C[M, N] = a[M, K] * B(n, k)^T for B bf16 with B.s0 == 1 and no gather.  K in
+// blocks of kAxKb stored rows, each block's rows read across all of N (kAxKb sequential streams,
+// one 64-byte line of each per column block), C accumulated in place between blocks (exact: fp32
+// stored and reloaded), every row group under a column block before the next (its lines in L1).
+MOE_AVX512 void dot_n_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                             const Operand& B, float* C, int64_t ldc) {
+  const auto* b = static_cast<const uint16_t*>(B.p);
+  for (int64_t k0 = 0; k0 < K; k0 += kAxKb) {
+    const int64_t kb = std::min(kAxKb, K - k0);
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const int64_t nv = std::min<int64_t>(32, N - n0);
+      const uint16_t* bk = b + k0 * B.s1 + n0;
+      for (int64_t m0 = 0; m0 < M; m0 += kAxRows) {
+        const int mm = static_cast<int>(std::min<int64_t>(kAxRows, M - m0));
+        const float* am = a + m0 * lda + k0;
+        float* c = C + m0 * ldc + n0;
+        if (nv == 32)
+          axpy_rows<true>(mm, kb, k0 > 0, am, lda, bk, B.s1, nv, c, ldc);
+        else
+          axpy_rows<false>(mm, kb, k0 > 0, am, lda, bk, B.s1, nv, c, ldc);
+      }
+    }
+  }
+}
+
 // Rows per call up to which bf16 weights take the vdpbf16ps kernel when the rows need more than
 // one bf16 term.  It splits the fp32 rows into bf16 terms on every call (gemm_nt's decode tasks
 // each call it), and fp32 rows that keep fp32 accuracy need three terms, three instructions per
@@ -754,6 +850,8 @@ const KernelSet& avx512_kernels() {
                             .pack_b = a2.pack_b,
                             .load_a = a2.load_a,
                             .dot = &dot_avx512,
+                            .dot_n = &dot_n_avx512,
+                            .dot_n_max_m = kAxRows,
                             .wide = &gemm_nt_bf16_wide,
                             .wide_bf16 = &gemm_nt_pairs_bf16,
                             .pack_tokens = &pack_tokens_avx512};

@@ -27,6 +27,11 @@ struct KernelSet {
   // product only needs bf16 accuracy; see Operand::max_terms).
   void (*dot)(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B, float* C,
               int64_t ldc, int a_terms);
+  // Optional: the dot path's counterpart for bf16 B stored along N (B.s0 == 1, no gather, the
+  // data gradients' weights), M <= dot_n_max_m: C[M, N] = a[M rows, lda] * B(n, k)^T (fp32 a).
+  void (*dot_n)(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Operand& B,
+                float* C, int64_t ldc) = nullptr;
+  int64_t dot_n_max_m = 0;
   // Optional: the whole of gemm_nt for calls past the dot path that this kernel set serves
   // better than the packed micro-kernel; returns false when it does not take the call.
   GemmRoute wide = nullptr;
