@@ -424,7 +424,7 @@ template <int NR, int TZ>
 MOE_AVX512 __attribute__((always_inline)) inline void zero_tile(__m512 (&acc)[NR][TZ]) {
 #pragma GCC unroll 32
   for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_setzero_ps();
 }
 
@@ -440,7 +440,7 @@ MOE_AVX512BF16 __attribute__((always_inline)) inline void tdot_step(__m512 (&acc
 #pragma GCC unroll 3
   for (int t = 0; t < TERMS; ++t) {
     __m512bh xv[TZ];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int z = 0; z < TZ; ++z)
       xv[z] = as_bh(_mm512_loadu_si512(xp + t * term_ld + p * wb + z * 16));
 #pragma GCC unroll 32
@@ -454,7 +454,7 @@ MOE_AVX512BF16 __attribute__((always_inline)) inline void tdot_step(__m512 (&acc
         std::memcpy(&pair, w[r] + p * 4, 4);
       }
       const __m512bh wv = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], wv, xv[z]);
     }
   }
@@ -480,12 +480,18 @@ MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const 
   if (odd) tdot_step<TZ, NR, TERMS, true>(acc, P2, w, xp, term_ld);
 #pragma GCC unroll 32
   for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int z = 0; z < TZ; ++z) _mm512_storeu_ps(out + r * wb + z * 16, acc[r][z]);
 }
 
-// Weight rows per tile for TZ x 16 tokens: 24 accumulators, plus TZ x registers and a broadcast.
+// Weight rows per tile for TZ x 16 tokens: 24 accumulators (20 at TZ = 5), plus TZ x registers
+// and a broadcast.
 constexpr int tdot_rows(int tz) { return 24 / tz; }
+
+// Rows up to which gemm_nt_tdot takes the call as one block of tokens (TZ up to 6): 65-96 rows
+// as one block of 80 or 96 lanes rather than two of 48 or 64 (the lanes past the rows cost as
+// much as the rows).
+constexpr int64_t kTdotOneBlock = 96;
 
 template <int TZ>
 void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
@@ -505,13 +511,14 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   if (detected_isa() != Isa::kAmx || B.dt != DType::kBF16 || B.s1 != 1) return false;
   const int64_t P = (K + 1) / 2, P2 = K / 2;
   const bool odd = K % 2 != 0;
-  // Token blocks of at most kTw rows, near-equal and rounded up to 16 (one zmm): 33 rows are one
-  // block of 48, 70 rows blocks of 48 and 22 (as 32), so no block is a thin remainder (a 16-token
-  // tile broadcasts one weight pair per vdpbf16ps and runs at half the rate of the wider ones).
-  const int64_t nblk = (M + kTw - 1) / kTw;
+  // Token blocks rounded up to 16 (one zmm): up to kTdotOneBlock rows one block, more in blocks
+  // of at most kTw rows, near-equal: 33 rows are one block of 48, 70 rows one of 80, 100 rows
+  // blocks of 64 and 36 (as 48), so no block is a thin remainder (a 16-token tile broadcasts one
+  // weight pair per vdpbf16ps and runs at half the rate of the wider ones).
+  const int64_t nblk = M <= kTdotOneBlock ? 1 : (M + kTw - 1) / kTw;
   const int64_t bs = ((M + nblk - 1) / nblk + 15) / 16 * 16;
   thread_local std::vector<uint32_t> x_buf;
-  if (static_cast<int64_t>(x_buf.size()) < 3 * P * kTw) x_buf.resize(3 * P * kTw);
+  if (static_cast<int64_t>(x_buf.size()) < 3 * P * bs) x_buf.resize(3 * P * bs);
   uint32_t* xp = x_buf.data();
   alignas(64) float out[24 * 16];
   const char* w[24];
@@ -529,7 +536,9 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
         case 1: tdot_tile_terms<1>(terms, P2, odd, w, xp, P * wb, out); break;
         case 2: tdot_tile_terms<2>(terms, P2, odd, w, xp, P * wb, out); break;
         case 3: tdot_tile_terms<3>(terms, P2, odd, w, xp, P * wb, out); break;
-        default: tdot_tile_terms<4>(terms, P2, odd, w, xp, P * wb, out); break;
+        case 4: tdot_tile_terms<4>(terms, P2, odd, w, xp, P * wb, out); break;
+        case 5: tdot_tile_terms<5>(terms, P2, odd, w, xp, P * wb, out); break;
+        default: tdot_tile_terms<6>(terms, P2, odd, w, xp, P * wb, out); break;
       }
       for (int64_t j = 0; j < mb; ++j)
         for (int64_t r = 0; r < nv; ++r) C[(m0 + j) * ldc + n0 + r] = out[r * wb + j];
