@@ -51,11 +51,10 @@ namespace {
 // Large tensors of the CPU ops (weight gradients, big activations and scratch) are allocated from
 // a cache of the blocks such tensors freed.  glibc maps every block of more than 32 MiB afresh
 // and unmaps it when freed, so each call would pay the first touch of all of its pages again --
-// a page fault and a zeroed page per 4 KiB, about 0.2 ms per MiB on one core: in a backward pass
-// of decode size, where a weight gradient of 100 MiB takes a few ms to compute, that first touch
-// costs more than the GEMMs (bench/NOTES.md, v24).  A block freed here is kept, whole pages as
-// mmap gave them, and handed to the next request of the same size (the next training step's
-// gradient); the oldest cached blocks are unmapped when the cache would pass its limit.
+// a page fault and a zeroed page per 4 KiB, which in a backward pass of decode size costs more
+// than the GEMMs that fill the weight gradients (bench/NOTES.md, v24).  A block freed here is kept,
+// whole pages as mmap gave them, and handed to the next request of the same size (the next training
+// step's gradient); the oldest cached blocks are unmapped when the cache would pass its limit.
 //
 // MOE_KERNELS_CPU_CACHE_MB (read once): the limit of the cached bytes, 2048 MiB by default; 0
 // turns the cache off.  Tensors of fewer than kMinBytes come from torch's allocator as before.
