@@ -70,7 +70,6 @@ class BlockCache final : public c10::Allocator {
   }
 
   bool enabled() const { return limit_ > 0; }
-  int64_t limit() const { return limit_; }
 
   c10::DataPtr allocate(size_t n) override {
     const size_t bytes = round_to_pages(n);

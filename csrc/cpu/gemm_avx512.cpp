@@ -796,27 +796,23 @@ MOE_AVX512 void axpy_rows(int mm, int64_t kb, bool accumulate, const float* a, i
   }
 }
 
-// KernelSet::dot_n: C[M, N] = a[M, K] * B(n, k)^T for B bf16 with B.s0 == 1 and no gather.  K in
-// blocks of kAxKb stored rows, each block's rows read across all of N (kAxKb sequential streams,
-// one 64-byte line of each per column block), C accumulated in place between blocks (exact: fp32
-// stored and reloaded), every row group under a column block before the next (its lines in L1).
+// KernelSet::dot_n: C[M, N] = a[M, K] * B(n, k)^T for M <= kAxRows (dot_n_max_m) and B bf16
+// with B.s0 == 1 and no gather.  K in blocks of kAxKb stored rows, each block's rows read across
+// all of N (kAxKb sequential streams, one 64-byte line of each per column block), C accumulated in
+// place between blocks (exact: fp32 stored and reloaded).
 MOE_AVX512 void dot_n_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
                              const Operand& B, float* C, int64_t ldc) {
   const auto* b = static_cast<const uint16_t*>(B.p);
+  const int mm = static_cast<int>(M);
   for (int64_t k0 = 0; k0 < K; k0 += kAxKb) {
     const int64_t kb = std::min(kAxKb, K - k0);
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       const int64_t nv = std::min<int64_t>(32, N - n0);
       const uint16_t* bk = b + k0 * B.s1 + n0;
-      for (int64_t m0 = 0; m0 < M; m0 += kAxRows) {
-        const int mm = static_cast<int>(std::min<int64_t>(kAxRows, M - m0));
-        const float* am = a + m0 * lda + k0;
-        float* c = C + m0 * ldc + n0;
-        if (nv == 32)
-          axpy_rows<true>(mm, kb, k0 > 0, am, lda, bk, B.s1, nv, c, ldc);
-        else
-          axpy_rows<false>(mm, kb, k0 > 0, am, lda, bk, B.s1, nv, c, ldc);
-      }
+      if (nv == 32)
+        axpy_rows<true>(mm, kb, k0 > 0, a + k0, lda, bk, B.s1, nv, C + n0, ldc);
+      else
+        axpy_rows<false>(mm, kb, k0 > 0, a + k0, lda, bk, B.s1, nv, C + n0, ldc);
     }
   }
 }
