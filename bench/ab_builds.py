@@ -33,6 +33,7 @@ SHAPES = {
     "qwen3-30b-a3b": (2048, 768, 128, 8),
     "olmoe-1b-7b": (2048, 1024, 64, 8),
     "mixtral-8x7b": (4096, 14336, 8, 2),
+    "deepseek-v3": (7168, 2048, 256, 8),
 }
 
 WORKER = r"""
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="E of every shape (0: the model's), e.g. 16 for moe-bench's scaled-down layers",
     )
+    p.add_argument(
+        "--inter",
+        type=int,
+        default=0,
+        help="I of every shape (0: the model's), e.g. 128 for moe-bench's scaled DeepSeek-V3",
+    )
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-evict", action="store_true", help="keep the caches warm between calls")
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes.split(","):
         H, I, E, k = SHAPES[shape]  # noqa: E741 (the layer symbols H, I, E, k)
         E = args.experts or E
+        I = args.inter or I  # noqa: E741
         for T in (int(t) for t in args.tokens.split(",")):
             nbytes = 0
             for w in workers.values():

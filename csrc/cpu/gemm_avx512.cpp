@@ -387,21 +387,69 @@ inline bool cols_adjacent(const Operand& A) {
   return A.s0 == 1 && A.s1 != 1 && !A.gather && A.dt != DType::kF16;
 }
 
-// The same for bf16 token rows with K-contiguous storage: one term, the rows' own pairs.
-void pack_tokens_bf16(int64_t mb, int64_t K, const Operand& A, int64_t wb, int64_t P,
-                      uint32_t* xp) {
+// The 16 x 16 dword matrix v (row i = v[i]) transposed in place: v[c] lane i = old v[i] lane c.
+// Dwords within 128-bit lanes first (rows paired, then quads), then the 128-bit lanes.
+MOE_AVX512 inline void transpose16_epi32(__m512i (&v)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // u[4g + c], 128-bit lane L: rows 4g..4g + 3 of column 4L + c
+  __m512i u[16];
+  for (int g = 0; g < 16; g += 4) {
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i s01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);  // lanes 0, 1 of groups 0, 1
+    const __m512i s23 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);  // lanes 2, 3
+    const __m512i r01 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i r23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+    v[c] = _mm512_shuffle_i32x4(s01, r01, 0x88);  // lane 0 of each group: column c
+    v[4 + c] = _mm512_shuffle_i32x4(s01, r01, 0xdd);
+    v[8 + c] = _mm512_shuffle_i32x4(s23, r23, 0x88);
+    v[12 + c] = _mm512_shuffle_i32x4(s23, r23, 0xdd);
+  }
+}
+
+MOE_AVX512 inline __m512i load_epi32_n(const void* p, int64_t n) {
+  if (n >= 16) return _mm512_loadu_si512(p);
+  alignas(64) uint32_t t[16] = {};
+  if (n > 0) std::memcpy(t, p, n * 4);
+  return _mm512_load_si512(t);
+}
+
+// The same for bf16 token rows with K-contiguous storage: one term, the rows' own pairs.  16
+// rows x 16 pairs at a time, transposed in registers: each row is read sequentially and each
+// pair's 16 lanes stored as one vector (lanes past mb zero).
+MOE_AVX512 void pack_tokens_bf16(int64_t mb, int64_t K, const Operand& A, int64_t wb, int64_t P,
+                                 uint32_t* xp) {
   const int64_t P2 = K / 2;
-  for (int64_t j = 0; j < mb; ++j) {
-    const char* row = row_ptr(A, j);
-    for (int64_t p = 0; p < P2; ++p) std::memcpy(xp + p * wb + j, row + p * 4, 4);
+  const char* rows[16];
+  for (int64_t j0 = 0; j0 < wb; j0 += 16) {
+    const int64_t nj = std::clamp<int64_t>(mb - j0, 0, 16), ns = std::min<int64_t>(wb - j0, 16);
+    for (int64_t i = 0; i < nj; ++i) rows[i] = row_ptr(A, j0 + i);
+    for (int64_t p0 = 0; p0 < P2; p0 += 16) {
+      const int64_t np = std::min<int64_t>(P2 - p0, 16);
+      __m512i v[16];
+      for (int64_t i = 0; i < 16; ++i)
+        v[i] = i < nj ? load_epi32_n(rows[i] + p0 * 4, np) : _mm512_setzero_si512();
+      transpose16_epi32(v);
+      for (int64_t q = 0; q < np; ++q) store_epi32_n(xp + (p0 + q) * wb + j0, v[q], ns);
+    }
     if (P > P2) {  // odd K: the last value and a zero
-      uint16_t v;
-      std::memcpy(&v, row + P2 * 4, 2);
-      xp[P2 * wb + j] = v;
+      alignas(64) uint32_t last[16] = {};
+      for (int64_t i = 0; i < nj; ++i) {
+        uint16_t b;
+        std::memcpy(&b, rows[i] + P2 * 4, 2);
+        last[i] = b;
+      }
+      store_epi32_n(xp + P2 * wb + j0, _mm512_load_si512(last), ns);
     }
   }
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t j = mb; j < wb; ++j) xp[p * wb + j] = 0;
 }
 
 // pack_tokens_generic's contract (gemm_impl.h), vectorised.
@@ -504,6 +552,28 @@ void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, cons
   }
 }
 
+// Weight rows whose results gemm_nt_tdot transposes into C together: a multiple of 16 (whole
+// vectors of C's rows) and of every tile's row count (24 / TZ).
+constexpr int64_t kTdotGroup = 48;
+
+// C[j, n] = out[n * wb + j] for n < gn (<= kTdotGroup) and j < mb (<= wb): 16 x 16 blocks
+// transposed in registers, so each token's results are stored as vectors, not element by element.
+MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64_t mb, float* C,
+                                 int64_t ldc) {
+  for (int64_t n0 = 0; n0 < gn; n0 += 16) {
+    const int64_t cols = std::min<int64_t>(gn - n0, 16);
+    for (int64_t j0 = 0; j0 < mb; j0 += 16) {
+      __m512i v[16];
+      for (int64_t i = 0; i < 16; ++i)
+        v[i] = i < cols ? _mm512_loadu_si512(out + (n0 + i) * wb + j0) : _mm512_setzero_si512();
+      transpose16_epi32(v);
+      const int64_t rows = std::min<int64_t>(mb - j0, 16);
+      for (int64_t l = 0; l < rows; ++l)
+        store_ps_n(C + (j0 + l) * ldc + n0, _mm512_castsi512_ps(v[l]), cols);
+    }
+  }
+}
+
 // gemm_nt's route for bf16 K-contiguous weights on CPUs with AVX-512-BF16 (the "amx" level) when
 // the call has more rows than the dot path: the transposed product above.
 bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
@@ -520,7 +590,7 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   thread_local std::vector<uint32_t> x_buf;
   if (static_cast<int64_t>(x_buf.size()) < 3 * P * bs) x_buf.resize(3 * P * bs);
   uint32_t* xp = x_buf.data();
-  alignas(64) float out[24 * 16];
+  alignas(64) float out[kTdotGroup * 16 * 6];
   const char* w[24];
   for (int64_t m0 = 0; m0 < M; m0 += bs) {
     const int64_t mb = std::min(bs, M - m0);
@@ -528,20 +598,24 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
     const int64_t wb = 16 * tz;
     const int nr = tdot_rows(tz);
     const int terms = pack_tokens_avx512(mb, K, A.shifted(m0, 0), wb, xp);
-    for (int64_t n0 = 0; n0 < N; n0 += nr) {
-      const int64_t nv = std::min<int64_t>(nr, N - n0);
-      // rows past N repeat the last one (valid memory); their results are not stored
-      for (int r = 0; r < nr; ++r) w[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
-      switch (tz) {
-        case 1: tdot_tile_terms<1>(terms, P2, odd, w, xp, P * wb, out); break;
-        case 2: tdot_tile_terms<2>(terms, P2, odd, w, xp, P * wb, out); break;
-        case 3: tdot_tile_terms<3>(terms, P2, odd, w, xp, P * wb, out); break;
-        case 4: tdot_tile_terms<4>(terms, P2, odd, w, xp, P * wb, out); break;
-        case 5: tdot_tile_terms<5>(terms, P2, odd, w, xp, P * wb, out); break;
-        default: tdot_tile_terms<6>(terms, P2, odd, w, xp, P * wb, out); break;
+    for (int64_t g0 = 0; g0 < N; g0 += kTdotGroup) {
+      const int64_t gn = std::min(kTdotGroup, N - g0);
+      // the group's tiles (kTdotGroup is a multiple of every nr: none crosses the group's end)
+      for (int64_t n0 = g0; n0 < g0 + gn; n0 += nr) {
+        const int64_t nv = std::min<int64_t>(nr, N - n0);
+        // rows past N repeat the last one (valid memory); their results are not stored
+        for (int r = 0; r < nr; ++r) w[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
+        float* o = out + (n0 - g0) * wb;
+        switch (tz) {
+          case 1: tdot_tile_terms<1>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 2: tdot_tile_terms<2>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 3: tdot_tile_terms<3>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 4: tdot_tile_terms<4>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 5: tdot_tile_terms<5>(terms, P2, odd, w, xp, P * wb, o); break;
+          default: tdot_tile_terms<6>(terms, P2, odd, w, xp, P * wb, o); break;
+        }
       }
-      for (int64_t j = 0; j < mb; ++j)
-        for (int64_t r = 0; r < nv; ++r) C[(m0 + j) * ldc + n0 + r] = out[r * wb + j];
+      store_tdot_group(out, wb, gn, mb, C + m0 * ldc + g0, ldc);
     }
   }
   return true;
