@@ -12,7 +12,7 @@ def _cpu_extension():
 def empty_cpu_cache() -> None:
     """Unmap the memory the cpu backend keeps for reuse.
 
-    The cpu backend allocates its tensors of 16 MiB or more (weight gradients, large activations,
+    The cpu backend allocates its tensors of 4 MiB or more (weight gradients, large activations,
     scratch) from a cache of the blocks such tensors freed, so that the next call of the same size
     (the next training step) does not pay the first touch of fresh pages again.  The cache holds
     at most ``MOE_KERNELS_CPU_CACHE_MB`` MiB (2048 by default; ``0`` turns it off, read at the

@@ -1,6 +1,6 @@
 """The cpu backend's cache of large tensors (``moe_kernels.cpu_cache_info`` / ``empty_cpu_cache``).
 
-Tensors of 16 MiB or more that the CPU kernels allocate (weight gradients, large outputs and
+Tensors of 4 MiB or more that the CPU kernels allocate (weight gradients, large outputs and
 scratch) come from a cache of the blocks such tensors freed.  Checked here: a freed gradient's
 block serves the next call of that size, and the reused block's results are right on fresh random
 data each call; debug mode poisons a reused block too (stale values of the previous call must not
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 MIB = 1 << 20
-# grouped_gemm with b [E, K, N] fp32 of exactly 16 MiB: its gradient comes from the cache
+# grouped_gemm with b [E, K, N] fp32 of 16 MiB: its gradient comes from the cache
 E, K, N = 4, 1024, 1024
 
 

@@ -50,7 +50,8 @@ namespace {
 
 // Large tensors of the CPU ops (weight gradients, big activations and scratch) are allocated from
 // a cache of the blocks such tensors freed.  glibc maps every block of more than 32 MiB afresh
-// and unmaps it when freed, so each call would pay the first touch of all of its pages again --
+// and unmaps it when freed (whether it serves blocks of some MiB from pages already mapped depends
+// on its heap's history), so each call would pay the first touch of all of its pages again --
 // a page fault and a zeroed page per 4 KiB, which in a backward pass of decode size costs more
 // than the GEMMs that fill the weight gradients (bench/NOTES.md, v24).  A block freed here is kept,
 // whole pages as mmap gave them, and handed to the next request of the same size (the next training
@@ -58,7 +59,7 @@ namespace {
 //
 // MOE_KERNELS_CPU_CACHE_MB (read once): the limit of the cached bytes, 2048 MiB by default; 0
 // turns the cache off.  Tensors of fewer than kMinBytes come from torch's allocator as before.
-constexpr int64_t kMinBytes = int64_t{16} << 20;
+constexpr int64_t kMinBytes = int64_t{4} << 20;
 
 class BlockCache final : public c10::Allocator {
  public:

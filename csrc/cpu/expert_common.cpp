@@ -35,7 +35,114 @@ __attribute__((target("avx2"))) void store_bf16_avx2(const float* src, c10::BFlo
   for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
 }
 
+// Elements of a row of dtype S (0 fp32, 1 bf16, 2 fp16) as fp32: one, or 8 from j on.
+template <int S>
+inline float ld1(const void* p, int64_t j) {
+  if constexpr (S == 0) return static_cast<const float*>(p)[j];
+  if constexpr (S == 1) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[j]);
+  return static_cast<float>(static_cast<const c10::Half*>(p)[j]);
+}
+template <int S>
+__attribute__((target("avx2,f16c"))) inline __m256 ld8(const void* p, int64_t j) {
+  if constexpr (S == 0) return _mm256_loadu_ps(static_cast<const float*>(p) + j);
+  const __m128i h =
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + j));
+  if constexpr (S == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+// No fma in the target: the tail's w * x + acc must round the product as the vector body does.
+template <int S, bool ADD>
+__attribute__((target("avx2,f16c"))) void scaled_avx2(float* acc, const void* src, int64_t n,
+                                                      float w) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_mul_ps(wv, ld8<S>(src, j));
+    _mm256_storeu_ps(acc + j, ADD ? _mm256_add_ps(_mm256_loadu_ps(acc + j), v) : v);
+  }
+  for (; j < n; ++j) acc[j] = ADD ? acc[j] + w * ld1<S>(src, j) : w * ld1<S>(src, j);
+}
+
+template <int A, int B>
+__attribute__((target("avx2,fma,f16c"))) float dot_avx2(const void* a, const void* b, int64_t n) {
+  __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                 _mm256_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32)
+    for (int u = 0; u < 4; ++u)
+      s[u] = _mm256_fmadd_ps(ld8<A>(a, j + 8 * u), ld8<B>(b, j + 8 * u), s[u]);
+  for (; j + 8 <= n; j += 8) s[0] = _mm256_fmadd_ps(ld8<A>(a, j), ld8<B>(b, j), s[0]);
+  const __m256 t = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+  alignas(32) float l[8];
+  _mm256_store_ps(l, t);
+  float r = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  for (; j < n; ++j) r += ld1<A>(a, j) * ld1<B>(b, j);
+  return r;
+}
+
+template <int S>
+float dot_scalar(const void* a, const void* b, at::ScalarType bdt, int64_t n) {
+  float r = 0.f;
+  for (int64_t j = 0; j < n; ++j)
+    r += ld1<S>(a, j) * (bdt == at::kFloat      ? ld1<0>(b, j)
+                         : bdt == at::kBFloat16 ? ld1<1>(b, j)
+                                                : ld1<2>(b, j));
+  return r;
+}
+
+// 0 / 1 / 2 for fp32 / bf16 / fp16 (the dtypes of check_float's 16- and 32-bit floats).
+int src_kind(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: TORCH_CHECK(false, "moe_kernels (cpu): unsupported dtype ", dt);
+  }
+}
+
+template <bool ADD>
+void scaled_row(float* acc, const void* src, at::ScalarType dt, int64_t n, float w) {
+  const int s = src_kind(dt);
+  if (detected_isa() >= Isa::kAvx2) {
+    if (s == 0) return scaled_avx2<0, ADD>(acc, src, n, w);
+    if (s == 1) return scaled_avx2<1, ADD>(acc, src, n, w);
+    return scaled_avx2<2, ADD>(acc, src, n, w);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s == 0 ? ld1<0>(src, j) : s == 1 ? ld1<1>(src, j) : ld1<2>(src, j);
+    acc[j] = ADD ? acc[j] + w * x : w * x;
+  }
+}
+
 }  // namespace
+
+void add_scaled_row(float* acc, const void* src, at::ScalarType dt, int64_t n, float w) {
+  scaled_row<true>(acc, src, dt, n, w);
+}
+void scale_row(float* dst, const void* src, at::ScalarType dt, int64_t n, float w) {
+  scaled_row<false>(dst, src, dt, n, w);
+}
+
+float dot_rows(const void* a, at::ScalarType adt, const void* b, at::ScalarType bdt, int64_t n) {
+  const int sa = src_kind(adt), sb = src_kind(bdt);
+  if (detected_isa() < Isa::kAvx2) {
+    if (sa == 0) return dot_scalar<0>(a, b, bdt, n);
+    if (sa == 1) return dot_scalar<1>(a, b, bdt, n);
+    return dot_scalar<2>(a, b, bdt, n);
+  }
+  switch (sa * 3 + sb) {
+    case 0: return dot_avx2<0, 0>(a, b, n);
+    case 1: return dot_avx2<0, 1>(a, b, n);
+    case 2: return dot_avx2<0, 2>(a, b, n);
+    case 3: return dot_avx2<1, 0>(a, b, n);
+    case 4: return dot_avx2<1, 1>(a, b, n);
+    case 5: return dot_avx2<1, 2>(a, b, n);
+    case 6: return dot_avx2<2, 0>(a, b, n);
+    case 7: return dot_avx2<2, 1>(a, b, n);
+    default: return dot_avx2<2, 2>(a, b, n);
+  }
+}
 
 void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_t stride) {
   switch (dt) {

@@ -44,6 +44,14 @@ void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_
 // dst[j] = 0 for n elements of dtype dt.
 void store_zeros(void* dst, at::ScalarType dt, int64_t n, int64_t stride = 1);
 
+// Row primitives of the permutation ops, in fp32 arithmetic, for a contiguous row src of dtype dt
+// (fp32, bf16 or fp16): acc[j] += w * src[j], dst[j] = w * src[j] (each product rounded, then
+// added: the same values at every ISA level), and the dot product of two such rows (8 lanes and
+// four partial sums at the avx2 level and above, in a fixed order: the same value at every call).
+void add_scaled_row(float* acc, const void* src, at::ScalarType dt, int64_t n, float w);
+void scale_row(float* dst, const void* src, at::ScalarType dt, int64_t n, float w);
+float dot_rows(const void* a, at::ScalarType adt, const void* b, at::ScalarType bdt, int64_t n);
+
 // (expert, row range, column range) work items.
 struct Task {
   int64_t e, m0, m1, n0, n1;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/cpu_utils.h"
+#include "cpu/expert_common.h"
 #include "cpu/ops.h"
 #include "cpu/pair_sort.h"
 
@@ -128,6 +129,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_of_slot,
     const scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t s0 = y.stride(0), s1 = y.stride(1);
+    const bool rows_simd = s1 == 1 && y.scalar_type() != at::kDouble;
     at::parallel_for(0, T, std::max<int64_t>(1, 2048 / std::max<int64_t>(H * k, 1)),
                      [&](int64_t t0, int64_t t1) {
                        std::vector<float> acc(H);
@@ -140,9 +142,18 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_of_slot,
                                        "]=", r, " out of range [0, ", R, ")");
                            const float ws = wp ? wp[t * k + s] : 1.f;
                            const scalar_t* src = yp + r * s0;
-                           for (int64_t h = 0; h < H; ++h) acc[h] += ws * to_f32(src[h * s1]);
+                           if (rows_simd) {
+                             add_scaled_row(acc.data(), src, y.scalar_type(), H, ws);
+                           } else {
+                             for (int64_t h = 0; h < H; ++h) acc[h] += ws * to_f32(src[h * s1]);
+                           }
                          }
-                         for (int64_t h = 0; h < H; ++h) op[t * H + h] = from_f32<scalar_t>(acc[h]);
+                         if (rows_simd) {
+                           store_f32(acc.data(), op + t * H, y.scalar_type(), H);
+                         } else {
+                           for (int64_t h = 0; h < H; ++h)
+                             op[t * H + h] = from_f32<scalar_t>(acc[h]);
+                         }
                        }
                      });
   });
@@ -187,8 +198,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
               at::kBFloat16, at::kHalf, g.scalar_type(), "unpermute_bwd_g", [&] {
                 const scalar_t* gp = g.data_ptr<scalar_t>();
                 out_t* op = grad_y.data_ptr<out_t>();
+                const bool rows_simd =
+                    g.scalar_type() != at::kDouble && grad_y.scalar_type() != at::kDouble;
                 at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
                                  [&](int64_t r0, int64_t r1) {
+                                   std::vector<float> row(rows_simd ? H : 0);
                                    for (int64_t r = r0; r < r1; ++r) {
                                      const int64_t slot = sv[r];
                                      out_t* dst = op + r * H;
@@ -200,6 +214,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
                                                  "]=", slot, " out of range");
                                      const float ws = wp ? wp[slot] : 1.f;
                                      const scalar_t* src = gp + (slot / k) * H;
+                                     if (rows_simd) {
+                                       scale_row(row.data(), src, g.scalar_type(), H, ws);
+                                       store_f32(row.data(), dst, grad_y.scalar_type(), H);
+                                       continue;
+                                     }
                                      for (int64_t h = 0; h < H; ++h)
                                        dst[h] = from_f32<out_t>(ws * to_f32(src[h]));
                                    }
@@ -218,6 +237,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
           AT_DISPATCH_FLOATING_TYPES_AND2(
               at::kBFloat16, at::kHalf, g.scalar_type(), "unpermute_bwd_w2", [&] {
                 const scalar_t* gp = g.data_ptr<scalar_t>();
+                const bool rows_simd =
+                    s1 == 1 && g.scalar_type() != at::kDouble && y.scalar_type() != at::kDouble;
                 at::parallel_for(0, T * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)),
                                  [&](int64_t i0, int64_t i1) {
                                    for (int64_t i = i0; i < i1; ++i) {
@@ -230,6 +251,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
                                                  " out of range [0, ", R, ")");
                                      const scalar_t* go = gp + (i / k) * H;
                                      const y_t* yr = yp + r * s0;
+                                     if (rows_simd) {
+                                       gwp[i] =
+                                           dot_rows(go, g.scalar_type(), yr, y.scalar_type(), H);
+                                       continue;
+                                     }
                                      float acc = 0.f;
                                      for (int64_t h = 0; h < H; ++h)
                                        acc += to_f32(go[h]) * to_f32(yr[h * s1]);
