@@ -131,6 +131,11 @@ MOE_AVX512BF16 inline __m512bh as_bh(__m512i v) {
   std::memcpy(&r, &v, 64);
   return r;
 }
+MOE_AVX512BF16 inline __m256bh as_bh256(__m256i v) {
+  __m256bh r;
+  std::memcpy(&r, &v, 32);
+  return r;
+}
 
 // MM token rows x NN = 4 weight rows; the loops over the tile are unrolled (TERMS a template
 // argument) so that the 4 MM accumulators stay in registers.
@@ -478,19 +483,26 @@ MOE_AVX512 __attribute__((always_inline)) inline void zero_tile(__m512 (&acc)[NR
 
 // One K pair of the tile: acc[r][z] += W_r(pair p) . x(pair p, tokens of z), term by term (a
 // weight pair is broadcast once per term: an L1 hit, and TZ x registers per term instead of
-// TERMS x TZ).  LAST: the pair holds only the row's last weight (odd K), read alone.
-template <int TZ, int NR, int TERMS, bool LAST>
+// TERMS x TZ); with HALF, also acch[r] += the same for the 8 tokens after the TZ groups (a ymm:
+// on CPUs that run a zmm as two halves, 8 tokens for half the cost of 16).  LAST: the pair holds
+// only the row's last weight (odd K), read alone.  wb: the packed tokens' lanes per pair.
+template <int TZ, int NR, int TERMS, bool LAST, bool HALF>
 MOE_AVX512BF16 __attribute__((always_inline)) inline void tdot_step(__m512 (&acc)[NR][TZ],
+                                                                    __m256 (&acch)[HALF ? NR : 1],
                                                                     int64_t p, const char* const* w,
                                                                     const uint32_t* xp,
                                                                     int64_t term_ld) {
-  constexpr int64_t wb = TZ * 16;
+  constexpr int64_t wb = (TZ + HALF) * 16;
 #pragma GCC unroll 3
   for (int t = 0; t < TERMS; ++t) {
     __m512bh xv[TZ];
 #pragma GCC unroll 8
     for (int z = 0; z < TZ; ++z)
       xv[z] = as_bh(_mm512_loadu_si512(xp + t * term_ld + p * wb + z * 16));
+    __m256bh xh{};
+    if constexpr (HALF)
+      xh = as_bh256(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xp + t * term_ld + p * wb + TZ * 16)));
 #pragma GCC unroll 32
     for (int r = 0; r < NR; ++r) {
       uint32_t pair = 0;
@@ -501,54 +513,64 @@ MOE_AVX512BF16 __attribute__((always_inline)) inline void tdot_step(__m512 (&acc
       } else {
         std::memcpy(&pair, w[r] + p * 4, 4);
       }
-      const __m512bh wv = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
+      const __m512i wi = _mm512_set1_epi32(static_cast<int>(pair));
+      const __m512bh wv = as_bh(wi);
 #pragma GCC unroll 8
       for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], wv, xv[z]);
+      if constexpr (HALF)
+        acch[r] = _mm256_dpbf16_ps(acch[r], as_bh256(_mm512_castsi512_si256(wi)), xh);
     }
   }
 }
 
-// out[r * TZ * 16 + j] = sum_k W_r(k) x_j(k) for NR weight rows w[r] (bf16, K = 2 * P2 + odd)
-// and TZ * 16 packed tokens (TERMS slabs of xp, term_ld dwords apart).
-template <int TZ, int NR, int TERMS>
+// out[r * wb + j] = sum_k W_r(k) x_j(k) for NR weight rows w[r] (bf16, K = 2 * P2 + odd) and the
+// packed tokens j < TZ * 16 (+ 8 with HALF) of wb = (TZ + HALF) * 16 lanes per pair (TERMS slabs
+// of xp, term_ld dwords apart).  With HALF, lanes TZ * 16 + 8.. of out's rows are not written.
+template <int TZ, int NR, int TERMS, bool HALF>
 MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
                               int64_t term_ld, float* out) {
-  constexpr int64_t wb = TZ * 16;
+  constexpr int64_t wb = (TZ + HALF) * 16;
   __m512 acc[NR][TZ];
   zero_tile(acc);
+  __m256 acch[HALF ? NR : 1];
+#pragma GCC unroll 32
+  for (int r = 0; r < (HALF ? NR : 1); ++r) acch[r] = _mm256_setzero_ps();
   // The weight rows stream from L3 or DRAM: every 16 pairs (one cache line of each row), ask for
   // the line 8 lines ahead.
   int64_t p = 0;
   for (; p + 16 <= P2; p += 16) {
 #pragma GCC unroll 32
     for (int r = 0; r < NR; ++r) _mm_prefetch(w[r] + (p + 128) * 4, _MM_HINT_T0);
-    for (int64_t q = p; q < p + 16; ++q) tdot_step<TZ, NR, TERMS, false>(acc, q, w, xp, term_ld);
+    for (int64_t q = p; q < p + 16; ++q)
+      tdot_step<TZ, NR, TERMS, false, HALF>(acc, acch, q, w, xp, term_ld);
   }
-  for (; p < P2; ++p) tdot_step<TZ, NR, TERMS, false>(acc, p, w, xp, term_ld);
-  if (odd) tdot_step<TZ, NR, TERMS, true>(acc, P2, w, xp, term_ld);
+  for (; p < P2; ++p) tdot_step<TZ, NR, TERMS, false, HALF>(acc, acch, p, w, xp, term_ld);
+  if (odd) tdot_step<TZ, NR, TERMS, true, HALF>(acc, acch, P2, w, xp, term_ld);
 #pragma GCC unroll 32
-  for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r) {
 #pragma GCC unroll 8
     for (int z = 0; z < TZ; ++z) _mm512_storeu_ps(out + r * wb + z * 16, acc[r][z]);
+    if constexpr (HALF) _mm256_storeu_ps(out + r * wb + TZ * 16, acch[r]);
+  }
 }
 
-// Weight rows per tile for TZ x 16 tokens: 24 accumulators (20 at TZ = 5), plus TZ x registers
-// and a broadcast.
+// Weight rows per tile for TZ x 16 tokens (a half group counts as a whole one): 24 accumulators
+// (20 at TZ = 5), plus TZ x registers and a broadcast.
 constexpr int tdot_rows(int tz) { return 24 / tz; }
 
 // Rows up to which gemm_nt_tdot takes the call as one block of tokens (TZ up to 6): 65-96 rows
-// as one block of 80 or 96 lanes rather than two of 48 or 64 (the lanes past the rows cost as
-// much as the rows).
+// as one block of 72-96 lanes rather than two of 40-48 (the lanes past the rows cost as much as
+// the rows).
 constexpr int64_t kTdotOneBlock = 96;
 
-template <int TZ>
+template <int TZ, bool HALF>
 void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
                      int64_t term_ld, float* out) {
-  constexpr int NR = tdot_rows(TZ);
+  constexpr int NR = tdot_rows(TZ + HALF);
   switch (terms) {
-    case 1: return tdot_tile<TZ, NR, 1>(P2, odd, w, xp, term_ld, out);
-    case 2: return tdot_tile<TZ, NR, 2>(P2, odd, w, xp, term_ld, out);
-    default: return tdot_tile<TZ, NR, 3>(P2, odd, w, xp, term_ld, out);
+    case 1: return tdot_tile<TZ, NR, 1, HALF>(P2, odd, w, xp, term_ld, out);
+    case 2: return tdot_tile<TZ, NR, 2, HALF>(P2, odd, w, xp, term_ld, out);
+    default: return tdot_tile<TZ, NR, 3, HALF>(P2, odd, w, xp, term_ld, out);
   }
 }
 
@@ -585,18 +607,25 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   // of at most kTw rows, near-equal: 33 rows are one block of 48, 70 rows one of 80, 100 rows
   // blocks of 64 and 36 (as 48), so no block is a thin remainder (a 16-token tile broadcasts one
   // weight pair per vdpbf16ps and runs at half the rate of the wider ones).
+  // Lanes in steps of 8 (at least 16): a last group of 8 is a half group, packed as 16 lanes (so
+  // every pair's lanes stay 64-byte aligned) of which the tile reads and computes 8.
   const int64_t nblk = M <= kTdotOneBlock ? 1 : (M + kTw - 1) / kTw;
-  const int64_t bs = ((M + nblk - 1) / nblk + 15) / 16 * 16;
+  const int64_t bs = std::max<int64_t>(16, ((M + nblk - 1) / nblk + 7) / 8 * 8);
+  const int64_t wb_max = (bs + 15) / 16 * 16;
   thread_local std::vector<uint32_t> x_buf;
-  if (static_cast<int64_t>(x_buf.size()) < 3 * P * bs) x_buf.resize(3 * P * bs);
+  if (static_cast<int64_t>(x_buf.size()) < 3 * P * wb_max) x_buf.resize(3 * P * wb_max);
   uint32_t* xp = x_buf.data();
-  alignas(64) float out[kTdotGroup * 16 * 6];
+  // zeroed: a half group's tiles leave 8 lanes of their rows unwritten, which the transposed
+  // store reads (and drops)
+  alignas(64) float out[kTdotGroup * 16 * 6] = {};
   const char* w[24];
   for (int64_t m0 = 0; m0 < M; m0 += bs) {
     const int64_t mb = std::min(bs, M - m0);
-    const int tz = static_cast<int>((mb + 15) / 16);
-    const int64_t wb = 16 * tz;
-    const int nr = tdot_rows(tz);
+    const int64_t lanes = std::max<int64_t>(16, (mb + 7) / 8 * 8);
+    const int tz = static_cast<int>(lanes / 16);
+    const bool half = lanes % 16 != 0;
+    const int64_t wb = 16 * (tz + half);
+    const int nr = tdot_rows(tz + half);
     const int terms = pack_tokens_avx512(mb, K, A.shifted(m0, 0), wb, xp);
     for (int64_t g0 = 0; g0 < N; g0 += kTdotGroup) {
       const int64_t gn = std::min(kTdotGroup, N - g0);
@@ -606,13 +635,18 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
         // rows past N repeat the last one (valid memory); their results are not stored
         for (int r = 0; r < nr; ++r) w[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
         float* o = out + (n0 - g0) * wb;
-        switch (tz) {
-          case 1: tdot_tile_terms<1>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 2: tdot_tile_terms<2>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 3: tdot_tile_terms<3>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 4: tdot_tile_terms<4>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 5: tdot_tile_terms<5>(terms, P2, odd, w, xp, P * wb, o); break;
-          default: tdot_tile_terms<6>(terms, P2, odd, w, xp, P * wb, o); break;
+        switch (2 * tz + half) {
+          case 2: tdot_tile_terms<1, false>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 3: tdot_tile_terms<1, true>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 4: tdot_tile_terms<2, false>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 5: tdot_tile_terms<2, true>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 6: tdot_tile_terms<3, false>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 7: tdot_tile_terms<3, true>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 8: tdot_tile_terms<4, false>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 9: tdot_tile_terms<4, true>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 10: tdot_tile_terms<5, false>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 11: tdot_tile_terms<5, true>(terms, P2, odd, w, xp, P * wb, o); break;
+          default: tdot_tile_terms<6, false>(terms, P2, odd, w, xp, P * wb, o); break;
         }
       }
       store_tdot_group(out, wb, gn, mb, C + m0 * ldc + g0, ldc);

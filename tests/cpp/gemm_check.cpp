@@ -156,9 +156,9 @@ int main(int argc, char** argv) {
   const int cases = argc > 2 ? std::atoi(argv[2]) : 300;
   std::mt19937_64 rng(20261127);
   // Row counts around every kernel's boundaries (dot path up to 16 rows, tiles of 6 and 8 rows,
-  // the transposed product's one-block limit of 96),
+  // the transposed product's one-block limit of 96 and its half groups of 8 lanes: 45, 85, 150),
   // columns around 4 / 16 / 32, K around 8 / 16 and past the 256 K block.
-  const int64_t Ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33, 70, 96, 100};
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33, 45, 70, 85, 96, 100, 150};
   const int64_t Ns[] = {1, 3, 4, 5, 8, 17, 31, 32, 33, 70};
   const int64_t Ks[] = {1, 5, 8, 16, 17, 24, 33, 100, 257, 300};
   const DType dts[] = {DType::kF32, DType::kBF16, DType::kF16};
