@@ -15,9 +15,12 @@
 #   bash bench/amx_check.sh                          # everything, on CPUs 0 and 1 (2 threads)
 #   AMX_CHECK_STEPS="targets hf" AMX_CHECK_CPUS=0-3 bash bench/amx_check.sh
 #
-# Logs go to $OUT (default ./amx-check-out). The package is built for the CPU only unless
-# AMX_CHECK_BUILD=0 (then the installed one is measured). transformers must be importable for
-# steps 1 and 3 (wheels in .whl/ are installed to /tmp/site first, as bench/gpu_check.sh does).
+# Every step prints its start time; all of them together take tens of minutes at 2 threads (the
+# full-size layers, three target runs, HF eager at T = 2048), so on a machine lent for minutes run
+# them one at a time with AMX_CHECK_STEPS. Logs go to $OUT (default ./amx-check-out). The
+# package is built for the CPU only unless AMX_CHECK_BUILD=0 (then the installed one is measured).
+# transformers must be importable for steps 1 and 3 (wheels in .whl/ are installed to /tmp/site
+# first, as bench/gpu_check.sh does).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$ROOT/amx-check-out}"
