@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "cpu/activation_rows.h"
 #include "cpu/expert_common.h"
 #include "cpu/ops.h"
 #include "cpu/pair_sort.h"
@@ -205,6 +206,38 @@ int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_
 inline int64_t gate_col(const FfnArgs& a, int64_t j) { return a.interleaved ? 2 * j : j; }
 inline int64_t up_col(const FfnArgs& a, int64_t j) { return a.interleaved ? 2 * j + 1 : a.I + j; }
 
+// The gate and up halves of a pre-activation row [2I] (w_gate_up's column order) as two
+// contiguous rows g and u of I values: the row's own halves, or with interleaved columns a
+// thread's copy, which store() writes back.
+struct GateUpRow {
+  float* row;
+  int64_t I;
+  bool interleaved;
+  float *g, *u;
+  GateUpRow(const FfnArgs& a, float* row_) : row(row_), I(a.I), interleaved(a.interleaved) {
+    if (!interleaved) {
+      g = row;
+      u = row + I;
+      return;
+    }
+    thread_local std::vector<float> copy;
+    if (static_cast<int64_t>(copy.size()) < 2 * I) copy.resize(2 * I);
+    g = copy.data();
+    u = g + I;
+    for (int64_t j = 0; j < I; ++j) {
+      g[j] = row[2 * j];
+      u[j] = row[2 * j + 1];
+    }
+  }
+  void store() const {
+    if (!interleaved) return;
+    for (int64_t j = 0; j < I; ++j) {
+      row[2 * j] = g[j];
+      row[2 * j + 1] = u[j];
+    }
+  }
+};
+
 at::Tensor to_f32_contig(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
@@ -251,25 +284,29 @@ struct Gemm1Job {
     gemm_nt(mb, 2 * nbt, a.H, X.shifted(t.m0, 0), W, c, 2 * nbt);
     const float* bg = bias_gu ? bias_gu + t.e * 2 * I : nullptr;
     for (int64_t m = 0; m < mb; ++m) {
-      const float* cg = c + m * 2 * nbt;
-      const float* cu = cg + nbt;
+      // the row's gate and up values in the tile
+      float* g = c + m * 2 * nbt;
+      float* u = g + nbt;
       if (apply_act) {
-        float* h = out + (t.m0 + m) * I + t.n0;
-        float* p = pre_pairs ? pre_pairs + pair_of_row[t.m0 + m] * 2 * I : nullptr;
-        for (int64_t j = 0; j < nbt; ++j) {
-          const float g = cg[j] + (bg ? bg[cols[j]] : 0.f);
-          const float u = cu[j] + (bg ? bg[cols[nbt + j]] : 0.f);
-          h[j] = act_forward(a.act, g, u);
-          if (p != nullptr) {
-            p[cols[j]] = g;
-            p[cols[nbt + j]] = u;
+        if (bg != nullptr) {  // biased in place (the tile is scratch)
+          for (int64_t j = 0; j < nbt; ++j) {
+            g[j] += bg[cols[j]];
+            u[j] += bg[cols[nbt + j]];
+          }
+        }
+        act_forward_row(a.act, g, u, out + (t.m0 + m) * I + t.n0, nbt);
+        if (pre_pairs != nullptr) {
+          float* p = pre_pairs + pair_of_row[t.m0 + m] * 2 * I;
+          for (int64_t j = 0; j < nbt; ++j) {
+            p[cols[j]] = g[j];
+            p[cols[nbt + j]] = u[j];
           }
         }
       } else {
         float* p = out + (t.m0 + m) * 2 * I;
         for (int64_t j = 0; j < nbt; ++j) {
-          p[cols[j]] = cg[j] + (bg ? bg[cols[j]] : 0.f);
-          p[cols[nbt + j]] = cu[j] + (bg ? bg[cols[nbt + j]] : 0.f);
+          p[cols[j]] = g[j] + (bg ? bg[cols[j]] : 0.f);
+          p[cols[nbt + j]] = u[j] + (bg ? bg[cols[nbt + j]] : 0.f);
         }
       }
     }
@@ -536,9 +573,8 @@ FfnGrads ffn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const
       for (int64_t r = r0; r < r1; ++r) {
         if (svp != nullptr)  // the forward's pre-activation, into expert-sorted order
           std::copy(svp + rows.pair[r] * 2 * I, svp + (rows.pair[r] + 1) * 2 * I, prep + r * 2 * I);
-        for (int64_t j = 0; j < I; ++j)
-          hp[r * I + j] =
-              act_forward(a.act, prep[r * 2 * I + gate_col(a, j)], prep[r * 2 * I + up_col(a, j)]);
+        GateUpRow gu(a, prep + r * 2 * I);
+        act_forward_row(a.act, gu.g, gu.u, hp + r * I, I);
         // gy[r] = w[r] * grad_out[token r]
         const float* g = gop + rows.token[r] * H;
         for (int64_t n = 0; n < H; ++n) gyp[r * H + n] = row_w[r] * g[n];
@@ -593,14 +629,9 @@ FfnGrads ffn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const
   if (R > 0) {
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        float* p = prep + r * 2 * I;
-        for (int64_t j = 0; j < I; ++j) {
-          float dg, du;
-          const int64_t gc = gate_col(a, j), uc = up_col(a, j);
-          act_backward(a.act, p[gc], p[uc], row_w[r] * ghp[r * I + j], &dg, &du);
-          p[gc] = dg;
-          p[uc] = du;
-        }
+        GateUpRow gu(a, prep + r * 2 * I);
+        act_backward_row(a.act, gu.g, gu.u, ghp + r * I, row_w[r], I);
+        gu.store();
       }
     });
   }
