@@ -11,44 +11,16 @@ the rows inside ``moe_ffn`` against the reference.
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
 import subprocess
 
 import pytest
-from testutil import cpu_has
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-
-
-@functools.lru_cache(maxsize=1)
-def _build(tmpdir: str) -> str:
-    exe = os.path.join(tmpdir, "act_check")
-    cmd = [
-        os.environ.get("CXX", "g++"),
-        "-std=c++20",
-        "-O2",
-        "-I",
-        CSRC,
-        os.path.join(ROOT, "tests", "cpp", "act_check.cpp"),
-        os.path.join(CSRC, "cpu", "activation_rows.cpp"),
-        "-o",
-        exe,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"building act_check failed:\n{proc.stderr[-6000:]}"
-    return exe
+from testutil import build_cpp_check, cpu_has
 
 
 @pytest.fixture(scope="module")
 def act_check(tmp_path_factory) -> str:
-    if not os.path.isdir(CSRC):
-        pytest.skip("needs the source tree (csrc/)")
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler")
-    return _build(str(tmp_path_factory.mktemp("act_check")))
+    out = str(tmp_path_factory.mktemp("act_check"))
+    return build_cpp_check(out, "act_check", ["cpu/activation_rows.cpp"], [])
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])

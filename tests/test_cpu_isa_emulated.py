@@ -12,17 +12,13 @@ ISA the CPU has.
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import subprocess
 import sysconfig
 
 import pytest
-from testutil import cpu_has
+from testutil import build_cpp_check, cpu_has, require_cpp_toolchain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
 SOURCES = ["cpu/gemm.cpp", "cpu/gemm_scalar.cpp", "cpu/gemm_avx2.cpp", "cpu/gemm_avx512.cpp"]
 
 
@@ -45,10 +41,11 @@ def _host_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c"] if cpu_has("avx2", "fma", "f16c") else []
 
 
-@functools.lru_cache(maxsize=1)
-def _build(tmpdir: str) -> str:
+@pytest.fixture(scope="module")
+def gemm_check(tmp_path_factory) -> str:
     from torch.utils import cpp_extension
 
+    require_cpp_toolchain()
     simde = _simde_include()
     if simde is None:
         msg = "SIMDe headers not found (pip install cmeel-simde, part of the test extra)"
@@ -56,38 +53,16 @@ def _build(tmpdir: str) -> str:
             pytest.fail(msg)  # the CI configuration installs the extra: missing is a failure
         pytest.skip(msg)
     torch_lib = os.path.join(os.path.dirname(cpp_extension.__file__), "..", "lib")
-    exe = os.path.join(tmpdir, "gemm_check")
-    cmd = [
-        os.environ.get("CXX", "g++"),
-        "-std=c++20",
-        "-O2",
+    flags = [
         "-DMOE_KERNELS_SIMDE",
         *_host_flags(),
         "-I",
-        CSRC,
-        "-I",
         simde,
         *[f"-I{p}" for p in cpp_extension.include_paths()],
-        os.path.join(ROOT, "tests", "cpp", "gemm_check.cpp"),
-        *[os.path.join(CSRC, s) for s in SOURCES],
-        "-o",
-        exe,
-        f"-L{torch_lib}",
-        "-lc10",
-        f"-Wl,-rpath,{os.path.abspath(torch_lib)}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"building gemm_check failed:\n{proc.stderr[-6000:]}"
-    return exe
-
-
-@pytest.fixture(scope="module")
-def gemm_check(tmp_path_factory) -> str:
-    if not os.path.isdir(CSRC):
-        pytest.skip("needs the source tree (csrc/)")
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler")
-    return _build(str(tmp_path_factory.mktemp("gemm_check")))
+    libs = [f"-L{torch_lib}", "-lc10", f"-Wl,-rpath,{os.path.abspath(torch_lib)}"]
+    out = str(tmp_path_factory.mktemp("gemm_check"))
+    return build_cpp_check(out, "gemm_check", SOURCES, flags, libs)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])

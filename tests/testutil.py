@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -204,6 +206,48 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_has(*flags: str) -> bool:
     return set(flags) <= cpu_flags()
+
+
+#: the source tree's kernel sources (tests/cpp checkers compile them)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def require_cpp_toolchain() -> str:
+    """The C++ compiler (``$CXX`` or g++) for the tests/cpp checkers; skips without the source
+    tree or a compiler."""
+    if not os.path.isdir(CSRC):
+        pytest.skip("needs the source tree (csrc/)")
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip("no C++ compiler")
+    return cxx
+
+
+def build_cpp_check(
+    out_dir: str, name: str, sources: list[str], flags: list[str], libs: list[str] = ()
+) -> str:
+    """``tests/cpp/<name>.cpp`` compiled with ``sources`` (paths under ``csrc/``) into
+    ``out_dir``, ``flags`` before the sources and ``libs`` after them: the executable's path.
+    Skips as :func:`require_cpp_toolchain`; a failed build fails the test with the compiler's
+    output."""
+    exe = os.path.join(out_dir, name)
+    cmd = [
+        require_cpp_toolchain(),
+        "-std=c++20",
+        "-O2",
+        "-I",
+        CSRC,
+        *flags,
+        os.path.join(ROOT, "tests", "cpp", f"{name}.cpp"),
+        *[os.path.join(CSRC, s) for s in sources],
+        "-o",
+        exe,
+        *libs,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"building {name} failed:\n{proc.stderr[-6000:]}"
+    return exe
 
 
 def random_ids(T, k, E, seed, drop=0.0, one_expert=None):
