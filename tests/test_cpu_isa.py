@@ -38,22 +38,25 @@ NEEDS = {
 }
 
 
-@pytest.mark.parametrize("isa", [*NEEDS, "brgemm"])
+@pytest.mark.parametrize("isa", [*NEEDS, "brgemm", "brgemm-avx2"])
 def test_isa_path(isa):
     """``brgemm``: the machine's ISA with bf16 weights of many rows forced onto oneDNN's brgemm
     (``MOE_KERNELS_CPU_BRGEMM=1``; VNNI-packed where oneDNN has the kernel, the plain layout
-    through torch's reference brgemm elsewhere)."""
+    through torch's reference brgemm elsewhere); ``brgemm-avx2``: the same at the ``avx2`` level
+    (the plain layout, and the route's store of its results without AVX-512)."""
     if not moe_kernels.available_backends()["cpu"][0]:
         pytest.skip("the compiled CPU backend is not built")
-    missing = NEEDS.get(isa, set()) - cpu_flags()
+    missing = NEEDS.get(isa.removeprefix("brgemm-"), set()) - cpu_flags()
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}: the {isa} path cannot run here")
     env = dict(os.environ, MOE_KERNELS_DEBUG="1", MOE_KERNELS_TEST_BACKENDS="cpu")
-    if isa == "brgemm":
+    if isa.startswith("brgemm"):
         env["MOE_KERNELS_CPU_BRGEMM"] = "1"
         # passes of two token blocks: the tests' small K would put every block in one pass
         env["MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS"] = "64"
         env.pop("MOE_KERNELS_CPU_ISA", None)
+        if isa == "brgemm-avx2":
+            env["MOE_KERNELS_CPU_ISA"] = "avx2"
     else:
         env["MOE_KERNELS_CPU_ISA"] = isa
     cmd = [
@@ -67,7 +70,10 @@ def test_isa_path(isa):
         "-k",
         SELECT,
         # the brgemm route changes the GEMMs only
-        *[os.path.join(HERE, m) for m in (GEMM_MODULES if isa == "brgemm" else OP_MODULES)],
+        *[
+            os.path.join(HERE, m)
+            for m in (GEMM_MODULES if isa.startswith("brgemm") else OP_MODULES)
+        ],
         os.path.join(HERE, "test_cpu_isa_env.py"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
