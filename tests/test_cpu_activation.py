@@ -1,8 +1,8 @@
 """The CPU backend's activation rows (``csrc/cpu/activation_rows.cpp``) against float64.
 
 ``tests/cpp/act_check.cpp`` is compiled with the kernels' source and run at each ISA level the
-rows have code for (``scalar``: act_forward / act_backward element by element; ``avx2``: swiglu
-and swiglu_oai 8 lanes at a time with a polynomial e^x).  It sweeps the gate value over
+rows have code for (``scalar``: act_forward / act_backward element by element; ``avx2``: 8 lanes
+at a time with polynomial e^x and erf).  It sweeps the gate value over
 [-100, 100], past both ends of e^x's float range, checks every pair of special values (infinities,
 NaN, the ends of the range, the clamp limit) against the scalar code's NaN / infinite / finite
 outcome, and checks that no value depends on where a row is split.  The fused FFN's tests check

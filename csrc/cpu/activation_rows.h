@@ -1,9 +1,9 @@
 #pragma once
 // The expert MLP's activation (common/activation.h) over rows of fp32 values, as the CPU kernels'
-// epilogues and the backward apply it.  At the avx2 level and above, swiglu and swiglu_oai run 8
-// lanes at a time with e^x from a polynomial (within a few ulp of expf; a row's last lanes run
-// through the same vector code, padded, so each value does not depend on where a row is split);
-// geglu and the scalar level run act_forward / act_backward element by element.
+// epilogues and the backward apply it.  At the avx2 level and above, 8 lanes at a time with e^x
+// and erf from polynomials (within a few ulp of expf / erff; a row's last lanes run through the
+// same vector code, padded, so each value does not depend on where a row is split); the scalar
+// level runs act_forward / act_backward element by element.
 #include <cstdint>
 
 #include "common/activation.h"

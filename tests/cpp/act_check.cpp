@@ -39,19 +39,26 @@ double sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 // so the spread of the float64 results over sgn is the error the float32 evaluation may show.
 // The sigmoid: 4 float32 ulps relative, plus its argument's rounding (alpha * g: relative error
 // 2^-24 of x, which moves ln sigmoid(x) by |x| (1 - s) 2^-24), plus the smallest normal float
-// absolute (where e^x is subnormal); the cdf: 4 ulps of 1 absolute (1 + erf cancels).
+// absolute (where e^x is subnormal); the cdf: with the scalar code's 1 + erff, 4 ulps of 1
+// absolute (the sum cancels in the lower tail); with the vector code's erfc tail, 4 ulps relative
+// plus its e^(-x^2)'s argument's rounding (x = g / sqrt 2 with the constant and the product
+// rounded, then squared: up to 5 roundings of x^2 = g^2 / 2, 3 g^2 2^-24 relative); the pdf 4
+// ulps plus the same argument's rounding (the scalar code's -g^2 / 2: one rounding).
 constexpr double kU = 4.0 / (1 << 24), kTiny = 1.1754943508222875e-38;
 double clamp01(double v) { return std::fmin(1.0, std::fmax(0.0, v)); }
 double sig_p(double x, int sgn) {
   const double s = sig(x), rel = kU + 2.0 * std::fabs(x) * (1.0 - s) / (1 << 24);
   return clamp01(s * (1.0 + sgn * rel) + sgn * kTiny);
 }
+// the relative error of e^(-g^2 / 2) from its argument's rounding
+double gauss_arg_rel(double g) { return (g_isa == Isa::kScalar ? 1.0 : 3.0) * g * g / (1 << 24); }
 double cdf_p(double g, int sgn) {
-  return clamp01(0.5 * (1.0 + std::erf(g / std::sqrt(2.0))) + sgn * kU);
+  const double cdf = 0.5 * std::erfc(-g / std::sqrt(2.0));
+  if (g_isa == Isa::kScalar) return clamp01(cdf + sgn * kU);
+  return clamp01(cdf * (1.0 + sgn * (kU + gauss_arg_rel(g))) + sgn * kTiny);
 }
 double pdf_p(double g, int sgn) {
-  // e^(-g^2 / 2): its argument's rounding moves it by g^2 / 2 * 2^-24 relative
-  const double rel = kU + g * g / (1 << 24);
+  const double rel = kU + gauss_arg_rel(g);
   return clamp01(std::exp(-0.5 * g * g) / std::sqrt(2.0 * M_PI) * (1.0 + sgn * rel) + sgn * kTiny);
 }
 
