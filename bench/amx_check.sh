@@ -5,12 +5,15 @@
 #   1. targets  bench/bench_moe_ffn.py, full-size Qwen3-30B-A3B, OLMoE-1B-7B and Mixtral-8x7B,
 #               against Hugging Face eager and grouped_mm and a dense matmul, AMX_CHECK_RUNS times
 #               (decode rows count as the median over the runs);
-#   2. routes   bench/ab_builds.py, one build: the default (brgemm auto) against
+#   2. profile  bench/profile_moe_ffn.py: each phase of a full-size moe_ffn forward and backward,
+#               and the brgemm route's split (token packing, brgemm calls, the results' store),
+#               from the op's own timers (no profiler needed);
+#   3. routes   bench/ab_builds.py, one build: the default (brgemm auto) against
 #               MOE_KERNELS_CPU_BRGEMM=0 and against MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS=32, forward
 #               and backward, T = 512 and 2048;
-#   3. hf       bench/hf_blocks_check.py, transformers' own MoE blocks, "moe_kernels" against
+#   4. hf       bench/hf_blocks_check.py, transformers' own MoE blocks, "moe_kernels" against
 #               "eager";
-#   4. tests    the CPU test suite (pytest-xdist when installed).
+#   5. tests    the CPU test suite (pytest-xdist when installed).
 #
 #   bash bench/amx_check.sh                          # everything, on CPUs 0 and 1 (2 threads)
 #   AMX_CHECK_STEPS="targets hf" AMX_CHECK_CPUS=0-3 bash bench/amx_check.sh
@@ -26,13 +29,15 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$ROOT/amx-check-out}"
 PY="${PYTHON:-python3}"
 CPUS="${AMX_CHECK_CPUS:-0,1}"
-STEPS="${AMX_CHECK_STEPS:-targets routes hf tests}"
+STEPS="${AMX_CHECK_STEPS:-targets profile routes hf tests}"
 RUNS="${AMX_CHECK_RUNS:-3}"
 # what each step covers (narrow them for a quick trial run of this script)
 SHAPES="${AMX_CHECK_SHAPES:-qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b}"
 TOKENS="${AMX_CHECK_TOKENS:-}"                 # empty: the bench's default per shape
 ROUTE_SHAPES="${AMX_CHECK_ROUTE_SHAPES:-qwen3-30b-a3b,olmoe-1b-7b}"
 ROUTE_TOKENS="${AMX_CHECK_ROUTE_TOKENS:-512,2048}"
+PROFILE_SHAPES="${AMX_CHECK_PROFILE_SHAPES:-qwen3-30b-a3b,olmoe-1b-7b}"
+PROFILE_TOKENS="${AMX_CHECK_PROFILE_TOKENS:-512,2048}"
 HF_MODELS="${AMX_CHECK_HF_MODELS:-qwen3,olmoe,mixtral}"
 HF_TOKENS="${AMX_CHECK_HF_TOKENS:-16,512,2048}"
 mkdir -p "$OUT"
@@ -93,6 +98,15 @@ if has_step targets; then
     grep -E "ceiling|^(Qwen3|OLMoE|Mixtral).*T=|^(cpu|hf-eager) " "$OUT/targets-$run.txt" | head -60
     stamp "targets run $run rc=$r"
   done
+fi
+
+if has_step profile; then
+  stamp "profile: moe_ffn's phases and the brgemm route's split"
+  (cd /tmp && pin timeout "${AMX_CHECK_PROFILE_TIMEOUT:-600}" "$PY" "$ROOT/bench/profile_moe_ffn.py" \
+    --shapes "$PROFILE_SHAPES" --tokens "$PROFILE_TOKENS" --calls 2 --backward 2>&1 |
+    tee "$OUT/profile.txt")
+  r=${PIPESTATUS[0]}
+  [ "$r" -ne 0 ] && rc=$r
 fi
 
 if has_step routes; then

@@ -76,6 +76,14 @@ void set_packed_route(GemmRoute route);
 // "vnni" (oneDNN's packed kernel, AMX), "plain" (forced without one) or "off".
 std::string brgemm_route_name();
 
+// With MOE_KERNELS_CPU_PROFILE=1: the brgemm route's time since the last take, summed over
+// threads -- packing the token blocks, oneDNN's brgemm calls, and storing their transposed
+// results into C -- and its brgemm calls (all zero when the profile is off or the route unused).
+struct BrgemmProfile {
+  int64_t pack_ns = 0, brgemm_ns = 0, store_ns = 0, calls = 0;
+};
+BrgemmProfile brgemm_profile_take();
+
 // Token rows A(m, k), m < mb <= wb, k < K, packed as bf16 terms in the VNNI layout of a [K, wb]
 // operand, one slab of ceil(K / 2) * wb dwords per term (gemm_impl.h, pack_tokens_generic, says
 // exactly); returns the number of terms (slabs) written.  The brgemm route's token operand.

@@ -23,6 +23,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -106,6 +108,23 @@ Route route() {
   return r;
 }
 
+// MOE_KERNELS_CPU_PROFILE=1 (read once): the route times its parts (brgemm_profile_take), so that
+// the AMX CPUs it runs on show where its time goes without a profiler.
+bool profiling() {
+  static const bool on = [] {
+    const char* s = std::getenv("MOE_KERNELS_CPU_PROFILE");
+    return s != nullptr && *s != '\0' && *s != '0';
+  }();
+  return on;
+}
+std::atomic<int64_t> prof_pack{0}, prof_brgemm{0}, prof_store{0}, prof_calls{0};
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 template <typename T>
 T* grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
@@ -167,6 +186,8 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
   const bf16** bt = grow(b_ptrs, nblk * 3);
   int* terms = grow(b_terms, nblk);
   bf16* plain = vnni ? nullptr : grow(plain_buf, nblk * 3 * K * kTok);
+  const bool prof = profiling();
+  int64_t t_pack = 0, t_brgemm = 0, t_store = 0, calls = 0, t = prof ? now_ns() : 0;
   for (int64_t p0 = 0; p0 < M; p0 += pass) {
     const int64_t nb = std::min(nblk, (M - p0 + kTok - 1) / kTok);  // blocks in this pass
     for (int64_t b = 0; b < nb; ++b) {
@@ -187,28 +208,59 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
         bt[b * 3 + t] = pl;
       }
     }
+    if (prof) {
+      const int64_t t1 = now_ns();
+      t_pack += t1 - t;
+      t = t1;
+    }
     for (int64_t n0 = 0; n0 < N;) {
       int64_t lda = K;
       const int64_t len = weight_run(B, n0, N, K, &lda);
       const auto* w = reinterpret_cast<const bf16*>(gemm_detail::row_ptr(B, n0));
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t m0 = p0 + b * kTok, mb = std::min(kTok, M - m0);
-        for (int t = 0; t < terms[b]; ++t)
-          at::native::cpublas::brgemm(len, kTok, K, lda, kTok, kTok, /*add_C=*/t > 0, w,
-                                      bt[b * 3 + t], c, vnni);
+        for (int term = 0; term < terms[b]; ++term)
+          at::native::cpublas::brgemm(len, kTok, K, lda, kTok, kTok, /*add_C=*/term > 0, w,
+                                      bt[b * 3 + term], c, vnni);
+        if (prof) {
+          const int64_t t1 = now_ns();
+          t_brgemm += t1 - t;
+          calls += terms[b];
+          t = t1;
+        }
         for (int64_t j = 0; j < mb; ++j)
           for (int64_t i = 0; i < len; ++i) C[(m0 + j) * ldc + n0 + i] = c[i * kTok + j];
+        if (prof) {
+          const int64_t t1 = now_ns();
+          t_store += t1 - t;
+          t = t1;
+        }
       }
       n0 += len;
     }
   }
   at::native::cpublas::brgemm_release(vnni);
+  if (prof) {
+    prof_pack += t_pack;
+    prof_brgemm += t_brgemm;
+    prof_store += t_store;
+    prof_calls += calls;
+  }
   return true;
 }
 
 const bool registered = (set_packed_route(&gemm_nt_brgemm), true);
 
 }  // namespace
+
+BrgemmProfile brgemm_profile_take() {
+  BrgemmProfile p;
+  p.pack_ns = prof_pack.exchange(0);
+  p.brgemm_ns = prof_brgemm.exchange(0);
+  p.store_ns = prof_store.exchange(0);
+  p.calls = prof_calls.exchange(0);
+  return p;
+}
 
 std::string brgemm_route_name() {
   switch (route()) {

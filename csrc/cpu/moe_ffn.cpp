@@ -51,7 +51,15 @@ struct PhaseTimer {
     const auto now = std::chrono::steady_clock::now();
     std::fprintf(stderr, "moe_ffn %-10s %9.3f ms\n", what,
                  std::chrono::duration<double, std::milli>(now - t).count());
-    t = now;
+    // the phase's brgemm route, if it ran: thread-summed times of its parts
+    const BrgemmProfile b = brgemm_profile_take();
+    if (b.calls > 0)
+      std::fprintf(stderr,
+                   "moe_ffn   brgemm route (all threads): pack %.3f ms, %ld brgemm calls %.3f ms, "
+                   "store %.3f ms\n",
+                   1e-6 * static_cast<double>(b.pack_ns), static_cast<long>(b.calls),
+                   1e-6 * static_cast<double>(b.brgemm_ns), 1e-6 * static_cast<double>(b.store_ns));
+    t = std::chrono::steady_clock::now();
   }
 };
 
