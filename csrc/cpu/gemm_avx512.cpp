@@ -523,12 +523,16 @@ MOE_AVX512BF16 __attribute__((always_inline)) inline void tdot_step(__m512 (&acc
   }
 }
 
+// Pairs ahead of the tile's current one that tdot_tile asks for (8 cache lines of each row).
+constexpr int64_t kTdotAhead = 128;
+
 // out[r * wb + j] = sum_k W_r(k) x_j(k) for NR weight rows w[r] (bf16, K = 2 * P2 + odd) and the
 // packed tokens j < TZ * 16 (+ 8 with HALF) of wb = (TZ + HALF) * 16 lanes per pair (TERMS slabs
 // of xp, term_ld dwords apart).  With HALF, lanes TZ * 16 + 8.. of out's rows are not written.
+// wn: the next tile's NR rows (null: none), whose first lines are asked for as these rows end.
 template <int TZ, int NR, int TERMS, bool HALF>
-MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
-                              int64_t term_ld, float* out) {
+MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const char* const* wn,
+                              const uint32_t* xp, int64_t term_ld, float* out) {
   constexpr int64_t wb = (TZ + HALF) * 16;
   __m512 acc[NR][TZ];
   zero_tile(acc);
@@ -536,11 +540,21 @@ MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const 
 #pragma GCC unroll 32
   for (int r = 0; r < (HALF ? NR : 1); ++r) acch[r] = _mm256_setzero_ps();
   // The weight rows stream from L3 or DRAM: every 16 pairs (one cache line of each row), ask for
-  // the line 8 lines ahead.
+  // the line kTdotAhead pairs ahead; within the last kTdotAhead pairs, for the next tile's lines
+  // instead, so that its rows do not start cold (with rows of 1-2 KiB, a third to a half of
+  // their lines would otherwise be read on demand).
   int64_t p = 0;
-  for (; p + 16 <= P2; p += 16) {
+  for (; p + 16 <= P2 && p + kTdotAhead < P2; p += 16) {
 #pragma GCC unroll 32
-    for (int r = 0; r < NR; ++r) _mm_prefetch(w[r] + (p + 128) * 4, _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) _mm_prefetch(w[r] + (p + kTdotAhead) * 4, _MM_HINT_T0);
+    for (int64_t q = p; q < p + 16; ++q)
+      tdot_step<TZ, NR, TERMS, false, HALF>(acc, acch, q, w, xp, term_ld);
+  }
+  for (; p + 16 <= P2; p += 16) {
+    if (wn != nullptr) {
+#pragma GCC unroll 32
+      for (int r = 0; r < NR; ++r) _mm_prefetch(wn[r] + (p + kTdotAhead - P2) * 4, _MM_HINT_T0);
+    }
     for (int64_t q = p; q < p + 16; ++q)
       tdot_step<TZ, NR, TERMS, false, HALF>(acc, acch, q, w, xp, term_ld);
   }
@@ -564,13 +578,13 @@ constexpr int tdot_rows(int tz) { return 24 / tz; }
 constexpr int64_t kTdotOneBlock = 96;
 
 template <int TZ, bool HALF>
-void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, const uint32_t* xp,
-                     int64_t term_ld, float* out) {
+void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, const char* const* wn,
+                     const uint32_t* xp, int64_t term_ld, float* out) {
   constexpr int NR = tdot_rows(TZ + HALF);
   switch (terms) {
-    case 1: return tdot_tile<TZ, NR, 1, HALF>(P2, odd, w, xp, term_ld, out);
-    case 2: return tdot_tile<TZ, NR, 2, HALF>(P2, odd, w, xp, term_ld, out);
-    default: return tdot_tile<TZ, NR, 3, HALF>(P2, odd, w, xp, term_ld, out);
+    case 1: return tdot_tile<TZ, NR, 1, HALF>(P2, odd, w, wn, xp, term_ld, out);
+    case 2: return tdot_tile<TZ, NR, 2, HALF>(P2, odd, w, wn, xp, term_ld, out);
+    default: return tdot_tile<TZ, NR, 3, HALF>(P2, odd, w, wn, xp, term_ld, out);
   }
 }
 
@@ -619,6 +633,7 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   // store reads (and drops)
   alignas(64) float out[kTdotGroup * 16 * 6] = {};
   const char* w[24];
+  const char* w_next[24];
   for (int64_t m0 = 0; m0 < M; m0 += bs) {
     const int64_t mb = std::min(bs, M - m0);
     const int64_t lanes = std::max<int64_t>(16, (mb + 7) / 8 * 8);
@@ -634,19 +649,28 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
         const int64_t nv = std::min<int64_t>(nr, N - n0);
         // rows past N repeat the last one (valid memory); their results are not stored
         for (int r = 0; r < nr; ++r) w[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
+        // the next tile's rows: the group's next, the next group's first, or for the next token
+        // block the first tile's; none after the call's last tile
+        const int64_t nn = n0 + nr < N ? n0 + nr : (m0 + bs < M ? 0 : -1);
+        const char* const* wn = nullptr;
+        if (nn >= 0) {
+          const int64_t nvn = std::min<int64_t>(nr, N - nn);
+          for (int r = 0; r < nr; ++r) w_next[r] = row_ptr(B, nn + std::min<int64_t>(r, nvn - 1));
+          wn = w_next;
+        }
         float* o = out + (n0 - g0) * wb;
         switch (2 * tz + half) {
-          case 2: tdot_tile_terms<1, false>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 3: tdot_tile_terms<1, true>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 4: tdot_tile_terms<2, false>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 5: tdot_tile_terms<2, true>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 6: tdot_tile_terms<3, false>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 7: tdot_tile_terms<3, true>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 8: tdot_tile_terms<4, false>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 9: tdot_tile_terms<4, true>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 10: tdot_tile_terms<5, false>(terms, P2, odd, w, xp, P * wb, o); break;
-          case 11: tdot_tile_terms<5, true>(terms, P2, odd, w, xp, P * wb, o); break;
-          default: tdot_tile_terms<6, false>(terms, P2, odd, w, xp, P * wb, o); break;
+          case 2: tdot_tile_terms<1, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 3: tdot_tile_terms<1, true>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 4: tdot_tile_terms<2, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 5: tdot_tile_terms<2, true>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 6: tdot_tile_terms<3, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 7: tdot_tile_terms<3, true>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 8: tdot_tile_terms<4, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 9: tdot_tile_terms<4, true>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 10: tdot_tile_terms<5, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          case 11: tdot_tile_terms<5, true>(terms, P2, odd, w, wn, xp, P * wb, o); break;
+          default: tdot_tile_terms<6, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
         }
       }
       store_tdot_group(out, wb, gn, mb, C + m0 * ldc + g0, ldc);
