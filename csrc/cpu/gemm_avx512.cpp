@@ -568,9 +568,16 @@ MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const 
   }
 }
 
-// Weight rows per tile for TZ x 16 tokens (a half group counts as a whole one): 24 accumulators
-// (20 at TZ = 5), plus TZ x registers and a broadcast.
-constexpr int tdot_rows(int tz) { return 24 / tz; }
+// Rows of a register tile of TZ zmm columns: 24 accumulators (20 at TZ = 5), plus TZ operand
+// registers and a broadcast.
+constexpr int tile_rows(int tz) { return 24 / tz; }
+
+// Weight rows per tile of the transposed product for TZ x 16 tokens (a half group counts as a
+// whole one): tile_rows, at most 8.  Each row is a separate stream whose pointer the step reads,
+// and rows whose length is a multiple of 4 KiB (K = 2048, 4096, 14336) put their current lines
+// in one L1 set: 12 rows (TZ = 2) overflow an 8-way set and the pointers spill, where 8 rows of
+// 16 accumulators run 1.15-1.4x faster against streamed weights (bench/NOTES.md v32).
+constexpr int tdot_rows(int tz) { return std::min(8, tile_rows(tz)); }
 
 // Rows up to which gemm_nt_tdot takes the call as one block of tokens (TZ up to 6): 65-96 rows
 // as one block of 72-96 lanes rather than two of 40-48 (the lanes past the rows cost as much as
@@ -589,7 +596,7 @@ void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, cons
 }
 
 // Weight rows whose results gemm_nt_tdot transposes into C together: a multiple of 16 (whole
-// vectors of C's rows) and of every tile's row count (24 / TZ).
+// vectors of C's rows) and of every tile's row count (tdot_rows: 8, 6 or 4).
 constexpr int64_t kTdotGroup = 48;
 
 // C[j, n] = out[n * wb + j] for n < gn (<= kTdotGroup) and j < mb (<= wb): 16 x 16 blocks
@@ -632,8 +639,8 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   // zeroed: a half group's tiles leave 8 lanes of their rows unwritten, which the transposed
   // store reads (and drops)
   alignas(64) float out[kTdotGroup * 16 * 6] = {};
-  const char* w[24];
-  const char* w_next[24];
+  const char* w[8];
+  const char* w_next[8];
   for (int64_t m0 = 0; m0 < M; m0 += bs) {
     const int64_t mb = std::min(bs, M - m0);
     const int64_t lanes = std::max<int64_t>(16, (mb + 7) / 8 * 8);
@@ -765,7 +772,7 @@ MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64
 template <int TZ>
 void pdot_tile_terms(int terms, int64_t np, const uint32_t* ap, int64_t lda, int64_t a_term_ld,
                      const uint32_t* bp, int mv, int nv, const PairsOut& o) {
-  constexpr int NR = tdot_rows(TZ);
+  constexpr int NR = tile_rows(TZ);
   switch (terms) {
     case 1: return pdot_tile<TZ, NR, 1>(np, ap, lda, a_term_ld, bp, mv, nv, o);
     case 2: return pdot_tile<TZ, NR, 2>(np, ap, lda, a_term_ld, bp, mv, nv, o);
@@ -821,7 +828,7 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
       const int64_t n0 = blk * bs;
       const int nv = static_cast<int>(std::min(bs, N - n0));
       const int tz = (nv + 15) / 16;
-      const int nr = tdot_rows(tz);
+      const int nr = tile_rows(tz);
       const uint32_t* b = bp + blk * blk_ld;
       for (int64_t m0 = 0; m0 < M; m0 += nr) {
         const int mv = static_cast<int>(std::min<int64_t>(nr, M - m0));
