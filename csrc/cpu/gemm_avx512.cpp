@@ -541,8 +541,8 @@ MOE_AVX512BF16 void tdot_tile(int64_t P2, bool odd, const char* const* w, const 
   for (int r = 0; r < (HALF ? NR : 1); ++r) acch[r] = _mm256_setzero_ps();
   // The weight rows stream from L3 or DRAM: every 16 pairs (one cache line of each row), ask for
   // the line kTdotAhead pairs ahead; within the last kTdotAhead pairs, for the next tile's lines
-  // instead, so that its rows do not start cold (with rows of 1-2 KiB, a third to a half of
-  // their lines would otherwise be read on demand).
+  // instead, so that its rows do not start cold (their first 8 lines, a half to a quarter of a
+  // row of 1-2 KiB, would otherwise be read on demand).
   int64_t p = 0;
   for (; p + 16 <= P2 && p + kTdotAhead < P2; p += 16) {
 #pragma GCC unroll 32
@@ -575,8 +575,8 @@ constexpr int tile_rows(int tz) { return 24 / tz; }
 // Weight rows per tile of the transposed product for TZ x 16 tokens (a half group counts as a
 // whole one): tile_rows, at most 8.  Each row is a separate stream whose pointer the step reads,
 // and rows whose length is a multiple of 4 KiB (K = 2048, 4096, 14336) put their current lines
-// in one L1 set: 12 rows (TZ = 2) overflow an 8-way set and the pointers spill, where 8 rows of
-// 16 accumulators run 1.15-1.4x faster against streamed weights (bench/NOTES.md v32).
+// in one L1 set: 12 rows (TZ = 2) overflow an 8-way set and their pointers spill; 8 rows of 16
+// accumulators avoid both (bench/NOTES.md v32).
 constexpr int tdot_rows(int tz) { return std::min(8, tile_rows(tz)); }
 
 // Rows up to which gemm_nt_tdot takes the call as one block of tokens (TZ up to 6): 65-96 rows
@@ -641,6 +641,13 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   alignas(64) float out[kTdotGroup * 16 * 6] = {};
   const char* w[8];
   const char* w_next[8];
+  // the weight rows of the tile at row n0 (rows past N repeat the last one, valid memory; their
+  // results are not stored)
+  auto tile_ptrs = [&](int64_t n0, int nr, const char** dst) {
+    const int64_t nv = std::min<int64_t>(nr, N - n0);
+    for (int r = 0; r < nr; ++r) dst[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
+    return dst;
+  };
   for (int64_t m0 = 0; m0 < M; m0 += bs) {
     const int64_t mb = std::min(bs, M - m0);
     const int64_t lanes = std::max<int64_t>(16, (mb + 7) / 8 * 8);
@@ -653,18 +660,11 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
       const int64_t gn = std::min(kTdotGroup, N - g0);
       // the group's tiles (kTdotGroup is a multiple of every nr: none crosses the group's end)
       for (int64_t n0 = g0; n0 < g0 + gn; n0 += nr) {
-        const int64_t nv = std::min<int64_t>(nr, N - n0);
-        // rows past N repeat the last one (valid memory); their results are not stored
-        for (int r = 0; r < nr; ++r) w[r] = row_ptr(B, n0 + std::min<int64_t>(r, nv - 1));
+        tile_ptrs(n0, nr, w);
         // the next tile's rows: the group's next, the next group's first, or for the next token
         // block the first tile's; none after the call's last tile
         const int64_t nn = n0 + nr < N ? n0 + nr : (m0 + bs < M ? 0 : -1);
-        const char* const* wn = nullptr;
-        if (nn >= 0) {
-          const int64_t nvn = std::min<int64_t>(nr, N - nn);
-          for (int r = 0; r < nr; ++r) w_next[r] = row_ptr(B, nn + std::min<int64_t>(r, nvn - 1));
-          wn = w_next;
-        }
+        const char* const* wn = nn >= 0 ? tile_ptrs(nn, nr, w_next) : nullptr;
         float* o = out + (n0 - g0) * wb;
         switch (2 * tz + half) {
           case 2: tdot_tile_terms<1, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
