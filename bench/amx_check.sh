@@ -3,8 +3,9 @@
 # (README "CPU backend": the Xeon table; bench/NOTES.md v17 and v23 say what each should show):
 #
 #   1. targets  bench/bench_moe_ffn.py, full-size Qwen3-30B-A3B, OLMoE-1B-7B and Mixtral-8x7B,
-#               against Hugging Face eager and grouped_mm and a dense matmul, AMX_CHECK_RUNS times
-#               (decode rows count as the median over the runs);
+#               against Hugging Face eager and grouped_mm and a dense matmul, AMX_CHECK_RUNS times,
+#               then bench/amx_targets.py over the runs' CSVs (prefill in one run, decode rows as
+#               the median over the runs);
 #   2. profile  bench/profile_moe_ffn.py: each phase of a full-size moe_ffn forward and backward,
 #               and the brgemm route's split (token packing, brgemm calls, the results' store),
 #               from the op's own timers (no profiler needed);
@@ -98,6 +99,12 @@ if has_step targets; then
     grep -E "ceiling|^(Qwen3|OLMoE|Mixtral).*T=|^(cpu|hf-eager) " "$OUT/targets-$run.txt" | head -60
     stamp "targets run $run rc=$r"
   done
+  stamp "targets: the AMX targets over the $RUNS runs (bench/amx_targets.py)"
+  csvs=()
+  for run in $(seq 1 "$RUNS"); do csvs+=("$OUT/targets-$run.csv"); done
+  "$PY" "$ROOT/bench/amx_targets.py" "${csvs[@]}" 2>&1 | tee "$OUT/amx-targets.txt"
+  r=${PIPESTATUS[0]}
+  [ "$r" -ne 0 ] && rc=$r
 fi
 
 if has_step profile; then

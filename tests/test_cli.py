@@ -752,3 +752,80 @@ def test_check_targets_yes_no_na():
     lines, missed = ct.check(doc, targets)
     assert missed == 1
     assert [line.split()[0] for line in lines] == ["yes", "NO", "yes", "n/a"]
+
+
+def _bench_script(name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_amx_targets_one_run_for_prefill_median_for_decode(tmp_path, capsys):
+    """bench/amx_targets.py: prefill targets all met in one run, decode on the median of the
+    runs; a missed target, a missing row or too few runs fail it."""
+    at = _bench_script("amx_targets")
+    headers = cmp.CSV_HEADERS
+
+    def write(path, values, drop=()):
+        # values[(shape, T)] = {column: value}; each cpu row follows an hf-eager row
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=headers)
+            w.writeheader()
+            for (shape, t), cols in values.items():
+                if (shape, t) in drop:
+                    continue
+                base = dict.fromkeys(headers, "")
+                w.writerow({**base, "shape": shape, "T": t, "contender": "hf-eager"})
+                w.writerow(
+                    {**base, "shape": shape, "T": t, "contender": "cpu", "median_ms": 1.0, **cols}
+                )
+
+    def good():
+        v = {(s, t): {c: need + 0.01} for s, t, c, need in at.DECODE}
+        for s, t, c, need in at.PREFILL:
+            v.setdefault((s, t), {})[c] = need + 0.01
+        return v
+
+    runs = [tmp_path / f"r{i}.csv" for i in range(3)]
+    for r in runs:
+        write(r, good())
+    assert at.main([str(r) for r in runs]) == 0
+    assert "all met" in capsys.readouterr().out.splitlines()[-1]
+
+    # the decode median: one run below the bound is outvoted, two are not
+    low = good()
+    low[("olmoe-1b-7b", 16)]["pct_read_bw"] = 50.0
+    write(runs[0], low)
+    assert at.main([str(r) for r in runs]) == 0
+    write(runs[1], low)
+    assert at.main([str(r) for r in runs]) == 1
+    out = capsys.readouterr().out
+    assert "decode  olmoe-1b-7b T=16: median 50.0" in out and "NOT all met" in out
+
+    # prefill: each target met in some run, but never all in the same one
+    a, b = good(), good()
+    a[("mixtral-8x7b", 512)]["speedup_vs_eager"] = 1.49
+    b[("qwen3-30b-a3b", 2048)]["pct_dense"] = 59.9
+    write(runs[0], a)
+    write(runs[1], b)
+    write(runs[2], a)
+    assert at.main([str(r) for r in runs]) == 1
+    assert "meets 5 of 6" in capsys.readouterr().out
+
+    # a missing row, and too few runs for the decode medians
+    write(runs[0], good())
+    write(runs[1], good())
+    write(runs[2], good(), drop=[("qwen3-30b-a3b", 512)])
+    assert at.main([str(r) for r in runs]) == 0  # runs 1 and 2 carry the prefill targets
+    out = capsys.readouterr().out
+    assert "run 3  prefill qwen3-30b-a3b T=512: nan x eager (need >= 2)  missing" in out
+    assert "prefill: run 1 meets 6 of 6 targets (all in one run)" in out
+    assert at.main([str(runs[2])] * 3) == 1
+    write(runs[1], good(), drop=[("qwen3-30b-a3b", 1)])
+    assert at.main([str(r) for r in runs]) == 1
+    assert "decode  qwen3-30b-a3b T=1: median nan" in capsys.readouterr().out
+    assert at.main([str(runs[0])]) == 1
+    assert "need at least 3" in capsys.readouterr().out
+    assert at.main([str(runs[0]), "--min-runs", "1"]) == 0
