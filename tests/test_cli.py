@@ -345,11 +345,12 @@ def test_cpu_model_and_flags():
         assert model != "unknown CPU"
 
 
-def _bench_script():
-    """The source tree's bench/bench_moe_ffn.py as a module (it owns the project's targets)."""
+def _bench_script(name="bench_moe_ffn"):
+    """A script of the source tree's bench/ as a module (bench_moe_ffn.py owns the project's
+    targets, amx_targets.py the AMX machines')."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "bench", "bench_moe_ffn.py")
-    spec = importlib.util.spec_from_file_location("bench_moe_ffn", path)
+    path = os.path.join(root, "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -752,14 +753,6 @@ def test_check_targets_yes_no_na():
     lines, missed = ct.check(doc, targets)
     assert missed == 1
     assert [line.split()[0] for line in lines] == ["yes", "NO", "yes", "n/a"]
-
-
-def _bench_script(name):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_amx_targets_one_run_for_prefill_median_for_decode(tmp_path, capsys):
