@@ -1,5 +1,6 @@
 // AVX-512 GEMM kernels of the avx512 and amx levels: the AVX-512-BF16 dot kernel for decode, and
-// past the dot path (amx level) the transposed-product route for bf16 weights read in place and
+// past the dot path (amx level) the transposed-product route for bf16 weights read in place, a
+// route that pairs the K rows of bf16 weights stored along N in registers (up to 64 rows), and
 // the pair-packed route for the other bf16 products (the backward's); the rest of the engine
 // (the AVX2 dot tiles, the packed fp32 path) is the AVX2 kernels'.
 //
@@ -780,6 +781,172 @@ void pdot_tile_terms(int terms, int64_t np, const uint32_t* ap, int64_t lda, int
   }
 }
 
+// ---- bf16 B stored along N, up to kNdMaxRows rows: K pairs formed in registers -------------
+//
+// B(n, k) with B.s0 == 1: B's stored rows are its K index, N-contiguous (the backward's data
+// gradients read w_down and w_gate_up so).  The pair-packed route below first interleaves every
+// K pair of stored rows into a packed block: a pass over the weight which, at tens of rows per
+// expert, costs about half as much as the products.  Here the tile loads 32 columns of the two
+// stored rows of a K pair and interleaves them with two unpacks into the dword pairs vdpbf16ps
+// takes, for up to kNdRows rows of A (packed per K pair, as the pair-packed route packs them).
+// The unpacks leave the 32 columns in the lane order [0-3, 8-11, 16-19, 24-27] (lo) and
+// [4-7, 12-15, 20-23, 28-31] (hi); two permutes per row restore it when C is stored.  K runs in
+// blocks of kNdKc pairs across all of N, C's fp32 sums stored and reloaded between blocks
+// (exact).  The first row tile of each 32 columns also prefetches the next 32 columns of its
+// stored rows and, when the stored rows lie one after the other, a share of the next K block in
+// address order: at a 4 KiB row stride, a line per row and column block would cost a DRAM page
+// per line (bench/NOTES.md v33).
+constexpr int64_t kNdKc = 64;
+// Rows up to which it is taken: past them the pair-packed route's packing, spread over more rows,
+// costs less than re-reading B's stored rows for every row tile (bench/NOTES.md v33).
+constexpr int64_t kNdMaxRows = 64;
+constexpr int kNdRows = 12;  // rows per tile at most: 24 accumulators
+
+// 32 bf16 of a stored row, the ones past n read as zero.
+MOE_AVX512 inline __m512i load_bf16x32_n(const uint16_t* p, int64_t n) {
+  if (n >= 32) return _mm512_loadu_si512(p);
+  alignas(64) uint16_t t[32] = {};
+  if (n > 0) std::memcpy(t, p, n * 2);
+  return _mm512_load_si512(t);
+}
+
+// NR rows of C x 32 columns (nv of them C's; FULL: nv == 32) over np K pairs of B's stored rows
+// from b (row stride ldb elements); odd: the last pair has one stored row (odd K).  pf: prefetch
+// the next 32 columns of the pairs' rows; pn: prefetch two lines from pn on per pair (null: none).
+template <int NR, int TERMS, bool FULL>
+MOE_AVX512BF16 void ndot_tile(int64_t np, bool odd, bool pf, const char* pn, const uint32_t* ap,
+                              int64_t lda, int64_t a_term_ld, const uint16_t* b, int64_t ldb,
+                              int mv, int nv, const PairsOut& o) {
+  __m512 acc[NR][2];
+  zero_tile(acc);
+  for (int64_t p = 0; p < np; ++p) {
+    const uint16_t* r0 = b + 2 * p * ldb;
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + ldb + 32), _MM_HINT_T0);
+    }
+    if (pn != nullptr) {
+      _mm_prefetch(pn + 128 * p, _MM_HINT_T0);
+      _mm_prefetch(pn + 128 * p + 64, _MM_HINT_T0);
+    }
+    const __m512i x0 = FULL ? _mm512_loadu_si512(r0) : load_bf16x32_n(r0, nv);
+    const __m512i x1 = odd && p + 1 == np ? _mm512_setzero_si512()
+                       : FULL             ? _mm512_loadu_si512(r0 + ldb)
+                                          : load_bf16x32_n(r0 + ldb, nv);
+    const __m512bh lo = as_bh(_mm512_unpacklo_epi16(x0, x1));
+    const __m512bh hi = as_bh(_mm512_unpackhi_epi16(x0, x1));
+    const uint32_t* a = ap + p * lda;
+#pragma GCC unroll 3
+    for (int t = 0; t < TERMS; ++t) {
+#pragma GCC unroll 32
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh av = as_bh(_mm512_set1_epi32(static_cast<int>(a[t * a_term_ld + r])));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, lo);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, hi);
+      }
+    }
+  }
+  // lane i of C's columns 0-15 / 16-31: lane i0[i] / i1[i] of (lo, hi) (0-15 lo, 16-31 hi)
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 32
+  for (int r = 0; r < NR; ++r) {
+    if (r >= mv) break;
+    const __m512 c[2] = {_mm512_permutex2var_ps(acc[r][0], i0, acc[r][1]),
+                         _mm512_permutex2var_ps(acc[r][0], i1, acc[r][1])};
+#pragma GCC unroll 2
+    for (int z = 0; z < 2; ++z) {
+      const int64_t n = FULL ? 16 : nv - 16 * z;  // the tile's columns past nv are not C's
+      if (n <= 0) break;
+      __m512 v = c[z];
+      if (o.accumulate) v = _mm512_add_ps(v, load_ps_n(o.C + r * o.ldc + z * 16, n));
+      if (o.to_bf16) {
+        store_bf16_n(o.Cb + r * o.ldb + z * 16, v, n);
+      } else {
+        store_ps_n(o.C + r * o.ldc + z * 16, v, n);
+      }
+    }
+  }
+}
+
+template <int NR, bool FULL>
+void ndot_tile_terms(int terms, int64_t np, bool odd, bool pf, const char* pn, const uint32_t* ap,
+                     int64_t lda, int64_t a_term_ld, const uint16_t* b, int64_t ldb, int mv, int nv,
+                     const PairsOut& o) {
+  switch (terms) {
+    case 1: return ndot_tile<NR, 1, FULL>(np, odd, pf, pn, ap, lda, a_term_ld, b, ldb, mv, nv, o);
+    case 2: return ndot_tile<NR, 2, FULL>(np, odd, pf, pn, ap, lda, a_term_ld, b, ldb, mv, nv, o);
+    default: return ndot_tile<NR, 3, FULL>(np, odd, pf, pn, ap, lda, a_term_ld, b, ldb, mv, nv, o);
+  }
+}
+
+template <int NR>
+void ndot_tile_any(int terms, int64_t np, bool odd, bool pf, const char* pn, const uint32_t* ap,
+                   int64_t lda, int64_t a_term_ld, const uint16_t* b, int64_t ldb, int mv, int nv,
+                   const PairsOut& o) {
+  if (nv == 32)
+    return ndot_tile_terms<NR, true>(terms, np, odd, pf, pn, ap, lda, a_term_ld, b, ldb, mv, nv, o);
+  ndot_tile_terms<NR, false>(terms, np, odd, pf, pn, ap, lda, a_term_ld, b, ldb, mv, nv, o);
+}
+
+// gemm_nt_pairs' route for bf16 B with B.s0 == 1 (cols_adjacent) and M <= kNdMaxRows; its
+// arguments are gemm_nt_pairs'.
+void gemm_nt_ndot(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
+                  int64_t ldc, uint16_t* Cb, int64_t ldb) {
+  const int64_t P = (K + 1) / 2;
+  thread_local std::vector<float> c_part;
+  if (Cb != nullptr && C == nullptr && P > kNdKc) {
+    if (static_cast<int64_t>(c_part.size()) < M * N) c_part.resize(M * N);
+    C = c_part.data();
+    ldc = N;
+  }
+  // row tiles of kNdRows, the last one of 4, 8 or 12 rows: A's rows padded (with zeros) to a
+  // multiple of kNdRows, so a tile never reads past the packed block
+  const int64_t ma = (M + kNdRows - 1) / kNdRows * kNdRows;
+  thread_local std::vector<uint32_t> a_buf;
+  const int64_t a_need = A.bf16_terms() * P * ma;
+  if (static_cast<int64_t>(a_buf.size()) < a_need) a_buf.resize(a_need);
+  uint32_t* ap = a_buf.data();
+  const int terms = pack_tokens_avx512(M, K, A, ma, ap);
+  const auto* bs = static_cast<const uint16_t*>(B.p);
+  // stored rows one after the other: the next K block is one range of memory, 2 np lines of it
+  // per 32 columns (the lines of 2 np stored rows)
+  const bool rows_contiguous = B.s1 == N && N % 32 == 0;
+  for (int64_t p0 = 0; p0 < P; p0 += kNdKc) {
+    const int64_t np = std::min(kNdKc, P - p0);
+    const bool odd = K % 2 != 0 && p0 + np == P;
+    const int64_t nk0 = 2 * (p0 + np);
+    const int64_t next_lines = rows_contiguous ? std::min(2 * kNdKc, K - nk0) * N / 32 : 0;
+    const char* next = reinterpret_cast<const char*>(bs + nk0 * B.s1);
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const int nv = static_cast<int>(std::min<int64_t>(32, N - n0));
+      const uint16_t* b = bs + 2 * p0 * B.s1 + n0;
+      const int64_t l0 = n0 / 32 * 2 * np;
+      const char* pnext = l0 < next_lines ? next + l0 * 64 : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += kNdRows) {
+        const int mv = static_cast<int>(std::min<int64_t>(kNdRows, M - m0));
+        const bool pf = m0 == 0 && n0 + 32 < N;
+        const char* pn = m0 == 0 ? pnext : nullptr;
+        const uint32_t* a = ap + p0 * ma + m0;
+        const PairsOut o{C == nullptr ? nullptr : C + m0 * ldc + n0,
+                         ldc,
+                         Cb == nullptr ? nullptr : Cb + m0 * ldb + n0,
+                         ldb,
+                         p0 > 0,
+                         Cb != nullptr && p0 + kNdKc >= P};
+        if (mv <= 4) {
+          ndot_tile_any<4>(terms, np, odd, pf, pn, a, ma, P * ma, b, B.s1, mv, nv, o);
+        } else if (mv <= 8) {
+          ndot_tile_any<8>(terms, np, odd, pf, pn, a, ma, P * ma, b, B.s1, mv, nv, o);
+        } else {
+          ndot_tile_any<kNdRows>(terms, np, odd, pf, pn, a, ma, P * ma, b, B.s1, mv, nv, o);
+        }
+      }
+    }
+  }
+}
+
 // gemm_nt's route for bf16 products past the dot path that the transposed product does not
 // take: B bf16 in any layout, or fp32 with max_terms == 1; A bf16 or fp32 (its bf16 terms).
 // Cb set: C rounded to bf16 into Cb (leading dimension ldb) instead, C then the fp32 partial sums
@@ -788,6 +955,10 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
                    int64_t ldc, uint16_t* Cb = nullptr, int64_t ldb = 0) {
   if (detected_isa() != Isa::kAmx || A.dt == DType::kF16) return false;
   if (B.dt != DType::kBF16 && !(B.dt == DType::kF32 && B.max_terms == 1)) return false;
+  if (M <= kNdMaxRows && B.dt == DType::kBF16 && cols_adjacent(B)) {
+    gemm_nt_ndot(M, N, K, A, B, C, ldc, Cb, ldb);
+    return true;
+  }
   const int64_t P = (K + 1) / 2;
   thread_local std::vector<float> c_part;
   if (Cb != nullptr && C == nullptr && P > kPairKc) {
@@ -872,8 +1043,8 @@ bool gemm_nt_pairs_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const
 // in registers and added, scaled by a[m, k], into up to kAxRows rows of accumulators (fp32 FMAs,
 // k in order).  Nothing is packed, which the pair-packed route must do first (two interleaved
 // row streams written and read back: about half the read rate of the dot path, bench/NOTES.md
-// v22).  Two FMAs per row and 32 weights: past kAxRows rows the pair-packed route's vdpbf16ps
-// (one instruction per row and 32 weight pairs) is faster despite its packing (v25).
+// v22).  Two FMAs per row and 32 weights: past kAxRows rows the vdpbf16ps routes (one
+// instruction per row and 32 weight pairs) are faster (v25).
 constexpr int kAxRows = 8;
 constexpr int64_t kAxKb = 16;      // stored rows per block: their next lines are read together
 constexpr int64_t kAxAhead = 256;  // elements ahead in each stored row that are prefetched
