@@ -709,6 +709,38 @@ struct PairsOut {
   bool accumulate, to_bf16;
 };
 
+// The sink of the tile at row m0, column n0 of a call's output (C and / or Cb as the call got
+// them), in a K block that is the call's first / last.
+inline PairsOut pairs_out(float* C, int64_t ldc, uint16_t* Cb, int64_t ldb, int64_t m0, int64_t n0,
+                          bool first, bool last) {
+  return {C == nullptr ? nullptr : C + m0 * ldc + n0,
+          ldc,
+          Cb == nullptr ? nullptr : Cb + m0 * ldb + n0,
+          ldb,
+          !first,
+          Cb != nullptr && last};
+}
+
+// The start of a call of the pair-tiled routes (K in blocks of kc pairs): when only bf16 rows
+// are asked for (Cb) and K spans more than one block, C becomes a per-thread scratch block of
+// M x N fp32 partial sums; A is packed per K pair into *ap, ma lanes (the rows past M zero, so
+// that a tile never reads past the block).  Returns A's bf16 terms.
+int pairs_prologue(int64_t M, int64_t N, int64_t K, int64_t kc, int64_t ma, const Operand& A,
+                   const uint16_t* Cb, float*& C, int64_t& ldc, uint32_t*& ap) {
+  const int64_t P = (K + 1) / 2;
+  thread_local std::vector<float> c_part;
+  if (Cb != nullptr && C == nullptr && P > kc) {
+    if (static_cast<int64_t>(c_part.size()) < M * N) c_part.resize(M * N);
+    C = c_part.data();
+    ldc = N;
+  }
+  thread_local std::vector<uint32_t> a_buf;
+  const int64_t a_need = A.bf16_terms() * P * ma;
+  if (static_cast<int64_t>(a_buf.size()) < a_need) a_buf.resize(a_need);
+  ap = a_buf.data();
+  return pack_tokens_avx512(M, K, A, ma, ap);
+}
+
 // bf16 of lanes [0, n) of v, rounded to nearest even, to p.  vcvtneps2bf16 where the build has
 // it (denormal values round to zero); SIMDe has no such intrinsic, so the emulated build rounds
 // as f32_to_bf16_rne.
@@ -732,6 +764,25 @@ MOE_AVX512BF16 inline void store_bf16_n(uint16_t* p, __m512 v, int64_t n) {
   if (n > 0) std::memcpy(p, t, n * 2);
 }
 
+// One K pair of a pair tile: acc[r][z] += (A's pair of row r, term by term) . bv[z], the pair's
+// dword broadcast once per row and term.  a: A's packed dwords of this pair (term t's at
+// a + t * a_term_ld).
+template <int NR, int TZ, int TERMS>
+MOE_AVX512BF16 __attribute__((always_inline)) inline void pairs_step(__m512 (&acc)[NR][TZ],
+                                                                     const uint32_t* a,
+                                                                     int64_t a_term_ld,
+                                                                     const __m512bh (&bv)[TZ]) {
+#pragma GCC unroll 3
+  for (int t = 0; t < TERMS; ++t) {
+#pragma GCC unroll 32
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh av = as_bh(_mm512_set1_epi32(static_cast<int>(a[t * a_term_ld + r])));
+#pragma GCC unroll 4
+      for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], av, bv[z]);
+    }
+  }
+}
+
 template <int TZ, int NR, int TERMS>
 MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64_t a_term_ld,
                               const uint32_t* bp, int mv, int nv, const PairsOut& o) {
@@ -742,16 +793,7 @@ MOE_AVX512BF16 void pdot_tile(int64_t np, const uint32_t* ap, int64_t lda, int64
     __m512bh bv[TZ];
 #pragma GCC unroll 4
     for (int z = 0; z < TZ; ++z) bv[z] = as_bh(_mm512_loadu_si512(bp + p * wb + z * 16));
-    const uint32_t* a = ap + p * lda;
-#pragma GCC unroll 3
-    for (int t = 0; t < TERMS; ++t) {
-#pragma GCC unroll 32
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh av = as_bh(_mm512_set1_epi32(static_cast<int>(a[t * a_term_ld + r])));
-#pragma GCC unroll 4
-        for (int z = 0; z < TZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], av, bv[z]);
-      }
-    }
+    pairs_step<NR, TZ, TERMS>(acc, ap + p * lda, a_term_ld, bv);
   }
 #pragma GCC unroll 32
   for (int r = 0; r < NR; ++r) {
@@ -833,18 +875,9 @@ MOE_AVX512BF16 void ndot_tile(int64_t np, bool odd, bool pf, const char* pn, con
     const __m512i x1 = odd && p + 1 == np ? _mm512_setzero_si512()
                        : FULL             ? _mm512_loadu_si512(r0 + ldb)
                                           : load_bf16x32_n(r0 + ldb, nv);
-    const __m512bh lo = as_bh(_mm512_unpacklo_epi16(x0, x1));
-    const __m512bh hi = as_bh(_mm512_unpackhi_epi16(x0, x1));
-    const uint32_t* a = ap + p * lda;
-#pragma GCC unroll 3
-    for (int t = 0; t < TERMS; ++t) {
-#pragma GCC unroll 32
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh av = as_bh(_mm512_set1_epi32(static_cast<int>(a[t * a_term_ld + r])));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, lo);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, hi);
-      }
-    }
+    const __m512bh bv[2] = {as_bh(_mm512_unpacklo_epi16(x0, x1)),
+                            as_bh(_mm512_unpackhi_epi16(x0, x1))};
+    pairs_step<NR, 2, TERMS>(acc, ap + p * lda, a_term_ld, bv);
   }
   // lane i of C's columns 0-15 / 16-31: lane i0[i] / i1[i] of (lo, hi) (0-15 lo, 16-31 hi)
   const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -895,20 +928,10 @@ void ndot_tile_any(int terms, int64_t np, bool odd, bool pf, const char* pn, con
 void gemm_nt_ndot(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
                   int64_t ldc, uint16_t* Cb, int64_t ldb) {
   const int64_t P = (K + 1) / 2;
-  thread_local std::vector<float> c_part;
-  if (Cb != nullptr && C == nullptr && P > kNdKc) {
-    if (static_cast<int64_t>(c_part.size()) < M * N) c_part.resize(M * N);
-    C = c_part.data();
-    ldc = N;
-  }
-  // row tiles of kNdRows, the last one of 4, 8 or 12 rows: A's rows padded (with zeros) to a
-  // multiple of kNdRows, so a tile never reads past the packed block
+  // row tiles of kNdRows, the last one of 4, 8 or 12 rows: A's rows padded to a multiple of it
   const int64_t ma = (M + kNdRows - 1) / kNdRows * kNdRows;
-  thread_local std::vector<uint32_t> a_buf;
-  const int64_t a_need = A.bf16_terms() * P * ma;
-  if (static_cast<int64_t>(a_buf.size()) < a_need) a_buf.resize(a_need);
-  uint32_t* ap = a_buf.data();
-  const int terms = pack_tokens_avx512(M, K, A, ma, ap);
+  uint32_t* ap = nullptr;
+  const int terms = pairs_prologue(M, N, K, kNdKc, ma, A, Cb, C, ldc, ap);
   const auto* bs = static_cast<const uint16_t*>(B.p);
   // stored rows one after the other: the next K block is one range of memory, 2 np lines of it
   // per 32 columns (the lines of 2 np stored rows)
@@ -929,12 +952,7 @@ void gemm_nt_ndot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
         const bool pf = m0 == 0 && n0 + 32 < N;
         const char* pn = m0 == 0 ? pnext : nullptr;
         const uint32_t* a = ap + p0 * ma + m0;
-        const PairsOut o{C == nullptr ? nullptr : C + m0 * ldc + n0,
-                         ldc,
-                         Cb == nullptr ? nullptr : Cb + m0 * ldb + n0,
-                         ldb,
-                         p0 > 0,
-                         Cb != nullptr && p0 + kNdKc >= P};
+        const PairsOut o = pairs_out(C, ldc, Cb, ldb, m0, n0, p0 == 0, p0 + kNdKc >= P);
         if (mv <= 4) {
           ndot_tile_any<4>(terms, np, odd, pf, pn, a, ma, P * ma, b, B.s1, mv, nv, o);
         } else if (mv <= 8) {
@@ -960,20 +978,11 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
     return true;
   }
   const int64_t P = (K + 1) / 2;
-  thread_local std::vector<float> c_part;
-  if (Cb != nullptr && C == nullptr && P > kPairKc) {
-    if (static_cast<int64_t>(c_part.size()) < M * N) c_part.resize(M * N);
-    C = c_part.data();
-    ldc = N;
-  }
-  // A's rows padded to a multiple of every tile height (24, 12, 8, 6): the padding rows are
-  // zeros, so a tile never reads past the packed block
+  // A's rows padded to a multiple of every tile height (24, 12, 8, 6)
   const int64_t ma = (M + 23) / 24 * 24;
-  thread_local std::vector<uint32_t> a_buf, b_buf;
-  const int64_t a_need = A.bf16_terms() * P * ma;
-  if (static_cast<int64_t>(a_buf.size()) < a_need) a_buf.resize(a_need);
-  uint32_t* ap = a_buf.data();
-  const int terms = pack_tokens_avx512(M, K, A, ma, ap);
+  uint32_t* ap = nullptr;
+  const int terms = pairs_prologue(M, N, K, kPairKc, ma, A, Cb, C, ldc, ap);
+  thread_local std::vector<uint32_t> b_buf;
   // column blocks of at most kTw, near-equal and rounded up to 16 (no thin remainder)
   const int64_t nblk = (N + kTw - 1) / kTw;
   const int64_t bs = ((N + nblk - 1) / nblk + 15) / 16 * 16;
@@ -1004,12 +1013,7 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
       for (int64_t m0 = 0; m0 < M; m0 += nr) {
         const int mv = static_cast<int>(std::min<int64_t>(nr, M - m0));
         const uint32_t* a = ap + p0 * ma + m0;
-        const PairsOut o{C == nullptr ? nullptr : C + m0 * ldc + n0,
-                         ldc,
-                         Cb == nullptr ? nullptr : Cb + m0 * ldb + n0,
-                         ldb,
-                         p0 > 0,
-                         Cb != nullptr && p0 + kPairKc >= P};
+        const PairsOut o = pairs_out(C, ldc, Cb, ldb, m0, n0, p0 == 0, p0 + kPairKc >= P);
         switch (tz) {
           case 1: pdot_tile_terms<1>(terms, np, a, ma, P * ma, b, mv, nv, o); break;
           case 2: pdot_tile_terms<2>(terms, np, a, ma, P * ma, b, mv, nv, o); break;
