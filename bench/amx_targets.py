@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 
@@ -48,7 +49,11 @@ UNIT = {"speedup_vs_eager": "x eager", "pct_dense": "% dense", "pct_read_bw": "%
 
 
 def load(path: str) -> dict[tuple[str, int], dict[str, str]]:
-    """The ``cpu`` rows of one bench_moe_ffn.py CSV, by (shape, T)."""
+    """The ``cpu`` rows of one bench_moe_ffn.py CSV, by (shape, T); none when the run wrote no
+    CSV (its rows then count as missing)."""
+    if not os.path.exists(path):
+        print(f"{path}: no such file (a run that did not finish?)")
+        return {}
     with open(path, newline="") as f:
         return {(r["shape"], int(r["T"])): r for r in csv.DictReader(f) if r["contender"] == "cpu"}
 

@@ -822,3 +822,7 @@ def test_amx_targets_one_run_for_prefill_median_for_decode(tmp_path, capsys):
     assert at.main([str(runs[0])]) == 1
     assert "need at least 3" in capsys.readouterr().out
     assert at.main([str(runs[0]), "--min-runs", "1"]) == 0
+    # a run that wrote no CSV counts as one whose rows are all missing
+    assert at.main([str(runs[0]), str(runs[0]), str(tmp_path / "none.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "none.csv: no such file" in out and "prefill: run 1 meets 6 of 6" in out
