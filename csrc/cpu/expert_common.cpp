@@ -218,7 +218,7 @@ void expert_weight_grad(const std::vector<int64_t>& begin, const std::vector<int
     const int64_t mb = t.m1 - t.m0, rows = end[t.e] - begin[t.e];
     char* g0 = gp + (t.e * Mp + t.m0) * Nq * es;          // the task's rows: whole rows, contiguous
     if (rows <= 0) return store_zeros(g0, gdt, mb * Nq);  // an expert without rows
-    thread_local std::vector<float> tile;
+    thread_local ScratchVector<float> tile;
     const Operand A = P.shifted(t.m0, begin[t.e]), B = Q.shifted(0, begin[t.e]);
     for (int64_t n0 = 0; n0 < Nq; n0 += nc) {
       const int64_t nb = std::min(nc, Nq - n0);

@@ -73,7 +73,7 @@ const KernelSet& kernels() {
 
 // Per-thread scratch, grown on demand and kept for the thread's lifetime (torch's pool threads
 // persist), so steady-state calls allocate nothing.
-float* scratch(std::vector<float>& v, int64_t n) {
+float* scratch(ScratchVector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
 }
@@ -134,7 +134,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     return;
   }
   const KernelSet& ks = kernels();
-  thread_local std::vector<float> a_buf, b_buf, c_tmp;
+  thread_local ScratchVector<float> a_buf, b_buf, c_tmp;
   if (M <= gemm_dot_max_rows() && B.s1 == 1) {
     // Few rows: convert A once, stream B straight from memory.
     const int64_t lda = K;

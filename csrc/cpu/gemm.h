@@ -15,11 +15,42 @@
 // panel that stays in L1/L2; A rows gathered and converted into an fp32 block in L2).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_info.h"
 
 namespace moe_kernels::cpu {
+
+// Scratch memory of the kernels, 64-byte aligned: a zmm load or an AMX tile row of a buffer with
+// 16-byte alignment (std::vector's) straddles two cache lines, which costs the AMX tiles more than
+// half their rate.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    const std::size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using ScratchVector = std::vector<T, CacheLineAllocator<T>>;
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 

@@ -189,7 +189,7 @@ void dot_tile_dpbf16_terms(int terms, int64_t K, const uint16_t* xs, int64_t ldx
 
 MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
                                 const Operand& B, float* C, int64_t ldc, int a_terms) {
-  thread_local std::vector<uint16_t> xs_buf;
+  thread_local ScratchVector<uint16_t> xs_buf;
   const int64_t ldx = (K + 31) / 32 * 32;
   if (static_cast<int64_t>(xs_buf.size()) < M * kSplitTerms * ldx)
     xs_buf.resize(M * kSplitTerms * ldx);
@@ -467,7 +467,7 @@ int pack_tokens_avx512(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint
   }
   if (cols_adjacent(A)) return pack_cols_blocked(mb, K, A, wb, wb, 0, P, xp);
   if (A.dt == DType::kBF16) return pack_tokens_generic(mb, K, A, wb, xp);
-  thread_local std::vector<float> a_buf;
+  thread_local ScratchVector<float> a_buf;
   if (static_cast<int64_t>(a_buf.size()) < mb * K) a_buf.resize(mb * K);
   avx2_kernels().load_a(mb, K, A, a_buf.data(), K);
   return pack_tokens_f32(mb, K, a_buf.data(), K, wb, P, A.bf16_terms(), xp);
@@ -634,7 +634,7 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   const int64_t nblk = M <= kTdotOneBlock ? 1 : (M + kTw - 1) / kTw;
   const int64_t bs = std::max<int64_t>(16, ((M + nblk - 1) / nblk + 7) / 8 * 8);
   const int64_t wb_max = (bs + 15) / 16 * 16;
-  thread_local std::vector<uint32_t> x_buf;
+  thread_local ScratchVector<uint32_t> x_buf;
   if (static_cast<int64_t>(x_buf.size()) < 3 * P * wb_max) x_buf.resize(3 * P * wb_max);
   uint32_t* xp = x_buf.data();
   // zeroed: a half group's tiles leave 8 lanes of their rows unwritten, which the transposed
@@ -728,13 +728,13 @@ inline PairsOut pairs_out(float* C, int64_t ldc, uint16_t* Cb, int64_t ldb, int6
 int pairs_prologue(int64_t M, int64_t N, int64_t K, int64_t kc, int64_t ma, const Operand& A,
                    const uint16_t* Cb, float*& C, int64_t& ldc, uint32_t*& ap) {
   const int64_t P = (K + 1) / 2;
-  thread_local std::vector<float> c_part;
+  thread_local ScratchVector<float> c_part;
   if (Cb != nullptr && C == nullptr && P > kc) {
     if (static_cast<int64_t>(c_part.size()) < M * N) c_part.resize(M * N);
     C = c_part.data();
     ldc = N;
   }
-  thread_local std::vector<uint32_t> a_buf;
+  thread_local ScratchVector<uint32_t> a_buf;
   const int64_t a_need = A.bf16_terms() * P * ma;
   if (static_cast<int64_t>(a_buf.size()) < a_need) a_buf.resize(a_need);
   ap = a_buf.data();
@@ -982,7 +982,7 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
   const int64_t ma = (M + 23) / 24 * 24;
   uint32_t* ap = nullptr;
   const int terms = pairs_prologue(M, N, K, kPairKc, ma, A, Cb, C, ldc, ap);
-  thread_local std::vector<uint32_t> b_buf;
+  thread_local ScratchVector<uint32_t> b_buf;
   // column blocks of at most kTw, near-equal and rounded up to 16 (no thin remainder)
   const int64_t nblk = (N + kTw - 1) / kTw;
   const int64_t bs = ((N + nblk - 1) / nblk + 15) / 16 * 16;

@@ -55,10 +55,10 @@ bool vnni_self_check() {
   X.p = x.data();
   X.dt = DType::kBF16;
   X.s0 = K;
-  std::vector<uint32_t> xp(3 * (K / 2) * kTok);
+  ScratchVector<uint32_t> xp(3 * (K / 2) * kTok);
   if (gemm_pack_tokens(kTok, K, X, kTok, xp.data()) != 1) return false;
   const auto* xv = reinterpret_cast<const bf16*>(xp.data());
-  std::vector<float> c(R * kTok, -1.f);
+  ScratchVector<float> c(R * kTok, -1.f);
   at::native::cpublas::brgemm(R, kTok, K, K, kTok, kTok, false, w.data(), xv, c.data(), true);
   at::native::cpublas::brgemm(R, kTok, K, K, kTok, kTok, true, w.data(), xv, c.data(), true);
   at::native::cpublas::brgemm_release(true);
@@ -126,7 +126,7 @@ int64_t now_ns() {
 }
 
 template <typename T>
-T* grow(std::vector<T>& v, int64_t n) {
+T* grow(ScratchVector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
 }
@@ -176,11 +176,11 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
   const int64_t pass = std::min(pass_tokens(K, max_terms), (M + kTok - 1) / kTok * kTok);
   const int64_t nblk = pass / kTok;
   const int64_t slab = P * kTok;  // dwords of one term of one block
-  thread_local std::vector<uint32_t> x_buf;
-  thread_local std::vector<bf16> plain_buf;
-  thread_local std::vector<float> c_buf;
-  thread_local std::vector<const bf16*> b_ptrs;
-  thread_local std::vector<int> b_terms;
+  thread_local ScratchVector<uint32_t> x_buf;
+  thread_local ScratchVector<bf16> plain_buf;
+  thread_local ScratchVector<float> c_buf;
+  thread_local ScratchVector<const bf16*> b_ptrs;
+  thread_local ScratchVector<int> b_terms;
   uint32_t* xp = grow(x_buf, nblk * max_terms * slab);
   float* c = grow(c_buf, kRows * kTok);
   const bf16** bt = grow(b_ptrs, nblk * 3);

@@ -76,7 +76,7 @@ void segmented_gemm(const at::Tensor& a_t, const std::vector<int64_t>& begin,
         gemm_nt_bf16(mb, nbt, K, At, Bt, reinterpret_cast<uint16_t*>(op + (t.m0 * ldo + t.n0) * es),
                      ldo))
       return;
-    thread_local std::vector<float> tile;
+    thread_local ScratchVector<float> tile;
     if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
     gemm_nt(mb, nbt, K, At, Bt, tile.data(), nbt);
     for (int64_t m = 0; m < mb; ++m)

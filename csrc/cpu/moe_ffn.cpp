@@ -228,7 +228,7 @@ struct GateUpRow {
       u = row + I;
       return;
     }
-    thread_local std::vector<float> copy;
+    thread_local ScratchVector<float> copy;
     if (static_cast<int64_t>(copy.size()) < 2 * I) copy.resize(2 * I);
     g = copy.data();
     u = g + I;
@@ -278,7 +278,7 @@ struct Gemm1Job {
     const int64_t I = a.I;
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
-    thread_local std::vector<float> tile;
+    thread_local ScratchVector<float> tile;
     thread_local std::vector<int64_t> cols;
     if (static_cast<int64_t>(tile.size()) < mb * 2 * nbt) tile.resize(mb * 2 * nbt);
     cols.resize(2 * nbt);
@@ -349,7 +349,7 @@ struct Gemm2Job {
     A.max_terms = h_terms;
     const Operand W = operand(w_down, w_down.stride(1), w_down.stride(2),
                               t.e * w_down.stride(0) + t.n0 * w_down.stride(1));
-    thread_local std::vector<float> tile;
+    thread_local ScratchVector<float> tile;
     if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
     gemm_nt(mb, nbt, I, A, W, tile.data(), nbt);
     const float* bd = bias_d ? bias_d + t.e * H + t.n0 : nullptr;
