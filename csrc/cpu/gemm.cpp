@@ -53,6 +53,13 @@ int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uin
   return std::min(terms, max_terms);
 }
 
+
+void store_transposed_generic(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
+                              int64_t ldc) {
+  for (int64_t j = 0; j < mb; ++j)
+    for (int64_t i = 0; i < rows; ++i) C[j * ldc + i] = c[i * ldt + j];
+}
+
 }  // namespace gemm_detail
 
 using namespace gemm_detail;
@@ -103,6 +110,16 @@ Isa gemm_isa() {
 int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) {
   const KernelSet& ks = kernels();
   return ks.pack_tokens ? ks.pack_tokens(mb, K, A, wb, xp) : pack_tokens_generic(mb, K, A, wb, xp);
+}
+
+void gemm_store_transposed(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
+                           int64_t ldc) {
+  const KernelSet& ks = kernels();
+  if (ks.store_transposed != nullptr) {
+    ks.store_transposed(c, ldt, rows, mb, C, ldc);
+  } else {
+    store_transposed_generic(c, ldt, rows, mb, C, ldc);
+  }
 }
 
 void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t ld) {

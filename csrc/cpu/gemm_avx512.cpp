@@ -600,7 +600,7 @@ void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, cons
 // vectors of C's rows) and of every tile's row count (tdot_rows: 8, 6 or 4).
 constexpr int64_t kTdotGroup = 48;
 
-// C[j, n] = out[n * wb + j] for n < gn (<= kTdotGroup) and j < mb (<= wb): 16 x 16 blocks
+// C[j, n] = out[n * wb + j] for n < gn and j < mb <= wb (wb a multiple of 16): 16 x 16 blocks
 // transposed in registers, so each token's results are stored as vectors, not element by element.
 MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64_t mb, float* C,
                                  int64_t ldc) {
@@ -616,6 +616,12 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
         store_ps_n(C + (j0 + l) * ldc + n0, _mm512_castsi512_ps(v[l]), cols);
     }
   }
+}
+
+// store_transposed_generic's contract: 16 x 16 blocks transposed in registers.
+MOE_AVX512 void store_transposed_avx512(const float* c, int64_t ldt, int64_t rows, int64_t mb,
+                                        float* C, int64_t ldc) {
+  store_tdot_group(c, ldt, rows, mb, C, ldc);
 }
 
 // gemm_nt's route for bf16 K-contiguous weights on CPUs with AVX-512-BF16 (the "amx" level) when
@@ -1173,7 +1179,8 @@ const KernelSet& avx512_kernels() {
                             .dot_n_max_m = kAxRows,
                             .wide = &gemm_nt_bf16_wide,
                             .wide_bf16 = &gemm_nt_pairs_bf16,
-                            .pack_tokens = &pack_tokens_avx512};
+                            .pack_tokens = &pack_tokens_avx512,
+                            .store_transposed = &store_transposed_avx512};
   return ks;
 }
 

@@ -58,16 +58,19 @@ bool vnni_self_check() {
   ScratchVector<uint32_t> xp(3 * (K / 2) * kTok);
   if (gemm_pack_tokens(kTok, K, X, kTok, xp.data()) != 1) return false;
   const auto* xv = reinterpret_cast<const bf16*>(xp.data());
-  ScratchVector<float> c(R * kTok, -1.f);
-  at::native::cpublas::brgemm(R, kTok, K, K, kTok, kTok, false, w.data(), xv, c.data(), true);
-  at::native::cpublas::brgemm(R, kTok, K, K, kTok, kTok, true, w.data(), xv, c.data(), true);
-  at::native::cpublas::brgemm_release(true);
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t j = 0; j < kTok; ++j) {
-      float want = 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        want += static_cast<float>(w[r * K + k]) * static_cast<float>(x[j * K + k]);
-      if (c[r * kTok + j] != 2.f * want) return false;
+  // both block widths the route calls: kTok tokens, and kTok / 2 (a pass's short last block)
+  for (const int64_t nt : {kTok, kTok / 2}) {
+    ScratchVector<float> c(R * kTok, -1.f);
+    at::native::cpublas::brgemm(R, nt, K, K, kTok, kTok, false, w.data(), xv, c.data(), true);
+    at::native::cpublas::brgemm(R, nt, K, K, kTok, kTok, true, w.data(), xv, c.data(), true);
+    at::native::cpublas::brgemm_release(true);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < nt; ++j) {
+        float want = 0.f;
+        for (int64_t k = 0; k < K; ++k)
+          want += static_cast<float>(w[r * K + k]) * static_cast<float>(x[j * K + k]);
+        if (c[r * kTok + j] != 2.f * want) return false;
+      }
     }
   }
   return true;
@@ -219,8 +222,11 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
       const auto* w = reinterpret_cast<const bf16*>(gemm_detail::row_ptr(B, n0));
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t m0 = p0 + b * kTok, mb = std::min(kTok, M - m0);
+        // a block's token count rounded up to a tile's 16 columns (an AMX tile op costs the same
+        // for 1 to 16 of them): a pass's last block with up to 16 tokens does half the work
+        const int64_t nt = mb <= kTok / 2 ? kTok / 2 : kTok;
         for (int term = 0; term < terms[b]; ++term)
-          at::native::cpublas::brgemm(len, kTok, K, lda, kTok, kTok, /*add_C=*/term > 0, w,
+          at::native::cpublas::brgemm(len, nt, K, lda, kTok, kTok, /*add_C=*/term > 0, w,
                                       bt[b * 3 + term], c, vnni);
         if (prof) {
           const int64_t t1 = now_ns();
@@ -228,8 +234,7 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
           calls += terms[b];
           t = t1;
         }
-        for (int64_t j = 0; j < mb; ++j)
-          for (int64_t i = 0; i < len; ++i) C[(m0 + j) * ldc + n0 + i] = c[i * kTok + j];
+        gemm_store_transposed(c, kTok, len, mb, C + m0 * ldc + n0, ldc);
         if (prof) {
           const int64_t t1 = now_ns();
           t_store += t1 - t;
