@@ -277,3 +277,25 @@ def test_backend_grads_match_reference(backend):
         check_vs_reference(
             gt, s, e, torch.float32, f"grad of {name}", device_type=torch.device(dev).type
         )
+
+
+@pytest.mark.parametrize("backend", backends(reference=False))
+def test_backend_long_k_in_chunks(backend):
+    """bf16 weights with a K long enough that the cpu backend's brgemm route (AMX, or
+    ``MOE_KERNELS_CPU_BRGEMM=1``) splits it into chunks whose partial sums it adds into the output
+    (256 rows, in tasks of up to 96, at K 6144: chunks of 5440 and 704); the other expert's 44 rows
+    take one chunk."""
+    dev = device_of(backend)
+    K, N = 6144, 48
+    offs = torch.tensor([256, 300], dtype=torch.int32)
+    a = randn(300, K, seed=11).to(torch.bfloat16)
+    b = (randn(2, N, K, seed=12) / K**0.5).to(torch.bfloat16)
+    out = op("grouped_gemm", backend)(a.to(dev), b.to(dev), offs.to(dev), True)
+    check_vs_reference(
+        out.cpu(),
+        ref.grouped_gemm(a, b, offs, True),
+        ref.grouped_gemm(*to64(a, b), offs, True),
+        torch.bfloat16,
+        "out",
+        device_type=torch.device(dev).type,
+    )

@@ -53,11 +53,12 @@ int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uin
   return std::min(terms, max_terms);
 }
 
-
 void store_transposed_generic(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                              int64_t ldc) {
-  for (int64_t j = 0; j < mb; ++j)
-    for (int64_t i = 0; i < rows; ++i) C[j * ldc + i] = c[i * ldt + j];
+                              int64_t ldc, bool add) {
+  for (int64_t j = 0; j < mb; ++j) {
+    float* d = C + j * ldc;
+    for (int64_t i = 0; i < rows; ++i) d[i] = add ? d[i] + c[i * ldt + j] : c[i * ldt + j];
+  }
 }
 
 }  // namespace gemm_detail
@@ -113,12 +114,12 @@ int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32
 }
 
 void gemm_store_transposed(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                           int64_t ldc) {
+                           int64_t ldc, bool add) {
   const KernelSet& ks = kernels();
   if (ks.store_transposed != nullptr) {
-    ks.store_transposed(c, ldt, rows, mb, C, ldc);
+    ks.store_transposed(c, ldt, rows, mb, C, ldc, add);
   } else {
-    store_transposed_generic(c, ldt, rows, mb, C, ldc);
+    store_transposed_generic(c, ldt, rows, mb, C, ldc, add);
   }
 }
 

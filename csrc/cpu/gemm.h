@@ -121,10 +121,10 @@ BrgemmProfile brgemm_profile_take();
 int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp);
 
 // The transposed results of a C^T = B . A^T block back into C's rows: C[j * ldc + i] =
-// c[i * ldt + j] for i < rows (B's rows, C's columns) and j < mb (tokens).  The brgemm route's
-// store.
+// c[i * ldt + j] for i < rows (B's rows, C's columns) and j < mb (tokens); add: C[j * ldc + i] +=
+// c[i * ldt + j] (a later K chunk's partial sums).  The brgemm route's store.
 void gemm_store_transposed(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                           int64_t ldc);
+                           int64_t ldc, bool add = false);
 
 // The ISA gemm_nt uses in this process (after MOE_KERNELS_CPU_ISA).
 Isa gemm_isa();

@@ -169,16 +169,31 @@ int64_t pass_tokens(int64_t K, int max_terms) {
   return std::max<int64_t>(1, kPassBytes / block_bytes) * kTok;
 }
 
+// K per chunk of gemm_nt_brgemm: all of K, unless the call's tokens (at most kChunkRows of them)
+// would not fit one pass at full K (Mixtral's w_down, K 14336: 3.5 MiB for 128 tokens); then
+// chunks whose packed tokens do, so that every weight run is read from memory once per call and
+// the tokens from L2, the chunks' partial sums added into C.  Otherwise a pass of one or two
+// blocks would read each weight run from memory once per 32-64 tokens, and the long runs (896 KiB)
+// and blocks would not both stay in L2.
+constexpr int64_t kChunkRows = 256;
+
+int64_t k_chunk(int64_t M, int64_t K, int max_terms) {
+  const int64_t rows = std::min((M + kTok - 1) / kTok * kTok, kChunkRows);
+  const int64_t per_k = max_terms * rows * int64_t{2};  // bytes of packed tokens per K
+  if (per_k * K <= kPassBytes) return K;
+  return std::min(K, std::max<int64_t>(kPassBytes / per_k / 64 * 64, 256));
+}
+
 bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
                     int64_t ldc) {
   const Route r = route();
   if (r == Route::kOff || B.dt != DType::kBF16 || B.s1 != 1 || K % 2 != 0) return false;
   const bool vnni = r == Route::kVnni;
-  const int64_t P = K / 2;
   const int max_terms = A.bf16_terms();
-  const int64_t pass = std::min(pass_tokens(K, max_terms), (M + kTok - 1) / kTok * kTok);
+  const int64_t kc = k_chunk(M, K, max_terms);  // even: K is, and a chunk is a multiple of 64
+  const int64_t pass = std::min(pass_tokens(kc, max_terms), (M + kTok - 1) / kTok * kTok);
   const int64_t nblk = pass / kTok;
-  const int64_t slab = P * kTok;  // dwords of one term of one block
+  const int64_t slab = kc / 2 * kTok;  // dwords of one term of one block (a chunk's)
   thread_local ScratchVector<uint32_t> x_buf;
   thread_local ScratchVector<bf16> plain_buf;
   thread_local ScratchVector<float> c_buf;
@@ -188,60 +203,63 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
   float* c = grow(c_buf, kRows * kTok);
   const bf16** bt = grow(b_ptrs, nblk * 3);
   int* terms = grow(b_terms, nblk);
-  bf16* plain = vnni ? nullptr : grow(plain_buf, nblk * 3 * K * kTok);
+  bf16* plain = vnni ? nullptr : grow(plain_buf, nblk * 3 * kc * kTok);
   const bool prof = profiling();
   int64_t t_pack = 0, t_brgemm = 0, t_store = 0, calls = 0, t = prof ? now_ns() : 0;
   for (int64_t p0 = 0; p0 < M; p0 += pass) {
     const int64_t nb = std::min(nblk, (M - p0 + kTok - 1) / kTok);  // blocks in this pass
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t m0 = p0 + b * kTok;
-      uint32_t* xb = xp + b * max_terms * slab;
-      terms[b] = gemm_pack_tokens(std::min(kTok, M - m0), K, A.shifted(m0, 0), kTok, xb);
-      for (int t = 0; t < terms[b]; ++t) {
-        const auto* v = reinterpret_cast<const uint16_t*>(xb + t * slab);
-        if (vnni) {
-          bt[b * 3 + t] = reinterpret_cast<const bf16*>(v);
-          continue;
-        }
-        // plain [K, kTok] for torch's reference brgemm: element (k, j) of the VNNI pairs
-        bf16* pl = plain + (b * 3 + t) * K * kTok;
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < kTok; ++j)
-            std::memcpy(&pl[k * kTok + j], &v[((k / 2) * kTok + j) * 2 + (k & 1)], 2);
-        bt[b * 3 + t] = pl;
-      }
-    }
-    if (prof) {
-      const int64_t t1 = now_ns();
-      t_pack += t1 - t;
-      t = t1;
-    }
-    for (int64_t n0 = 0; n0 < N;) {
-      int64_t lda = K;
-      const int64_t len = weight_run(B, n0, N, K, &lda);
-      const auto* w = reinterpret_cast<const bf16*>(gemm_detail::row_ptr(B, n0));
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t kl = std::min(kc, K - k0);
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t m0 = p0 + b * kTok, mb = std::min(kTok, M - m0);
-        // a block's token count rounded up to a tile's 16 columns (an AMX tile op costs the same
-        // for 1 to 16 of them): a pass's last block with up to 16 tokens does half the work
-        const int64_t nt = mb <= kTok / 2 ? kTok / 2 : kTok;
-        for (int term = 0; term < terms[b]; ++term)
-          at::native::cpublas::brgemm(len, nt, K, lda, kTok, kTok, /*add_C=*/term > 0, w,
-                                      bt[b * 3 + term], c, vnni);
-        if (prof) {
-          const int64_t t1 = now_ns();
-          t_brgemm += t1 - t;
-          calls += terms[b];
-          t = t1;
-        }
-        gemm_store_transposed(c, kTok, len, mb, C + m0 * ldc + n0, ldc);
-        if (prof) {
-          const int64_t t1 = now_ns();
-          t_store += t1 - t;
-          t = t1;
+        const int64_t m0 = p0 + b * kTok;
+        uint32_t* xb = xp + b * max_terms * slab;
+        terms[b] = gemm_pack_tokens(std::min(kTok, M - m0), kl, A.shifted(m0, k0), kTok, xb);
+        for (int t = 0; t < terms[b]; ++t) {
+          const auto* v = reinterpret_cast<const uint16_t*>(xb + t * slab);
+          if (vnni) {
+            bt[b * 3 + t] = reinterpret_cast<const bf16*>(v);
+            continue;
+          }
+          // plain [kl, kTok] for torch's reference brgemm: element (k, j) of the VNNI pairs
+          bf16* pl = plain + (b * 3 + t) * kc * kTok;
+          for (int64_t k = 0; k < kl; ++k)
+            for (int64_t j = 0; j < kTok; ++j)
+              std::memcpy(&pl[k * kTok + j], &v[((k / 2) * kTok + j) * 2 + (k & 1)], 2);
+          bt[b * 3 + t] = pl;
         }
       }
-      n0 += len;
+      if (prof) {
+        const int64_t t1 = now_ns();
+        t_pack += t1 - t;
+        t = t1;
+      }
+      for (int64_t n0 = 0; n0 < N;) {
+        int64_t lda = K;
+        const int64_t len = weight_run(B, n0, N, K, &lda);
+        const auto* w = reinterpret_cast<const bf16*>(gemm_detail::row_ptr(B, n0)) + k0;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t m0 = p0 + b * kTok, mb = std::min(kTok, M - m0);
+          // a block's token count rounded up to a tile's 16 columns (an AMX tile op costs the
+          // same for 1 to 16 of them): a pass's last block with up to 16 tokens does half the work
+          const int64_t nt = mb <= kTok / 2 ? kTok / 2 : kTok;
+          for (int term = 0; term < terms[b]; ++term)
+            at::native::cpublas::brgemm(len, nt, kl, lda, kTok, kTok, /*add_C=*/term > 0, w,
+                                        bt[b * 3 + term], c, vnni);
+          if (prof) {
+            const int64_t t1 = now_ns();
+            t_brgemm += t1 - t;
+            calls += terms[b];
+            t = t1;
+          }
+          gemm_store_transposed(c, kTok, len, mb, C + m0 * ldc + n0, ldc, /*add=*/k0 > 0);
+          if (prof) {
+            const int64_t t1 = now_ns();
+            t_store += t1 - t;
+            t = t1;
+          }
+        }
+        n0 += len;
+      }
     }
   }
   at::native::cpublas::brgemm_release(vnni);

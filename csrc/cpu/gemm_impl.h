@@ -42,7 +42,7 @@ struct KernelSet {
   int (*pack_tokens)(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) = nullptr;
   // store_transposed_generic's contract, vectorised; null: the generic one.
   void (*store_transposed)(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                           int64_t ldc) = nullptr;
+                           int64_t ldc, bool add) = nullptr;
 };
 
 const KernelSet& scalar_kernels();
@@ -92,9 +92,9 @@ inline Bf16Terms split_bf16_terms(float x) {
 // for k = K when K is odd.  Returns the number of terms used: 1 for bf16 A, else what the values
 // need, at most A.max_terms.  Slabs past that count are left unwritten.
 int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp);
-// C[j, i] = c[i * ldt + j] for i < rows, j < mb.
+// C[j, i] = c[i * ldt + j] (add: C[j, i] += c[i * ldt + j]) for i < rows, j < mb.
 void store_transposed_generic(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                              int64_t ldc);
+                              int64_t ldc, bool add);
 
 inline float load_elem(const void* p, DType dt, int64_t i) {
   switch (dt) {
