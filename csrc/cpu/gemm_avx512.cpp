@@ -600,10 +600,11 @@ void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, cons
 // vectors of C's rows) and of every tile's row count (tdot_rows: 8, 6 or 4).
 constexpr int64_t kTdotGroup = 48;
 
-// C[j, n] = out[n * wb + j] for n < gn and j < mb <= wb (wb a multiple of 16): 16 x 16 blocks
-// transposed in registers, so each token's results are stored as vectors, not element by element.
+// C[j, n] = out[n * wb + j] (add: C[j, n] += out[n * wb + j]) for n < gn and j < mb <= wb (wb a
+// multiple of 16): 16 x 16 blocks transposed in registers, so each token's results are stored as
+// vectors, not element by element.
 MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64_t mb, float* C,
-                                 int64_t ldc) {
+                                 int64_t ldc, bool add = false) {
   for (int64_t n0 = 0; n0 < gn; n0 += 16) {
     const int64_t cols = std::min<int64_t>(gn - n0, 16);
     for (int64_t j0 = 0; j0 < mb; j0 += 16) {
@@ -612,8 +613,11 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
         v[i] = i < cols ? _mm512_loadu_si512(out + (n0 + i) * wb + j0) : _mm512_setzero_si512();
       transpose16_epi32(v);
       const int64_t rows = std::min<int64_t>(mb - j0, 16);
-      for (int64_t l = 0; l < rows; ++l)
-        store_ps_n(C + (j0 + l) * ldc + n0, _mm512_castsi512_ps(v[l]), cols);
+      for (int64_t l = 0; l < rows; ++l) {
+        float* d = C + (j0 + l) * ldc + n0;
+        const __m512 r = _mm512_castsi512_ps(v[l]);
+        store_ps_n(d, add ? _mm512_add_ps(load_ps_n(d, cols), r) : r, cols);
+      }
     }
   }
 }
@@ -621,21 +625,7 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
 // store_transposed_generic's contract: 16 x 16 blocks transposed in registers.
 MOE_AVX512 void store_transposed_avx512(const float* c, int64_t ldt, int64_t rows, int64_t mb,
                                         float* C, int64_t ldc, bool add) {
-  if (!add) return store_tdot_group(c, ldt, rows, mb, C, ldc);
-  for (int64_t n0 = 0; n0 < rows; n0 += 16) {
-    const int64_t cols = std::min<int64_t>(rows - n0, 16);
-    for (int64_t j0 = 0; j0 < mb; j0 += 16) {
-      __m512i v[16];
-      for (int64_t i = 0; i < 16; ++i)
-        v[i] = i < cols ? _mm512_loadu_si512(c + (n0 + i) * ldt + j0) : _mm512_setzero_si512();
-      transpose16_epi32(v);
-      const int64_t nr = std::min<int64_t>(mb - j0, 16);
-      for (int64_t l = 0; l < nr; ++l) {
-        float* d = C + (j0 + l) * ldc + n0;
-        store_ps_n(d, _mm512_add_ps(load_ps_n(d, cols), _mm512_castsi512_ps(v[l])), cols);
-      }
-    }
-  }
+  store_tdot_group(c, ldt, rows, mb, C, ldc, add);
 }
 
 // gemm_nt's route for bf16 K-contiguous weights on CPUs with AVX-512-BF16 (the "amx" level) when
