@@ -193,7 +193,7 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
   const int64_t kc = k_chunk(M, K, max_terms);  // even: K is, and a chunk is a multiple of 64
   const int64_t pass = std::min(pass_tokens(kc, max_terms), (M + kTok - 1) / kTok * kTok);
   const int64_t nblk = pass / kTok;
-  const int64_t slab = kc / 2 * kTok;  // dwords of one term of one block (a chunk's)
+  const int64_t slab = kc / 2 * kTok;  // dwords of one term of one block, at most (a chunk's)
   thread_local ScratchVector<uint32_t> x_buf;
   thread_local ScratchVector<bf16> plain_buf;
   thread_local ScratchVector<float> c_buf;
@@ -215,7 +215,8 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
         uint32_t* xb = xp + b * max_terms * slab;
         terms[b] = gemm_pack_tokens(std::min(kTok, M - m0), kl, A.shifted(m0, k0), kTok, xb);
         for (int t = 0; t < terms[b]; ++t) {
-          const auto* v = reinterpret_cast<const uint16_t*>(xb + t * slab);
+          // gemm_pack_tokens puts a block's terms kl / 2 * kTok dwords apart (a short last chunk)
+          const auto* v = reinterpret_cast<const uint16_t*>(xb + t * (kl / 2) * kTok);
           if (vnni) {
             bt[b * 3 + t] = reinterpret_cast<const bf16*>(v);
             continue;
