@@ -194,13 +194,14 @@ int64_t count_row_blocks(const Rows& rows) {
 // tasks of 1 MiB or less (bench/NOTES.md v12).  Otherwise `preferred` columns (the packed path's
 // blocking). Either way there are at least ~4 tasks per thread when the call is large enough.
 // With bf16 weights on CPUs with AVX-512-BF16, gemm_nt reads the weights in place and packs the
-// token rows instead, once per call: 16x wider tasks pack them 16x less often.
+// token rows instead, once per task: 32x wider tasks pack them 32x less often (Mixtral's I 14336:
+// 2048 columns a task).
 int64_t forward_col_block(const Rows& rows, int64_t N, int64_t preferred, int64_t bytes_per_col,
                           at::ScalarType wdt) {
   int64_t max_rows = 0;
   for (size_t e = 0; e < rows.begin.size(); ++e)
     max_rows = std::max(max_rows, rows.end[e] - rows.begin[e]);
-  if (max_rows > gemm_dot_max_rows() && bf16_routes(wdt)) preferred *= 16;
+  if (max_rows > gemm_dot_max_rows() && bf16_routes(wdt)) preferred *= 32;
   if (max_rows <= gemm_dot_max_rows()) {
     constexpr int64_t kTaskBytes = int64_t{8} << 20;
     int64_t nb = preferred;
