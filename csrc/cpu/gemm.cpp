@@ -54,7 +54,7 @@ int pack_tokens_generic(int64_t mb, int64_t K, const Operand& A, int64_t wb, uin
 }
 
 void store_transposed_generic(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                              int64_t ldc, bool add) {
+                              int64_t ldc, bool add) {  // plain stores (gemm.h: stream is a hint)
   for (int64_t j = 0; j < mb; ++j) {
     float* d = C + j * ldc;
     for (int64_t i = 0; i < rows; ++i) d[i] = add ? d[i] + c[i * ldt + j] : c[i * ldt + j];
@@ -114,10 +114,10 @@ int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32
 }
 
 void gemm_store_transposed(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                           int64_t ldc, bool add) {
+                           int64_t ldc, bool add, bool stream) {
   const KernelSet& ks = kernels();
   if (ks.store_transposed != nullptr) {
-    ks.store_transposed(c, ldt, rows, mb, C, ldc, add);
+    ks.store_transposed(c, ldt, rows, mb, C, ldc, add, stream && !add);
   } else {
     store_transposed_generic(c, ldt, rows, mb, C, ldc, add);
   }
@@ -145,7 +145,7 @@ bool gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
 }
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
-             int64_t ldc) {
+             int64_t ldc, bool stream_c) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
@@ -168,8 +168,9 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B
     ks.dot_n(M, N, K, a, K, B, C, ldc);
     return;
   }
-  if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc)) return;
-  if (ks.wide && ks.wide(M, N, K, A, B, C, ldc)) return;
+  if (const GemmRoute route = packed_route(); route && route(M, N, K, A, B, C, ldc, stream_c))
+    return;
+  if (ks.wide && ks.wide(M, N, K, A, B, C, ldc, stream_c)) return;
   const int mr = ks.mr, nr = ks.nr;
   const int64_t lda = ks.kc + 16;  // padding keeps the mr row streams off the same cache sets
   float* tmp = scratch(c_tmp, static_cast<int64_t>(mr) * nr);

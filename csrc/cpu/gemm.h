@@ -82,8 +82,11 @@ struct Operand {
 };
 
 // C[M, N] (fp32, leading dim ldc) = A[M, K] * B[N, K]^T.  Serial: call it from inside a task.
+// stream_c: C is an output that is not read again soon (larger than the caches, read by a later
+// pass): the brgemm route then stores it with non-temporal stores, past the caches, instead of
+// reading every line in first and evicting its own operands with them; the other paths ignore it.
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
-             int64_t ldc);
+             int64_t ldc, bool stream_c = false);
 
 // gemm_nt's product rounded to bf16 (round to nearest even) straight into C[M, N] (leading
 // dimension ldc), for the calls whose B is not K-contiguous (B.s1 != 1: the weight gradients' and
@@ -100,7 +103,7 @@ void gemm_load_rows(int64_t M, int64_t K, const Operand& A, float* dst, int64_t 
 // returns false when it does not take the call.  gemm_brgemm.cpp registers oneDNN's brgemm for
 // bf16 weights; builds of the engine without ATen (the emulated kernel check) register none.
 using GemmRoute = bool (*)(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
-                           float* C, int64_t ldc);
+                           float* C, int64_t ldc, bool stream_c);
 void set_packed_route(GemmRoute route);
 
 // Which brgemm route gemm_nt takes for bf16 weights in this process (MOE_KERNELS_CPU_BRGEMM):
@@ -122,9 +125,11 @@ int gemm_pack_tokens(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32
 
 // The transposed results of a C^T = B . A^T block back into C's rows: C[j * ldc + i] =
 // c[i * ldt + j] for i < rows (B's rows, C's columns) and j < mb (tokens); add: C[j * ldc + i] +=
-// c[i * ldt + j] (a later K chunk's partial sums).  The brgemm route's store.
+// c[i * ldt + j] (a later K chunk's partial sums).  stream (not with add): C's row segments of 16
+// values that start 64-byte aligned may be written with non-temporal stores, which the caller
+// orders with an sfence before C is read elsewhere.  The brgemm route's store.
 void gemm_store_transposed(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                           int64_t ldc, bool add = false);
+                           int64_t ldc, bool add = false, bool stream = false);
 
 // The ISA gemm_nt uses in this process (after MOE_KERNELS_CPU_ISA).
 Isa gemm_isa();

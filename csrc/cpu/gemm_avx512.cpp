@@ -600,11 +600,21 @@ void tdot_tile_terms(int terms, int64_t P2, bool odd, const char* const* w, cons
 // vectors of C's rows) and of every tile's row count (tdot_rows: 8, 6 or 4).
 constexpr int64_t kTdotGroup = 48;
 
+// A non-temporal store of 16 values to 64-byte aligned d (SIMDe has none: a plain store there).
+MOE_AVX512 inline void stream_ps(float* d, __m512 v) {
+#if defined(MOE_KERNELS_SIMDE)
+  _mm512_store_ps(d, v);
+#else
+  _mm512_stream_ps(d, v);
+#endif
+}
+
 // C[j, n] = out[n * wb + j] (add: C[j, n] += out[n * wb + j]) for n < gn and j < mb <= wb (wb a
 // multiple of 16): 16 x 16 blocks transposed in registers, so each token's results are stored as
-// vectors, not element by element.
+// vectors, not element by element.  nt (without add): whole 64-byte aligned vectors of C with
+// non-temporal stores.
 MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64_t mb, float* C,
-                                 int64_t ldc, bool add = false) {
+                                 int64_t ldc, bool add = false, bool nt = false) {
   for (int64_t n0 = 0; n0 < gn; n0 += 16) {
     const int64_t cols = std::min<int64_t>(gn - n0, 16);
     for (int64_t j0 = 0; j0 < mb; j0 += 16) {
@@ -616,6 +626,10 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
       for (int64_t l = 0; l < rows; ++l) {
         float* d = C + (j0 + l) * ldc + n0;
         const __m512 r = _mm512_castsi512_ps(v[l]);
+        if (nt && cols == 16 && (reinterpret_cast<uintptr_t>(d) & 63) == 0) {
+          stream_ps(d, r);
+          continue;
+        }
         store_ps_n(d, add ? _mm512_add_ps(load_ps_n(d, cols), r) : r, cols);
       }
     }
@@ -624,14 +638,14 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
 
 // store_transposed_generic's contract: 16 x 16 blocks transposed in registers.
 MOE_AVX512 void store_transposed_avx512(const float* c, int64_t ldt, int64_t rows, int64_t mb,
-                                        float* C, int64_t ldc, bool add) {
-  store_tdot_group(c, ldt, rows, mb, C, ldc, add);
+                                        float* C, int64_t ldc, bool add, bool stream) {
+  store_tdot_group(c, ldt, rows, mb, C, ldc, add, stream && !add);
 }
 
 // gemm_nt's route for bf16 K-contiguous weights on CPUs with AVX-512-BF16 (the "amx" level) when
 // the call has more rows than the dot path: the transposed product above.
 bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
-                  int64_t ldc) {
+                  int64_t ldc, bool stream_c) {
   if (detected_isa() != Isa::kAmx || B.dt != DType::kBF16 || B.s1 != 1) return false;
   const int64_t P = (K + 1) / 2, P2 = K / 2;
   const bool odd = K % 2 != 0;
@@ -691,9 +705,10 @@ bool gemm_nt_tdot(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
           default: tdot_tile_terms<6, false>(terms, P2, odd, w, wn, xp, P * wb, o); break;
         }
       }
-      store_tdot_group(out, wb, gn, mb, C + m0 * ldc + g0, ldc);
+      store_tdot_group(out, wb, gn, mb, C + m0 * ldc + g0, ldc, false, stream_c);
     }
   }
+  if (stream_c) _mm_sfence();  // the non-temporal stores before C is read by another thread
   return true;
 }
 
@@ -1039,8 +1054,8 @@ bool gemm_nt_pairs(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
 // The AVX-512-BF16 routes past the dot path: the transposed product where the weights can be
 // read in place, the pair-packed product for the other bf16 products.
 bool gemm_nt_bf16_wide(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
-                       float* C, int64_t ldc) {
-  return gemm_nt_tdot(M, N, K, A, B, C, ldc) || gemm_nt_pairs(M, N, K, A, B, C, ldc);
+                       float* C, int64_t ldc, bool stream_c) {
+  return gemm_nt_tdot(M, N, K, A, B, C, ldc, stream_c) || gemm_nt_pairs(M, N, K, A, B, C, ldc);
 }
 
 // The pair-packed product rounded to bf16 in its epilogue (gemm_nt_bf16's route).

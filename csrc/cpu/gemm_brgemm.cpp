@@ -21,6 +21,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -155,18 +156,21 @@ int64_t weight_run(const Operand& B, int64_t n0, int64_t N, int64_t K, int64_t* 
 // is read from memory once per pass and from L2 for the pass's other blocks, where a pass of one
 // block would read the weights from memory once per kTok tokens: 2 x kTok FLOPs per weight byte,
 // less than AMX's rate needs from DRAM.  The pass's packing takes at most kPassBytes (the L2 of
-// AMX CPUs is 2 MiB a core); MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS (a tuning knob, read once)
-// overrides it.
+// AMX CPUs is 2 MiB a core), except that a call's M tokens up to 1.5x that are one pass (a second
+// pass of a block or two would read every weight run from memory again for them);
+// MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS (a tuning knob, read once) overrides it.
 constexpr int64_t kPassBytes = int64_t{1} << 20;
 
-int64_t pass_tokens(int64_t K, int max_terms) {
+int64_t pass_tokens(int64_t M, int64_t K, int max_terms) {
   static const int64_t knob = [] {
     const char* s = std::getenv("MOE_KERNELS_CPU_BRGEMM_PASS_TOKENS");
     return s && *s ? std::max<int64_t>(std::atoll(s), 0) : int64_t{0};
   }();
   if (knob > 0) return (knob + kTok - 1) / kTok * kTok;
   const int64_t block_bytes = max_terms * ((K + 1) / 2) * kTok * int64_t{4};
-  return std::max<int64_t>(1, kPassBytes / block_bytes) * kTok;
+  const int64_t pass = std::max<int64_t>(1, kPassBytes / block_bytes) * kTok;
+  const int64_t m_up = (M + kTok - 1) / kTok * kTok;
+  return m_up <= pass + pass / 2 ? m_up : pass;
 }
 
 // K per chunk of gemm_nt_brgemm: all of K, unless the call's tokens (at most kChunkRows of them)
@@ -185,13 +189,15 @@ int64_t k_chunk(int64_t M, int64_t K, int max_terms) {
 }
 
 bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
-                    int64_t ldc) {
+                    int64_t ldc, bool stream_c) {
   const Route r = route();
   if (r == Route::kOff || B.dt != DType::kBF16 || B.s1 != 1 || K % 2 != 0) return false;
   const bool vnni = r == Route::kVnni;
   const int max_terms = A.bf16_terms();
   const int64_t kc = k_chunk(M, K, max_terms);  // even: K is, and a chunk is a multiple of 64
-  const int64_t pass = std::min(pass_tokens(kc, max_terms), (M + kTok - 1) / kTok * kTok);
+  // streamed stores only where C is written once (one chunk): later chunks read C back
+  const bool stream = stream_c && kc == K;
+  const int64_t pass = std::min(pass_tokens(M, kc, max_terms), (M + kTok - 1) / kTok * kTok);
   const int64_t nblk = pass / kTok;
   const int64_t slab = kc / 2 * kTok;  // dwords of one term of one block, at most (a chunk's)
   thread_local ScratchVector<uint32_t> x_buf;
@@ -252,7 +258,7 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
             calls += terms[b];
             t = t1;
           }
-          gemm_store_transposed(c, kTok, len, mb, C + m0 * ldc + n0, ldc, /*add=*/k0 > 0);
+          gemm_store_transposed(c, kTok, len, mb, C + m0 * ldc + n0, ldc, /*add=*/k0 > 0, stream);
           if (prof) {
             const int64_t t1 = now_ns();
             t_store += t1 - t;
@@ -264,6 +270,7 @@ bool gemm_nt_brgemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Ope
     }
   }
   at::native::cpublas::brgemm_release(vnni);
+  if (stream) _mm_sfence();  // the non-temporal stores before C is read by another thread
   if (prof) {
     prof_pack += t_pack;
     prof_brgemm += t_brgemm;

@@ -42,7 +42,7 @@ struct KernelSet {
   int (*pack_tokens)(int64_t mb, int64_t K, const Operand& A, int64_t wb, uint32_t* xp) = nullptr;
   // store_transposed_generic's contract, vectorised; null: the generic one.
   void (*store_transposed)(const float* c, int64_t ldt, int64_t rows, int64_t mb, float* C,
-                           int64_t ldc, bool add) = nullptr;
+                           int64_t ldc, bool add, bool stream) = nullptr;
 };
 
 const KernelSet& scalar_kernels();

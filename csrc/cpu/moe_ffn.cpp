@@ -34,7 +34,10 @@
 namespace moe_kernels::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 256;  // rows per task: B is converted once per task
+// Rows per task at most (an expert's rows split into near-equal tasks): B is converted, or on the
+// brgemm route read from memory, once per task -- an expert with 257-384 rows (OLMoE at T = 2048
+// averages 256) is one task, not two that each read all its weights.
+constexpr int64_t kRowBlock = 384;
 
 // MOE_KERNELS_CPU_PROFILE=1: per-phase wall times of moe_ffn on stderr (development aid).
 bool profile_on() {
@@ -261,6 +264,8 @@ struct Gemm1Job {
   float* out;
   // apply_act: also the pre-activation [T*k, 2I] in pair order (row t*k + s), when not null
   float* pre_pairs = nullptr;
+  // apply_act: act(gate, up) rounded to bf16 here [R, I] instead of fp32 to out, when not null
+  c10::BFloat16* out_bf16 = nullptr;
   const int64_t* pair_of_row;
   Operand X;
   std::vector<Task> tasks;
@@ -303,7 +308,14 @@ struct Gemm1Job {
             u[j] += bg[cols[nbt + j]];
           }
         }
-        act_forward_row(a.act, g, u, out + (t.m0 + m) * I + t.n0, nbt);
+        if (out_bf16 != nullptr) {
+          thread_local ScratchVector<float> act_row;
+          if (static_cast<int64_t>(act_row.size()) < nbt) act_row.resize(nbt);
+          act_forward_row(a.act, g, u, act_row.data(), nbt);
+          store_f32(act_row.data(), out_bf16 + (t.m0 + m) * I + t.n0, at::kBFloat16, nbt);
+        } else {
+          act_forward_row(a.act, g, u, out + (t.m0 + m) * I + t.n0, nbt);
+        }
         if (pre_pairs != nullptr) {
           float* p = pre_pairs + pair_of_row[t.m0 + m] * 2 * I;
           for (int64_t j = 0; j < nbt; ++j) {
@@ -322,22 +334,22 @@ struct Gemm1Job {
   }
 };
 
-// GEMM 2 tasks: y[r, :] = row_scale[r] * (h[r, :] @ w_down[e]^T + b_down[e]) (row_scale null: 1).
+// GEMM 2 tasks: y[r, :] = h[r, :] @ w_down[e]^T, written by gemm_nt straight into y (no tile
+// and no epilogue pass over it: combine applies the routing weight and b_down).
 struct Gemm2Job {
   const FfnArgs& a;
-  const float* h;
+  const at::Tensor& h;  // [R, I]: fp32, or bf16 (GEMM 1 rounded it)
   const at::Tensor& w_down;
-  const float* bias_d;
-  const float* row_scale;
   float* y;
   int h_terms;  // Operand::max_terms of h against bf16 weights
   std::vector<Task> tasks;
 
   // h_terms: 3 where y must keep fp32 accuracy (fp32 models), 1 where y only feeds an output
-  // rounded to x's 16-bit dtype (h rounded, as the GPU backends do).
-  Gemm2Job(const FfnArgs& a_, const Rows& rows, const float* h_, const at::Tensor& w,
-           const float* bias, const float* scale, float* y_, int h_terms_)
-      : a(a_), h(h_), w_down(w), bias_d(bias), row_scale(scale), y(y_), h_terms(h_terms_) {
+  // rounded to x's 16-bit dtype (h rounded, as the GPU backends do; with bf16 weights GEMM 1
+  // stores h already rounded, in half the bytes).
+  Gemm2Job(const FfnArgs& a_, const Rows& rows, const at::Tensor& h_, const at::Tensor& w,
+           float* y_, int h_terms_)
+      : a(a_), h(h_), w_down(w), y(y_), h_terms(h_terms_) {
     const int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size(), w.scalar_type());
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.H, kRowBlock, nb);
   }
@@ -346,20 +358,11 @@ struct Gemm2Job {
     const int64_t H = a.H, I = a.I;
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
-    Operand A = operand_f32(h + t.m0 * I, I, 1);
+    Operand A = operand(h, I, 1, t.m0 * I);
     A.max_terms = h_terms;
     const Operand W = operand(w_down, w_down.stride(1), w_down.stride(2),
                               t.e * w_down.stride(0) + t.n0 * w_down.stride(1));
-    thread_local ScratchVector<float> tile;
-    if (static_cast<int64_t>(tile.size()) < mb * nbt) tile.resize(mb * nbt);
-    gemm_nt(mb, nbt, I, A, W, tile.data(), nbt);
-    const float* bd = bias_d ? bias_d + t.e * H + t.n0 : nullptr;
-    for (int64_t m = 0; m < mb; ++m) {
-      const float s = row_scale ? row_scale[t.m0 + m] : 1.f;
-      const float* c = tile.data() + m * nbt;
-      float* o = y + (t.m0 + m) * H + t.n0;
-      for (int64_t j = 0; j < nbt; ++j) o[j] = s * (c[j] + (bd ? bd[j] : 0.f));
-    }
+    gemm_nt(mb, nbt, I, A, W, y + t.m0 * H + t.n0, H, /*stream_c=*/true);
   }
 };
 
@@ -391,10 +394,11 @@ void gemm1_gemm2_fused(const Gemm1Job& j1, const Gemm2Job& j2, int64_t E) {
   });
 }
 
-// out[t, :] = sum_s rows_val[row_of_pair[t*k+s], :] in slot order (fp32), cast to out's dtype,
-// for t < T.  Dropped pairs add nothing (their weight is never read).
-void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* vals,
-             at::Tensor& out) {
+// out[t, :] = sum_s w[t*k+s] * (vals[r, :] + bias[e(r), :]) in slot order (fp32), r =
+// row_of_pair[t*k+s] and e(r) its expert, cast to out's dtype, for t < T; w null: 1, bias null:
+// 0.  Dropped pairs add nothing (their weight is never read).
+void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* vals, at::Tensor& out,
+             const float* w = nullptr, const float* bias = nullptr) {
   char* op = static_cast<char*>(out.data_ptr());
   const int64_t es = out.element_size();
   const at::ScalarType odt = out.scalar_type();
@@ -408,7 +412,15 @@ void combine(const Rows& rows, int64_t T, int64_t k, int64_t H, const float* val
                          const int64_t r = rows.row_of_pair[t * k + s];
                          if (r < 0) continue;
                          const float* v = vals + r * H;
-                         for (int64_t j = 0; j < H; ++j) acc[j] += v[j];
+                         const float ws = w ? w[t * k + s] : 1.f;
+                         if (bias != nullptr) {
+                           const float* b = bias + expert_of_row(rows, r) * H;
+                           for (int64_t j = 0; j < H; ++j) acc[j] += ws * (v[j] + b[j]);
+                         } else if (w != nullptr) {
+                           for (int64_t j = 0; j < H; ++j) acc[j] += ws * v[j];
+                         } else {
+                           for (int64_t j = 0; j < H; ++j) acc[j] += v[j];
+                         }
                        }
                        store_f32(acc.data(), op + t * H * es, odt, H);
                      }
@@ -448,23 +460,23 @@ at::Tensor ffn_forward(const FfnArgs& a, const at::Tensor& x, const at::Tensor& 
   }
   const at::Tensor bgu = to_f32_contig(gate_up_bias), bd = to_f32_contig(down_bias);
   const at::Tensor tw = topk_weights.to(at::kFloat).contiguous();
-  const float* twp = tw.data_ptr<float>();
-  std::vector<float> row_w(rows.R);
-  for (int64_t r = 0; r < rows.R; ++r) row_w[r] = twp[rows.pair[r]];
-  at::Tensor h = new_buffer({rows.R, a.I}, x.options().dtype(at::kFloat));
+  // h in bf16 where GEMM 2 would round it to one bf16 term anyway (the same values)
+  const int h_terms = x.scalar_type() == at::kFloat ? 3 : 1;
+  const bool h_bf16 = h_terms == 1 && w_down.scalar_type() == at::kBFloat16;
+  at::Tensor h = new_buffer({rows.R, a.I}, x.options().dtype(h_bf16 ? at::kBFloat16 : at::kFloat));
   at::Tensor y = new_buffer({rows.R, a.H}, x.options().dtype(at::kFloat));
   timer.lap("setup");
   Gemm1Job j1(a, rows, x, w_gate_up, bgu.defined() ? bgu.data_ptr<float>() : nullptr, true,
-              h.data_ptr<float>());
+              h_bf16 ? nullptr : h.data_ptr<float>());
+  if (h_bf16) j1.out_bf16 = h.data_ptr<c10::BFloat16>();
   if (pre.defined()) j1.pre_pairs = pre.data_ptr<float>();
-  const Gemm2Job j2(a, rows, h.data_ptr<float>(), w_down,
-                    bd.defined() ? bd.data_ptr<float>() : nullptr, row_w.data(),
-                    y.data_ptr<float>(), x.scalar_type() == at::kFloat ? 3 : 1);
+  const Gemm2Job j2(a, rows, h, w_down, y.data_ptr<float>(), h_terms);
   gemm1_gemm2_fused(j1, j2, a.E);
   timer.lap("gemms");
   // Tests only (set_test_fault("moe_ffn")): the last token row is left unwritten.
   const int64_t tokens = test_fault() == TestFault::kMoeFfnLastToken ? a.T - 1 : a.T;
-  combine(rows, tokens, a.k, a.H, y.data_ptr<float>(), out);
+  combine(rows, tokens, a.k, a.H, y.data_ptr<float>(), out, tw.data_ptr<float>(),
+          bd.defined() ? bd.data_ptr<float>() : nullptr);
   timer.lap("combine");
   return out;
 }

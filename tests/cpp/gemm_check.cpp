@@ -247,21 +247,26 @@ int main(int argc, char** argv) {
   }
   // gemm_store_transposed (the brgemm route's store): an exact copy of every value into C's
   // rows, or its sum with what C held (add: integers, so exact too), nothing outside them
-  // touched; row and token counts around the 16 x 16 blocks
-  for (int add = 0; add < 2; ++add) {
+  // touched; row and token counts around the 16 x 16 blocks.  Mode 2 streams (non-temporal
+  // stores) into 64-byte aligned rows: the same values.
+  for (int mode = 0; mode < 3; ++mode) {
+    const int add = mode == 1;
     for (int64_t rows : {1, 5, 16, 17, 32}) {
       for (int64_t mb : {1, 7, 16, 20, 32}) {
-        const int64_t ldt = 32, ldc = rows + 3;
-        std::vector<float> c(rows * ldt), C(mb * ldc, 12345.f);
+        const int64_t ldt = 32, ldc = mode == 2 ? (rows + 15) / 16 * 16 + 16 : rows + 3;
+        std::vector<float> c(rows * ldt), C_buf(mb * ldc + 16, 12345.f);
+        // C 64-byte aligned (the streamed stores need it; the other modes do not care)
+        float* C = C_buf.data() + (64 - reinterpret_cast<uintptr_t>(C_buf.data()) % 64) % 64 / 4;
         for (auto& v : c) v = static_cast<float>(rng() % 100000) - 50000.f;
-        moe_kernels::cpu::gemm_store_transposed(c.data(), ldt, rows, mb, C.data(), ldc, add != 0);
+        moe_kernels::cpu::gemm_store_transposed(c.data(), ldt, rows, mb, C, ldc, add != 0,
+                                                mode == 2);
         for (int64_t j = 0; j < mb; ++j) {
           for (int64_t i = 0; i < ldc; ++i) {
             const float want = i < rows ? c[i * ldt + j] + (add ? 12345.f : 0.f) : 12345.f;
             if (C[j * ldc + i] != want && failures < 5) {
               std::printf(
-                  "store_transposed (add %d, rows %ld, tokens %ld): C[%ld, %ld] = %g, want %g\n",
-                  add, (long)rows, (long)mb, (long)j, (long)i, C[j * ldc + i], want);
+                  "store_transposed (mode %d, rows %ld, tokens %ld): C[%ld, %ld] = %g, want %g\n",
+                  mode, (long)rows, (long)mb, (long)j, (long)i, C[j * ldc + i], want);
               ++failures;
             }
           }
