@@ -180,7 +180,9 @@ MOE_AVX2_FMA void backward_avx2(const ActParams& p, float* g, float* u, const fl
 
 #define MOE_AVX512F __attribute__((target("avx512f,avx512dq,avx2,fma")))
 
-// exp8's instructions on 16 lanes: the same value in every lane as exp8 gives.
+// exp8's instructions on 16 lanes: the same value in every lane as exp8 gives.  A separate copy,
+// not one template over both widths: the 8-lane code must be compiled for AVX2 only (it runs on
+// CPUs without AVX-512), and a template cannot carry a target attribute per instantiation.
 MOE_AVX512F inline __m512 exp16(__m512 x) {
   const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
