@@ -83,8 +83,9 @@ struct Operand {
 
 // C[M, N] (fp32, leading dim ldc) = A[M, K] * B[N, K]^T.  Serial: call it from inside a task.
 // stream_c: C is an output that is not read again soon (larger than the caches, read by a later
-// pass): the brgemm route then stores it with non-temporal stores, past the caches, instead of
-// reading every line in first and evicting its own operands with them; the other paths ignore it.
+// pass): the brgemm route (one K chunk) and the AVX-512-BF16 transposed product then store it with
+// non-temporal stores, past the caches, instead of reading every line in first and evicting their
+// own operands with them; the other paths ignore it.
 void gemm_nt(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C,
              int64_t ldc, bool stream_c = false);
 
