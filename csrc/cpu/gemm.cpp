@@ -117,7 +117,7 @@ void gemm_store_transposed(const float* c, int64_t ldt, int64_t rows, int64_t mb
                            int64_t ldc, bool add, bool stream) {
   const KernelSet& ks = kernels();
   if (ks.store_transposed != nullptr) {
-    ks.store_transposed(c, ldt, rows, mb, C, ldc, add, stream && !add);
+    ks.store_transposed(c, ldt, rows, mb, C, ldc, add, stream);
   } else {
     store_transposed_generic(c, ldt, rows, mb, C, ldc, add);
   }

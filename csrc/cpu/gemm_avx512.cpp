@@ -626,7 +626,7 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
       for (int64_t l = 0; l < rows; ++l) {
         float* d = C + (j0 + l) * ldc + n0;
         const __m512 r = _mm512_castsi512_ps(v[l]);
-        if (nt && cols == 16 && (reinterpret_cast<uintptr_t>(d) & 63) == 0) {
+        if (nt && !add && cols == 16 && (reinterpret_cast<uintptr_t>(d) & 63) == 0) {
           stream_ps(d, r);
           continue;
         }
@@ -639,7 +639,7 @@ MOE_AVX512 void store_tdot_group(const float* out, int64_t wb, int64_t gn, int64
 // store_transposed_generic's contract: 16 x 16 blocks transposed in registers.
 MOE_AVX512 void store_transposed_avx512(const float* c, int64_t ldt, int64_t rows, int64_t mb,
                                         float* C, int64_t ldc, bool add, bool stream) {
-  store_tdot_group(c, ldt, rows, mb, C, ldc, add, stream && !add);
+  store_tdot_group(c, ldt, rows, mb, C, ldc, add, stream);
 }
 
 // gemm_nt's route for bf16 K-contiguous weights on CPUs with AVX-512-BF16 (the "amx" level) when
