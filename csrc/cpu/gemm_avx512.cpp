@@ -187,6 +187,53 @@ void dot_tile_dpbf16_terms(int terms, int64_t K, const uint16_t* xs, int64_t ldx
   }
 }
 
+// Short weight rows with 1-2 token rows (as the AVX2 kernels' dot_rows_seq_bf16_eo, whose row
+// limits these are): one weight row at a time, so that a call reads its weights as one sequential
+// stream instead of four interleaved ones, with the next row asked for as a row starts.  Each
+// value's arithmetic is dot_tile_dpbf16's (the same products added in the same order).
+constexpr int64_t kDpSeqMaxK1 = 2048;  // one token row
+constexpr int64_t kDpSeqMaxK2 = 1024;  // two token rows
+
+template <int MM, int TERMS>
+MOE_AVX512BF16 void dot_rows_seq_dpbf16(int64_t N, int64_t K, const uint16_t* xs, int64_t ldx,
+                                        const float* a, int64_t lda, const Operand& B, float* C,
+                                        int64_t ldc) {
+  const int64_t k32 = K / 32 * 32;
+  for (int64_t n = 0; n < N; ++n) {
+    const char* w = row_ptr(B, n);
+    if (n + 1 < N) {
+      const char* next = row_ptr(B, n + 1);
+      for (int64_t off = 0; off < K * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T1);
+    }
+    __m512 acc[MM];
+#pragma GCC unroll 2
+    for (int i = 0; i < MM; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k32; k += 32) {
+      const __m512bh wv = as_bh(_mm512_loadu_si512(w + k * 2));
+#pragma GCC unroll 2
+      for (int i = 0; i < MM; ++i) {
+#pragma GCC unroll 3
+        for (int t = 0; t < TERMS; ++t)
+          acc[i] = _mm512_dpbf16_ps(
+              acc[i], as_bh(_mm512_loadu_si512(xs + (i * kSplitTerms + t) * ldx + k)), wv);
+      }
+    }
+    for (int i = 0; i < MM; ++i)
+      C[i * ldc + n] = dot_tail(hsum16(acc[i]), a + i * lda, w, DType::kBF16, k32, K);
+  }
+}
+
+template <int MM>
+void dot_rows_seq_dpbf16_terms(int terms, int64_t N, int64_t K, const uint16_t* xs, int64_t ldx,
+                               const float* a, int64_t lda, const Operand& B, float* C,
+                               int64_t ldc) {
+  switch (terms) {
+    case 1: return dot_rows_seq_dpbf16<MM, 1>(N, K, xs, ldx, a, lda, B, C, ldc);
+    case 2: return dot_rows_seq_dpbf16<MM, 2>(N, K, xs, ldx, a, lda, B, C, ldc);
+    default: return dot_rows_seq_dpbf16<MM, 3>(N, K, xs, ldx, a, lda, B, C, ldc);
+  }
+}
+
 MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64_t lda,
                                 const Operand& B, float* C, int64_t ldc, int a_terms) {
   thread_local ScratchVector<uint16_t> xs_buf;
@@ -195,6 +242,10 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
     xs_buf.resize(M * kSplitTerms * ldx);
   uint16_t* xs = xs_buf.data();
   const int terms = split_bf16(M, K, a, lda, xs, ldx, a_terms);
+  if (M == 1 && K <= kDpSeqMaxK1)
+    return dot_rows_seq_dpbf16_terms<1>(terms, N, K, xs, ldx, a, lda, B, C, ldc);
+  if (M == 2 && K <= kDpSeqMaxK2)
+    return dot_rows_seq_dpbf16_terms<2>(terms, N, K, xs, ldx, a, lda, B, C, ldc);
   for_row_groups(
       N, B,
       [&](int64_t n, const char* const* bp, const char* const* pf) {
