@@ -358,14 +358,10 @@ MOE_AVX2 void dot_cols_bf16_eo(int64_t M, int64_t K, const float* a, int64_t lda
     dot_tile_bf16_eo<NN, 1>(K, a + m * lda, lda, bp, C + m * ldc, ldc, pf, m / 2 * seg, passes);
 }
 
-// Short weight rows with 1-2 token rows (the down projection of fine-grained experts, I = 768-1024,
-// and with one token row also their 2048-wide gate/up rows): one weight row at a time, so a column
-// block is read as one sequential stream instead of four interleaved 1.5-4 KiB streams, with the
-// next row prefetched as a row starts.  Four accumulators per token row over consecutive blocks of
-// 16 hide the FMA latency.  The row-width limits below are where one sequential stream measured
-// faster than four interleaved ones, per token-row count (bench/NOTES.md v9-v10).
-constexpr int64_t kSeqMaxK1 = 2048;  // one token row
-constexpr int64_t kSeqMaxK2 = 1024;  // two token rows
+// Short weight rows with 1-2 token rows (dot_rows_sequential): one weight row at a time, so a
+// column block is read as one sequential stream instead of four interleaved 1.5-4 KiB streams,
+// with the next row prefetched as a row starts.  Four accumulators per token row over consecutive
+// blocks of 16 hide the FMA latency.
 
 template <int MM>
 MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t lda,
@@ -401,7 +397,7 @@ MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t
 MOE_AVX2 void dot_bf16_eo(int64_t M, int64_t N, int64_t K, float* a, int64_t lda, const Operand& B,
                           float* C, int64_t ldc) {
   interleave_even_odd(M, K, a, lda);
-  if ((M == 1 && K <= kSeqMaxK1) || (M == 2 && K <= kSeqMaxK2)) {
+  if (dot_rows_sequential(M, K)) {
     if (M == 2) return dot_rows_seq_bf16_eo<2>(N, K, a, lda, B, C, ldc);
     return dot_rows_seq_bf16_eo<1>(N, K, a, lda, B, C, ldc);
   }

@@ -187,12 +187,11 @@ void dot_tile_dpbf16_terms(int terms, int64_t K, const uint16_t* xs, int64_t ldx
   }
 }
 
-// Short weight rows with 1-2 token rows (as the AVX2 kernels' dot_rows_seq_bf16_eo, whose row
-// limits these are): one weight row at a time, so that a call reads its weights as one sequential
-// stream instead of four interleaved ones, with the next row asked for as a row starts.  Each
-// value's arithmetic is dot_tile_dpbf16's (the same products added in the same order).
-constexpr int64_t kDpSeqMaxK1 = 2048;  // one token row
-constexpr int64_t kDpSeqMaxK2 = 1024;  // two token rows
+// Short weight rows with 1-2 token rows (dot_rows_sequential, as the AVX2 kernels'
+// dot_rows_seq_bf16_eo): one weight row at a time, so that a call reads its weights as one
+// sequential stream instead of four interleaved ones, with the next row asked for as a row
+// starts.  Each value's arithmetic is dot_tile_dpbf16's (the same products added in the same
+// order).
 
 template <int MM, int TERMS>
 MOE_AVX512BF16 void dot_rows_seq_dpbf16(int64_t N, int64_t K, const uint16_t* xs, int64_t ldx,
@@ -242,10 +241,10 @@ MOE_AVX512BF16 void dot_bf16_dp(int64_t M, int64_t N, int64_t K, float* a, int64
     xs_buf.resize(M * kSplitTerms * ldx);
   uint16_t* xs = xs_buf.data();
   const int terms = split_bf16(M, K, a, lda, xs, ldx, a_terms);
-  if (M == 1 && K <= kDpSeqMaxK1)
+  if (dot_rows_sequential(M, K)) {
+    if (M == 2) return dot_rows_seq_dpbf16_terms<2>(terms, N, K, xs, ldx, a, lda, B, C, ldc);
     return dot_rows_seq_dpbf16_terms<1>(terms, N, K, xs, ldx, a, lda, B, C, ldc);
-  if (M == 2 && K <= kDpSeqMaxK2)
-    return dot_rows_seq_dpbf16_terms<2>(terms, N, K, xs, ldx, a, lda, B, C, ldc);
+  }
   for_row_groups(
       N, B,
       [&](int64_t n, const char* const* bp, const char* const* pf) {

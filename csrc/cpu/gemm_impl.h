@@ -116,6 +116,15 @@ inline float dot_tail(float s, const float* a, const char* w, DType dt, int64_t 
   return s;
 }
 
+// Whether a dot kernel reads B's rows one at a time, as one sequential stream with the next row
+// prefetched as a row starts, rather than four rows as interleaved streams: 1 token row against
+// rows of up to 2048 elements, 2 token rows up to 1024 (the down projection of fine-grained
+// experts, I = 768-1024, and with one row also their gate/up rows), where one stream measured
+// faster (bench/NOTES.md v9-v10 for the AVX2 kernels, v36 for vdpbf16ps).
+inline bool dot_rows_sequential(int64_t M, int64_t K) {
+  return (M == 1 && K <= 2048) || (M == 2 && K <= 1024);
+}
+
 // The dot kernels' walk over B's rows: group4(n, bp, pf) for each group of four rows n..n+3 (bp:
 // their row pointers; pf: the next group's, to prefetch while this one is read), then
 // single(n) for each remaining row.
