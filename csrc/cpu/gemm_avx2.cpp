@@ -362,7 +362,6 @@ MOE_AVX2 void dot_cols_bf16_eo(int64_t M, int64_t K, const float* a, int64_t lda
 // column block is read as one sequential stream instead of four interleaved 1.5-4 KiB streams,
 // with the next row prefetched as a row starts.  Four accumulators per token row over consecutive
 // blocks of 16 hide the FMA latency.
-
 template <int MM>
 MOE_AVX2 void dot_rows_seq_bf16_eo(int64_t N, int64_t K, const float* a, int64_t lda,
                                    const Operand& B, float* C, int64_t ldc) {

@@ -192,7 +192,6 @@ void dot_tile_dpbf16_terms(int terms, int64_t K, const uint16_t* xs, int64_t ldx
 // sequential stream instead of four interleaved ones, with the next row asked for as a row
 // starts.  Each value's arithmetic is dot_tile_dpbf16's (the same products added in the same
 // order).
-
 template <int MM, int TERMS>
 MOE_AVX512BF16 void dot_rows_seq_dpbf16(int64_t N, int64_t K, const uint16_t* xs, int64_t ldx,
                                         const float* a, int64_t lda, const Operand& B, float* C,
