@@ -91,9 +91,24 @@ GemmRoute& packed_route() {
   return r;
 }
 
+PairRoute& paired_route() {
+  static PairRoute r = nullptr;
+  return r;
+}
+
 }  // namespace
 
 void set_packed_route(GemmRoute route) { packed_route() = route; }
+
+void set_paired_route(PairRoute route) { paired_route() = route; }
+
+bool gemm_nt_paired(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                    const PairSink& sink) {
+  // the calls gemm_nt(M, 2N, K, ...) hands to its packed route
+  if (M <= gemm_dot_max_rows() || N <= 0 || K <= 0 || B.s1 != 1) return false;
+  const PairRoute route = paired_route();
+  return route != nullptr && route(M, N, K, A, B, sink);
+}
 
 int64_t gemm_dot_max_rows() {
   static const int64_t m = [] {

@@ -107,6 +107,29 @@ using GemmRoute = bool (*)(int64_t M, int64_t N, int64_t K, const Operand& A, co
                            float* C, int64_t ldc, bool stream_c);
 void set_packed_route(GemmRoute route);
 
+// A GEMM whose B rows come in pairs (the gate and up rows of w_gate_up), handed to a consumer a
+// block at a time instead of being stored: B has 2N rows, row n and row N + n a pair.  Each call
+// gets the transposed products of rows n0 .. n0 + rows of both halves for the A rows m0 .. m0 +
+// mb: first[i * ldt + j] = sum_k A(m0 + j, k) * B(n0 + i, k) and second[i * ldt + j] the same
+// with B(N + n0 + i, k), for i < rows and j < mb.  The blocks partition [0, M) x [0, N), each
+// handed over once, from the calling thread.
+struct PairSink {
+  virtual void operator()(const float* first, const float* second, int64_t ldt, int64_t rows,
+                          int64_t mb, int64_t m0, int64_t n0) const = 0;
+
+ protected:
+  ~PairSink() = default;
+};
+
+// The paired GEMM through the brgemm route, where gemm_nt(M, 2N, K, A, B, ...) would take that
+// route and it runs in one K chunk; returns false without calling the sink otherwise (the caller
+// then takes gemm_nt).  Serial.
+bool gemm_nt_paired(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                    const PairSink& sink);
+using PairRoute = bool (*)(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B,
+                           const PairSink& sink);
+void set_paired_route(PairRoute route);
+
 // Which brgemm route gemm_nt takes for bf16 weights in this process (MOE_KERNELS_CPU_BRGEMM):
 // "vnni" (oneDNN's packed kernel, AMX), "plain" (forced without one) or "off".
 std::string brgemm_route_name();

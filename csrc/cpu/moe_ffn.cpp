@@ -280,13 +280,60 @@ struct Gemm1Job {
     X = operand(x, x.stride(0), x.stride(1), 0, rows.token.data());
   }
 
+  // The epilogue of one task's gate and up rows given a block at a time (gemm_nt_paired's
+  // route): bias, activation and h's store while the block is in L1, no [rows, 2 x cols] tile.
+  struct ActSink final : PairSink {
+    const Gemm1Job& j;
+    const Task& t;
+    const int64_t* cols;  // [2 nbt]: the task's gate columns, then its up columns
+    const float* bg;      // the expert's gate_up bias, or null
+    ActSink(const Gemm1Job& j_, const Task& t_, const int64_t* cols_, const float* bg_)
+        : j(j_), t(t_), cols(cols_), bg(bg_) {}
+    void operator()(const float* first, const float* second, int64_t ldt, int64_t rows, int64_t mb,
+                    int64_t m0, int64_t n0) const override {
+      const int64_t I = j.a.I, nbt = t.n1 - t.n0;
+      thread_local ScratchVector<float> buf;
+      if (static_cast<int64_t>(buf.size()) < 3 * mb * rows) buf.resize(3 * mb * rows);
+      float* g = buf.data();  // [mb, rows] each, token-major
+      float* u = g + mb * rows;
+      float* h = u + mb * rows;
+      gemm_store_transposed(first, ldt, rows, mb, g, rows);
+      gemm_store_transposed(second, ldt, rows, mb, u, rows);
+      if (bg != nullptr) {
+        for (int64_t m = 0; m < mb; ++m) {
+          for (int64_t i = 0; i < rows; ++i) {
+            g[m * rows + i] += bg[cols[n0 + i]];
+            u[m * rows + i] += bg[cols[nbt + n0 + i]];
+          }
+        }
+      }
+      for (int64_t m = 0; m < mb; ++m) {
+        const int64_t r = t.m0 + m0 + m;
+        const float* gm = g + m * rows;
+        const float* um = u + m * rows;
+        if (j.out_bf16 != nullptr) {
+          act_forward_row(j.a.act, gm, um, h, rows);
+          store_f32(h, j.out_bf16 + r * I + t.n0 + n0, at::kBFloat16, rows);
+        } else {
+          act_forward_row(j.a.act, gm, um, j.out + r * I + t.n0 + n0, rows);
+        }
+        if (j.pre_pairs != nullptr) {
+          float* p = j.pre_pairs + j.pair_of_row[r] * 2 * I;
+          for (int64_t i = 0; i < rows; ++i) {
+            p[cols[n0 + i]] = gm[i];
+            p[cols[nbt + n0 + i]] = um[i];
+          }
+        }
+      }
+    }
+  };
+
   void run(int64_t i) const {
     const int64_t I = a.I;
     const Task& t = tasks[i];
     const int64_t mb = t.m1 - t.m0, nbt = t.n1 - t.n0;
     thread_local ScratchVector<float> tile;
     thread_local std::vector<int64_t> cols;
-    if (static_cast<int64_t>(tile.size()) < mb * 2 * nbt) tile.resize(mb * 2 * nbt);
     cols.resize(2 * nbt);
     for (int64_t j = 0; j < nbt; ++j) {
       cols[j] = gate_col(a, t.n0 + j);
@@ -294,9 +341,14 @@ struct Gemm1Job {
     }
     const Operand W = operand(w_gate_up, w_gate_up.stride(1), w_gate_up.stride(2),
                               t.e * w_gate_up.stride(0), cols.data());
+    const float* bg = bias_gu ? bias_gu + t.e * 2 * I : nullptr;
+    if (apply_act) {
+      const ActSink sink(*this, t, cols.data(), bg);
+      if (gemm_nt_paired(mb, nbt, a.H, X.shifted(t.m0, 0), W, sink)) return;
+    }
+    if (static_cast<int64_t>(tile.size()) < mb * 2 * nbt) tile.resize(mb * 2 * nbt);
     float* c = tile.data();
     gemm_nt(mb, 2 * nbt, a.H, X.shifted(t.m0, 0), W, c, 2 * nbt);
-    const float* bg = bias_gu ? bias_gu + t.e * 2 * I : nullptr;
     for (int64_t m = 0; m < mb; ++m) {
       // the row's gate and up values in the tile
       float* g = c + m * 2 * nbt;
