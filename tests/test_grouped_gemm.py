@@ -299,3 +299,25 @@ def test_backend_long_k_in_chunks(backend):
         "out",
         device_type=torch.device(dev).type,
     )
+
+
+@pytest.mark.parametrize("backend", backends(reference=False))
+def test_backend_many_weight_runs(backend):
+    """bf16 weights whose rows form many 32-row runs with K = 320 (the cpu backend's AMX kernel:
+    K chunks of 256 and 64, each run prefetching the next one's first chunk, token blocks of 32
+    and a short one of 8), N = 2048 split across tasks, and an expert with fewer rows than a block,
+    against the reference on fresh values."""
+    dev = device_of(backend)
+    K, N = 320, 2048
+    offs = torch.tensor([104, 120], dtype=torch.int32)
+    a = randn(120, K, seed=21).to(torch.bfloat16)
+    b = (randn(2, N, K, seed=22) / K**0.5).to(torch.bfloat16)
+    out = op("grouped_gemm", backend)(a.to(dev), b.to(dev), offs.to(dev), True)
+    check_vs_reference(
+        out.cpu(),
+        ref.grouped_gemm(a, b, offs, True),
+        ref.grouped_gemm(*to64(a, b), offs, True),
+        torch.bfloat16,
+        "out",
+        device_type=torch.device(dev).type,
+    )
