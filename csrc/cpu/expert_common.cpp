@@ -35,6 +35,24 @@ __attribute__((target("avx2"))) void store_bf16_avx2(const float* src, c10::BFlo
   for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
 }
 
+// store_bf16_avx2 with non-temporal stores for the 16-value pieces whose destination is 32-byte
+// aligned.
+__attribute__((target("avx2"))) void stream_bf16_avx2(const float* src, c10::BFloat16* dst,
+                                                      int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i v = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(round8_bf16(src + j), round8_bf16(src + j + 8)), 0xd8);
+    auto* d = reinterpret_cast<__m256i*>(dst + j);
+    if (reinterpret_cast<uintptr_t>(d) % 32 == 0) {
+      _mm256_stream_si256(d, v);
+    } else {
+      _mm256_storeu_si256(d, v);
+    }
+  }
+  for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
+}
+
 // Elements of a row of dtype S (0 fp32, 1 bf16, 2 fp16) as fp32: one, or 8 from j on.
 template <int S>
 inline float ld1(const void* p, int64_t j) {
@@ -168,6 +186,11 @@ void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_
     }
     default: TORCH_CHECK(false, "moe_kernels (cpu): unsupported output dtype ", dt);
   }
+}
+
+void store_bf16_stream(const float* src, c10::BFloat16* dst, int64_t n) {
+  if (detected_isa() >= Isa::kAvx2) return stream_bf16_avx2(src, dst, n);
+  store_f32(src, dst, at::kBFloat16, n);
 }
 
 void store_zeros(void* dst, at::ScalarType dt, int64_t n, int64_t stride) {

@@ -41,6 +41,11 @@ inline Operand operand_f32(const float* p, int64_t s0, int64_t s1,
 
 // dst[j * stride] = src[j] for j < n, converted to the tensor dtype.
 void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_t stride = 1);
+
+// store_f32 of n contiguous values into bf16, with non-temporal stores (past the caches) where
+// the CPU has AVX2: for results read again only after much other memory traffic.  The caller
+// orders them with an sfence (_mm_sfence) before another thread reads dst.
+void store_bf16_stream(const float* src, c10::BFloat16* dst, int64_t n);
 // dst[j] = 0 for n elements of dtype dt.
 void store_zeros(void* dst, at::ScalarType dt, int64_t n, int64_t stride = 1);
 

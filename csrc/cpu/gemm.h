@@ -112,10 +112,11 @@ void set_packed_route(GemmRoute route);
 // gets the transposed products of rows n0 .. n0 + rows of both halves for the A rows m0 .. m0 +
 // mb: first[i * ldt + j] = sum_k A(m0 + j, k) * B(n0 + i, k) and second[i * ldt + j] the same
 // with B(N + n0 + i, k), for i < rows and j < mb.  The blocks partition [0, M) x [0, N), each
-// handed over once, from the calling thread.
+// handed over once, from the calling thread; first and second are scratch the sink may overwrite
+// (columns j >= mb of them hold no products).
 struct PairSink {
-  virtual void operator()(const float* first, const float* second, int64_t ldt, int64_t rows,
-                          int64_t mb, int64_t m0, int64_t n0) const = 0;
+  virtual void operator()(float* first, float* second, int64_t ldt, int64_t rows, int64_t mb,
+                          int64_t m0, int64_t n0) const = 0;
 
  protected:
   ~PairSink() = default;
@@ -139,6 +140,8 @@ std::string brgemm_route_name();
 // results into C -- and its brgemm calls (all zero when the profile is off or the route unused).
 struct BrgemmProfile {
   int64_t pack_ns = 0, brgemm_ns = 0, store_ns = 0, calls = 0;
+  int64_t sink_ns = 0;    // gemm_nt_paired's consumer of the results, in place of a store
+  int64_t paired_ns = 0;  // the part of brgemm_ns in gemm_nt_paired
 };
 BrgemmProfile brgemm_profile_take();
 

@@ -124,7 +124,8 @@ bool profiling() {
   }();
   return on;
 }
-std::atomic<int64_t> prof_pack{0}, prof_brgemm{0}, prof_store{0}, prof_calls{0};
+std::atomic<int64_t> prof_pack{0}, prof_brgemm{0}, prof_store{0}, prof_sink{0}, prof_paired{0},
+    prof_calls{0};
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -568,8 +569,8 @@ bool gemm_nt_brgemm_paired(int64_t M, int64_t N, int64_t K, const Operand& A, co
       }
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t m0 = p0 + b * kTok, mb = std::min(kTok, M - m0);
-        const float* r1 = own ? acc1 + b * kRows * kTok : c1;
-        const float* r2 = own ? acc2 + b * kRows * kTok : c2;
+        float* r1 = own ? acc1 + b * kRows * kTok : c1;
+        float* r2 = own ? acc2 + b * kRows * kTok : c2;
         if (!own) {
           tp.product(b, mb, len, K, lda1, w1, c1);
           tp.product(b, mb, len, K, lda2, w2, c2);
@@ -594,7 +595,8 @@ bool gemm_nt_brgemm_paired(int64_t M, int64_t N, int64_t K, const Operand& A, co
   if (prof) {
     prof_pack += t_pack;
     prof_brgemm += t_brgemm;
-    prof_store += t_store;
+    prof_paired += t_brgemm;
+    prof_sink += t_store;
     prof_calls += calls;
   }
   return true;
@@ -610,6 +612,8 @@ BrgemmProfile brgemm_profile_take() {
   p.pack_ns = prof_pack.exchange(0);
   p.brgemm_ns = prof_brgemm.exchange(0);
   p.store_ns = prof_store.exchange(0);
+  p.sink_ns = prof_sink.exchange(0);
+  p.paired_ns = prof_paired.exchange(0);
   p.calls = prof_calls.exchange(0);
   return p;
 }

@@ -17,6 +17,8 @@
 // (<act, gh> + <grad_out, b_down>), so GEMM 2 is not re-run; then the weight gradients per expert
 // and grad_x through w_gate_up.  In a bf16 model the fp32 operands of these GEMMs enter them
 // rounded to bf16, as in bf16 autograd.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -58,10 +60,11 @@ struct PhaseTimer {
     const BrgemmProfile b = brgemm_profile_take();
     if (b.calls > 0)
       std::fprintf(stderr,
-                   "moe_ffn   brgemm route (all threads): pack %.3f ms, %ld brgemm calls %.3f ms, "
-                   "store %.3f ms\n",
+                   "moe_ffn   brgemm route (all threads): pack %.3f ms, %ld kernel calls %.3f ms, "
+                   "store %.3f ms; paired: kernel %.3f ms (of the calls'), sink %.3f ms\n",
                    1e-6 * static_cast<double>(b.pack_ns), static_cast<long>(b.calls),
-                   1e-6 * static_cast<double>(b.brgemm_ns), 1e-6 * static_cast<double>(b.store_ns));
+                   1e-6 * static_cast<double>(b.brgemm_ns), 1e-6 * static_cast<double>(b.store_ns),
+                   1e-6 * static_cast<double>(b.paired_ns), 1e-6 * static_cast<double>(b.sink_ns));
     t = std::chrono::steady_clock::now();
   }
 };
@@ -289,42 +292,54 @@ struct Gemm1Job {
     const float* bg;      // the expert's gate_up bias, or null
     ActSink(const Gemm1Job& j_, const Task& t_, const int64_t* cols_, const float* bg_)
         : j(j_), t(t_), cols(cols_), bg(bg_) {}
-    void operator()(const float* first, const float* second, int64_t ldt, int64_t rows, int64_t mb,
-                    int64_t m0, int64_t n0) const override {
+    void operator()(float* first, float* second, int64_t ldt, int64_t rows, int64_t mb, int64_t m0,
+                    int64_t n0) const override {
       const int64_t I = j.a.I, nbt = t.n1 - t.n0;
+      if (bg != nullptr) {  // in the transposed layout, one bias value per row
+        for (int64_t i = 0; i < rows; ++i) {
+          const float b1 = bg[cols[n0 + i]], b2 = bg[cols[nbt + n0 + i]];
+          for (int64_t m = 0; m < mb; ++m) {
+            first[i * ldt + m] += b1;
+            second[i * ldt + m] += b2;
+          }
+        }
+      }
       thread_local ScratchVector<float> buf;
-      if (static_cast<int64_t>(buf.size()) < 3 * mb * rows) buf.resize(3 * mb * rows);
-      float* g = buf.data();  // [mb, rows] each, token-major
-      float* u = g + mb * rows;
-      float* h = u + mb * rows;
-      gemm_store_transposed(first, ldt, rows, mb, g, rows);
-      gemm_store_transposed(second, ldt, rows, mb, u, rows);
-      if (bg != nullptr) {
+      const int64_t need = rows * ldt + 2 * mb * rows;
+      if (static_cast<int64_t>(buf.size()) < need) buf.resize(need);
+      float* ht = buf.data();       // act in the transposed layout [rows, ldt]
+      float* tm = ht + rows * ldt;  // token-major [mb, rows] (x2 for the pre-activation)
+      if (j.pre_pairs != nullptr) {
+        float* g = tm;
+        float* u = tm + mb * rows;
+        gemm_store_transposed(first, ldt, rows, mb, g, rows);
+        gemm_store_transposed(second, ldt, rows, mb, u, rows);
         for (int64_t m = 0; m < mb; ++m) {
+          float* p = j.pre_pairs + j.pair_of_row[t.m0 + m0 + m] * 2 * I;
           for (int64_t i = 0; i < rows; ++i) {
-            g[m * rows + i] += bg[cols[n0 + i]];
-            u[m * rows + i] += bg[cols[nbt + n0 + i]];
+            p[cols[n0 + i]] = g[m * rows + i];
+            p[cols[nbt + n0 + i]] = u[m * rows + i];
           }
         }
       }
-      for (int64_t m = 0; m < mb; ++m) {
-        const int64_t r = t.m0 + m0 + m;
-        const float* gm = g + m * rows;
-        const float* um = u + m * rows;
-        if (j.out_bf16 != nullptr) {
-          act_forward_row(j.a.act, gm, um, h, rows);
-          store_f32(h, j.out_bf16 + r * I + t.n0 + n0, at::kBFloat16, rows);
-        } else {
-          act_forward_row(j.a.act, gm, um, j.out + r * I + t.n0 + n0, rows);
-        }
-        if (j.pre_pairs != nullptr) {
-          float* p = j.pre_pairs + j.pair_of_row[r] * 2 * I;
-          for (int64_t i = 0; i < rows; ++i) {
-            p[cols[n0 + i]] = gm[i];
-            p[cols[nbt + n0 + i]] = um[i];
-          }
-        }
+      // the whole block in one call where its rows are full (e^x and the division pipelined over
+      // 1024 values, not a dependent chain per 32); the values do not depend on the split
+      if (mb == ldt) {
+        act_forward_row(j.a.act, first, second, ht, rows * ldt);
+      } else {
+        for (int64_t i = 0; i < rows; ++i)
+          act_forward_row(j.a.act, first + i * ldt, second + i * ldt, ht + i * ldt, mb);
       }
+      const int64_t r0 = t.m0 + m0;
+      if (j.out_bf16 == nullptr) {
+        gemm_store_transposed(ht, ldt, rows, mb, j.out + r0 * I + t.n0 + n0, I);
+        return;
+      }
+      // h goes past the caches: GEMM 2 reads it once, after the expert's other GEMM 1 tasks, and
+      // plain stores would read every line of it in first
+      gemm_store_transposed(ht, ldt, rows, mb, tm, rows);
+      for (int64_t m = 0; m < mb; ++m)
+        store_bf16_stream(tm + m * rows, j.out_bf16 + (r0 + m) * I + t.n0 + n0, rows);
     }
   };
 
@@ -344,7 +359,10 @@ struct Gemm1Job {
     const float* bg = bias_gu ? bias_gu + t.e * 2 * I : nullptr;
     if (apply_act) {
       const ActSink sink(*this, t, cols.data(), bg);
-      if (gemm_nt_paired(mb, nbt, a.H, X.shifted(t.m0, 0), W, sink)) return;
+      if (gemm_nt_paired(mb, nbt, a.H, X.shifted(t.m0, 0), W, sink)) {
+        _mm_sfence();  // the sink's streamed stores of h before GEMM 2 reads them
+        return;
+      }
     }
     if (static_cast<int64_t>(tile.size()) < mb * 2 * nbt) tile.resize(mb * 2 * nbt);
     float* c = tile.data();
@@ -402,7 +420,8 @@ struct Gemm2Job {
   Gemm2Job(const FfnArgs& a_, const Rows& rows, const at::Tensor& h_, const at::Tensor& w,
            float* y_, int h_terms_)
       : a(a_), h(h_), w_down(w), y(y_), h_terms(h_terms_) {
-    const int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size(), w.scalar_type());
+    int64_t nb = forward_col_block(rows, a.H, 128, a.I * w.element_size(), w.scalar_type());
+    if (const char* e = std::getenv("XX_GEMM2_COLS")) nb = std::min<int64_t>(nb, std::atoll(e));
     tasks = make_tasks(a.E, rows.begin.data(), rows.end.data(), a.H, kRowBlock, nb);
   }
 
