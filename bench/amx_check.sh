@@ -81,7 +81,7 @@ fi
 # from /tmp: the source tree's moe_kernels/ must not shadow the installed package
 (cd /tmp && "$PY" -c "import torch, moe_kernels, moe_kernels._C as C
 print('torch', torch.__version__, '| cpu backend:', moe_kernels.available_backends()['cpu'])
-print('brgemm route:', C.cpu_brgemm_route())
+print('brgemm route:', C.cpu_brgemm_route(), '| own AMX kernel:', C.cpu_amx_kernel())
 try:
     import transformers; print('transformers', transformers.__version__)
 except ImportError:

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     import moe_kernels._C as C
 
     print(f"cpu ISA level {C.cpu_isa()}, brgemm route {C.cpu_brgemm_route()}, "
-          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
+          f"own AMX kernel {C.cpu_amx_kernel()}, {torch.get_num_threads()} threads",
+          flush=True)  # fmt: skip
     for shape in parse_shapes(args.shapes):
         weights = None
         for tokens in (int(t) for t in args.tokens.split(",")):

@@ -132,6 +132,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_brgemm_route", &moe_kernels::cpu::brgemm_route_name,
         "The brgemm route of bf16 weights with many rows (after MOE_KERNELS_CPU_BRGEMM): "
         "'vnni' (oneDNN's packed kernel, AMX), 'plain' (forced, reference brgemm) or 'off'.");
+  m.def("cpu_amx_kernel", &moe_kernels::cpu::brgemm_amx_kernel,
+        "Whether the 'vnni' brgemm route runs its 32-row weight runs on moe_kernels' own AMX "
+        "kernel (self-checked; MOE_KERNELS_CPU_AMX_KERNEL=0 turns it off) rather than oneDNN's "
+        "brgemm.");
   m.def(
       "cpu_cache_info",
       [] {

@@ -153,6 +153,8 @@ def _availability(name: str) -> tuple[bool, str]:
         isa = _C.cpu_isa()
         if _C.cpu_brgemm_route() != "off":
             isa += f", oneDNN brgemm ({_C.cpu_brgemm_route()})"
+            if _C.cpu_amx_kernel():
+                isa += " + own AMX kernel"
         if missing:
             return True, f"C++ kernels ({isa}); ops without a CPU kernel fall back: {missing}"
         return True, f"C++ kernels ({isa})"

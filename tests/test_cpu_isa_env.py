@@ -32,3 +32,13 @@ def test_backend_brgemm_route_env_is_honoured():
         assert route == ("vnni" if packs else "plain")
     elif want == "0" or moe_kernels._C.cpu_isa() != "amx":
         assert route == "off"
+
+
+def test_backend_amx_kernel_where_the_route_packs():
+    """The packed (AMX) route must run the package's own AMX kernel -- it passed its self-check
+    against exact products -- unless MOE_KERNELS_CPU_AMX_KERNEL=0; every other route never does."""
+    own = moe_kernels._C.cpu_amx_kernel()
+    if moe_kernels._C.cpu_brgemm_route() != "vnni":
+        assert not own
+    else:
+        assert own == (os.environ.get("MOE_KERNELS_CPU_AMX_KERNEL") != "0")

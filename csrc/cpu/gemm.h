@@ -135,6 +135,11 @@ void set_paired_route(PairRoute route);
 // "vnni" (oneDNN's packed kernel, AMX), "plain" (forced without one) or "off".
 std::string brgemm_route_name();
 
+// Whether the packed brgemm route runs its runs of 32 weight rows (K a multiple of 32) on the
+// package's own AMX kernel instead of oneDNN's brgemm calls: the route is "vnni", the kernel
+// passed its self-check, and MOE_KERNELS_CPU_AMX_KERNEL is not 0.
+bool brgemm_amx_kernel();
+
 // With MOE_KERNELS_CPU_PROFILE=1: the brgemm route's time since the last take, summed over
 // threads -- packing the token blocks, oneDNN's brgemm calls, and storing their transposed
 // results into C -- and its brgemm calls (all zero when the profile is off or the route unused).

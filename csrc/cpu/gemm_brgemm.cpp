@@ -1,15 +1,18 @@
-// gemm_nt through oneDNN's batch-reduce GEMM (at::native::cpublas::brgemm): the route of bf16
-// weights with more rows than the dot path takes, on CPUs where oneDNN runs it on AMX tiles.
+// gemm_nt through AMX tiles: oneDNN's batch-reduce GEMM (at::native::cpublas::brgemm) and the
+// package's own AMX kernel, the route of bf16 weights with more rows than the dot path takes.
 //
 // C[M, N] = A[M, K] * B[N, K]^T with B bf16 and K-contiguous (nn.Linear's weights), computed as
-// C^T = B . A^T so that the weights are brgemm's A operand where they lie: a run of up to kRows
-// weight rows at one stride is [rows, K] with lda = that stride, which brgemm reads as it is (an
-// A operand is never packed).  Only the token rows are re-laid out, kTok at a time, as brgemm's B
-// operand [K, kTok] (gemm_pack_tokens: bf16 terms in the VNNI layout; fp32 rows as up to three
-// terms, multiplied one after the other into the same fp32 accumulator), once per block of tokens
-// and call, a pass of blocks at a time (pass_tokens).  So no weight is converted, transposed or
-// packed per call, and brgemm sees (rows <= kRows, kTok, K) shapes only: a handful of generated
-// kernels per process.
+// C^T = B . A^T so that the weights are the A operand where they lie: a run of up to kRows weight
+// rows at one stride is [rows, K] with lda = that stride, read as it is (an A operand is never
+// packed).  Only the token rows are re-laid out, kTok at a time, as the B operand [K, kTok]
+// (gemm_pack_tokens: bf16 terms in the VNNI layout; fp32 rows as up to three terms, multiplied one
+// after the other into the same fp32 accumulator), once per block of tokens and call, a pass of
+// blocks at a time (pass_tokens).  So no weight is converted, transposed or packed per call.
+// Runs of kRows rows with K a multiple of 32 go to amx_run (one call per run for all the pass's
+// blocks, the next run's rows prefetched); the others to brgemm, one call per (run, block), which
+// sees (rows <= kRows, kTok, K) shapes only: a handful of generated kernels per process.
+// gemm_nt_paired's calls (GEMM 1: gate and up runs in pairs) hand each block's results to a sink
+// (the activation) instead of storing them.
 //
 // When it is used (MOE_KERNELS_CPU_BRGEMM, read once per process): "auto" (default) when the ISA
 // level is amx and cpublas::could_pack(bf16) (oneDNN's ukernel with AMX) and the packed kernel
@@ -17,7 +20,8 @@
 // or on a CPU without a packed kernel, with B in the plain layout, which torch runs through its
 // reference brgemm: slow, but the same blocking, packing and accumulation code, so the tests
 // exercise it on any CPU; "0" never.  Odd K is left to the other paths (a VNNI pair would read
-// past a weight row).
+// past a weight row).  The own kernel (packed route only) passes its own self-check first;
+// MOE_KERNELS_CPU_AMX_KERNEL=0 leaves every call to brgemm.
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -617,6 +621,8 @@ BrgemmProfile brgemm_profile_take() {
   p.calls = prof_calls.exchange(0);
   return p;
 }
+
+bool brgemm_amx_kernel() { return own_kernel(); }
 
 std::string brgemm_route_name() {
   switch (route()) {
