@@ -22,7 +22,9 @@ __attribute__((target("avx2"))) inline __m256i round8_bf16(const float* p) {
 }
 
 // dst[j] = bf16(src[j]) for j < n, 16 at a time (the outputs of 16-bit models: the weight
-// gradients alone are a gigabyte per backward call at real layer shapes).
+// gradients alone are a gigabyte per backward call at real layer shapes); Stream: the 16-value
+// pieces whose destination is 32-byte aligned with non-temporal stores.
+template <bool Stream>
 __attribute__((target("avx2"))) void store_bf16_avx2(const float* src, c10::BFloat16* dst,
                                                      int64_t n) {
   int64_t j = 0;
@@ -30,21 +32,8 @@ __attribute__((target("avx2"))) void store_bf16_avx2(const float* src, c10::BFlo
     // packus interleaves the two inputs' 128-bit halves; the permute puts them back in order
     const __m256i v = _mm256_permute4x64_epi64(
         _mm256_packus_epi32(round8_bf16(src + j), round8_bf16(src + j + 8)), 0xd8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), v);
-  }
-  for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
-}
-
-// store_bf16_avx2 with non-temporal stores for the 16-value pieces whose destination is 32-byte
-// aligned.
-__attribute__((target("avx2"))) void stream_bf16_avx2(const float* src, c10::BFloat16* dst,
-                                                      int64_t n) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256i v = _mm256_permute4x64_epi64(
-        _mm256_packus_epi32(round8_bf16(src + j), round8_bf16(src + j + 8)), 0xd8);
     auto* d = reinterpret_cast<__m256i*>(dst + j);
-    if (reinterpret_cast<uintptr_t>(d) % 32 == 0) {
+    if (Stream && reinterpret_cast<uintptr_t>(d) % 32 == 0) {
       _mm256_stream_si256(d, v);
     } else {
       _mm256_storeu_si256(d, v);
@@ -175,7 +164,7 @@ void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_
     }
     case at::kBFloat16: {
       auto* d = static_cast<c10::BFloat16*>(dst);
-      if (stride == 1 && detected_isa() >= Isa::kAvx2) return store_bf16_avx2(src, d, n);
+      if (stride == 1 && detected_isa() >= Isa::kAvx2) return store_bf16_avx2<false>(src, d, n);
       for (int64_t j = 0; j < n; ++j) d[j * stride] = c10::BFloat16(src[j]);
       return;
     }
@@ -189,7 +178,7 @@ void store_f32(const float* src, void* dst, at::ScalarType dt, int64_t n, int64_
 }
 
 void store_bf16_stream(const float* src, c10::BFloat16* dst, int64_t n) {
-  if (detected_isa() >= Isa::kAvx2) return stream_bf16_avx2(src, dst, n);
+  if (detected_isa() >= Isa::kAvx2) return store_bf16_avx2<true>(src, dst, n);
   store_f32(src, dst, at::kBFloat16, n);
 }
 
